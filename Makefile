@@ -1,0 +1,26 @@
+# Quantpipe: `make demo` installs and runs the default build; `make test` installs and runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+# Install the CPU build of torch first: a plain `torch` requirement can pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: install demo test bench clean
+
+$(BIN)/pipeline: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(BIN)/pipeline
+
+install: $(BIN)/pipeline
+
+demo: install
+	$(BIN)/pipeline build --target cpu
+
+test: install
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf build $(VENV)

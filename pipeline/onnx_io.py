@@ -1,0 +1,30 @@
+"""Loading and saving ONNX graphs, with external data past protobuf's 2 GB limit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+PROTOBUF_LIMIT = 2 * 1024**3 - 1024 * 1024  # leave room for the graph itself
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    total = 0
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            total += next((int(e.value) for e in tensor.external_data if e.key == "length"), 0)
+        else:
+            total += len(tensor.raw_data) or tensor.ByteSize()
+    return total
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    """One file when it fits in a protobuf; otherwise weights in `<name>.data` beside it."""
+    if initializer_bytes(model) >= PROTOBUF_LIMIT:
+        onnx.save_model(
+            model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+            location=f"{path.name}.data", size_threshold=1024,
+        )
+    else:
+        onnx.save_model(model, str(path))

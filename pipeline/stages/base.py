@@ -1,0 +1,110 @@
+"""A stage is a small checked pass: requires() -> run() -> ensures().
+
+Stages hand each other files, never in-memory graphs. A stage declares which
+upstream stages it reads, the slice of the configuration that affects its
+output, and fingerprints of anything outside the build it reads (a model
+folder, a data file); the runner keys its output by all three.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pipeline.config import BuildConfig
+from pipeline.errors import StageError
+from pipeline.models import ModelInfo
+from pipeline.progress import Progress
+
+STAGE_RECORD = "stage.json"
+
+
+@dataclass
+class StageOutput:
+    """A finished stage's directory and what it recorded."""
+
+    stage: str
+    key: str
+    directory: Path
+    files: dict[str, str]  # relative path -> sha256
+    metrics: dict[str, Any]
+    wall_time_s: float
+    reused: bool = False
+
+    def path(self, name: str) -> Path:
+        return self.directory / name
+
+    @property
+    def content_hash(self) -> str:
+        from pipeline.hashing import combined_hash
+
+        return combined_hash(self.files)
+
+    @classmethod
+    def read(cls, directory: Path) -> "StageOutput":
+        record = json.loads((directory / STAGE_RECORD).read_text(encoding="utf-8"))
+        return cls(
+            stage=record["stage"],
+            key=record["key"],
+            directory=directory,
+            files=record["files"],
+            metrics=record["metrics"],
+            wall_time_s=record["wall_time_s"],
+        )
+
+    def write_record(self, config: Any, inputs: dict[str, str]) -> None:
+        record = {
+            "stage": self.stage,
+            "key": self.key,
+            "config": config,
+            "inputs": inputs,
+            "files": self.files,
+            "metrics": self.metrics,
+            "wall_time_s": self.wall_time_s,
+        }
+        (self.directory / STAGE_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True), encoding="utf-8")
+
+
+@dataclass
+class StageContext:
+    config: BuildConfig
+    model: ModelInfo
+    progress: Progress
+    inputs: dict[str, StageOutput] = field(default_factory=dict)
+
+    def input(self, stage: str) -> StageOutput:
+        return self.inputs[stage]
+
+
+class Stage(ABC):
+    name: ClassVar[str]
+    # Bump when a code change alters the stage's output, so old cache entries are not reused.
+    version: ClassVar[int] = 1
+    outputs: ClassVar[tuple[str, ...]] = ()
+
+    def depends_on(self, config: BuildConfig) -> tuple[str, ...]:
+        return ()
+
+    def config_slice(self, config: BuildConfig, model: ModelInfo) -> dict[str, Any]:
+        return {}
+
+    def external_inputs(self, config: BuildConfig, model: ModelInfo) -> dict[str, str]:
+        """Fingerprints of files outside the build directory that the stage reads."""
+        return {}
+
+    def requires(self, context: StageContext) -> None:
+        for stage in self.depends_on(context.config):
+            if stage not in context.inputs:
+                raise StageError(self.name, f"needs the output of stage '{stage}'")
+
+    @abstractmethod
+    def run(self, context: StageContext, out: Path) -> dict[str, Any]:
+        """Write the outputs into `out` and return the key metrics."""
+
+    def ensures(self, out: Path) -> None:
+        missing = [name for name in self.outputs if not (out / name).exists()]
+        if missing:
+            raise StageError(self.name, f"did not write {', '.join(missing)}")
