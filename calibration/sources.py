@@ -47,8 +47,14 @@ def _bbc_root() -> Path:
 
 
 def _bbc_sentences(path: Path) -> Iterator[str]:
-    # BBC News articles: first line is the headline, then paragraphs. Latin-1 encoded.
-    lines = path.read_text(encoding="latin-1").splitlines()[1:]
+    # BBC News articles: first line is the headline, then paragraphs. The files are UTF-8 but for
+    # one, which is Latin-1; decoding all as Latin-1 would turn every "£" into "Â£".
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    lines = text.splitlines()[1:]
     for paragraph in lines:
         for sentence in _SENTENCE_END.split(paragraph.strip()):
             if len(sentence.split()) >= MIN_WORDS:
