@@ -9,7 +9,11 @@ here, and its known bugs are worked around in this one place:
 - graphs with contrib ops need `DefaultTensorType` for the ORT quantizer;
 - `quantize()` passes `provides=` (a typo) to InferenceSession: harmless on a
   CPU-only onnxruntime, noted here in case a GPU build picks a wrong provider;
-- its logger prints tables at INFO: we lower it to WARNING.
+- its logger prints tables at INFO: we lower it to WARNING;
+- SmoothQuant: `StaticQuantConfig(extra_options={"SmoothQuantAlpha": ...})` silently ignores the
+  alpha (only `SmoothQuantConfig` passes it on), and its calibrator stacks activations of all
+  batches, which fails on batches of different sequence lengths: we use `SmoothQuantConfig` and
+  pad the calibration batches to one length for it.
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ import logging
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import onnx
 
 from calibration.readers import BatchReader
+from pipeline.config import QuantizationConfig
+from pipeline.config import QuantizationConfig
 from pipeline.errors import InputError
 from pipeline.onnx_io import save_model
 
@@ -68,51 +74,66 @@ def _reduce_range() -> bool:
     return not utility.CpuInfo().vnni
 
 
+def pad_to_common_length(batches: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Right-pad every batch to the longest sequence (padding id 0, attention mask 0)."""
+    longest = max(next(iter(batch.values())).shape[1] for batch in batches)
+    return [
+        {name: np.pad(array, ((0, 0), (0, longest - array.shape[1]))) for name, array in batch.items()}
+        for batch in batches
+    ]
+
+
 def quantize(
     fp32_path: Path,
     output_path: Path,
-    mode: str,
-    per_channel: bool,
-    exclude: Sequence[str] = (),
+    settings: QuantizationConfig,
     calibration: Optional[Sequence[dict[str, np.ndarray]]] = None,
     on_batch: Optional[Callable[[int, int], None]] = None,
+    extra_exclusions: Sequence[str] = (),
 ) -> dict[str, object]:
-    """Quantize an FP32 graph to INT8 (static QDQ or dynamic); returns what was done."""
+    """Quantize an FP32 graph to INT8 as the settings say; returns what was done."""
     from onnx_neural_compressor.quantization import config as inc_config
     from onnx_neural_compressor.quantization import quantize as inc_quantize
     from onnxruntime.quantization import CalibrationMethod, QuantFormat
 
     _quiet_library_logger()
-
     model = onnx.load(str(fp32_path))
     name_all_nodes(model)
-    excluded = resolve_exclusions(model, exclude)
+    excluded = resolve_exclusions(model, [*settings.exclude, *extra_exclusions])
     reduce_range = _reduce_range()
-    extra_options = {"DefaultTensorType": onnx.TensorProto.FLOAT}
+    extra_options: dict[str, object] = {"DefaultTensorType": onnx.TensorProto.FLOAT}
     with tempfile.TemporaryDirectory(prefix="quantpipe-inc-") as scratch:
         named_input = Path(scratch) / "input.onnx"
         save_model(model, named_input)
-        if mode == "dynamic":
+        if settings.mode == "dynamic":
             quant_config = inc_config.DynamicQuantConfig(
-                per_channel=per_channel, nodes_to_exclude=excluded, reduce_range=reduce_range,
+                per_channel=settings.per_channel, nodes_to_exclude=excluded, reduce_range=reduce_range,
                 extra_options=extra_options,
-            )
-        elif mode == "static":
-            if not calibration:
-                raise InputError("static quantization needs calibration data, and none was given")
-            reader = BatchReader(calibration, on_batch=on_batch)
-            quant_config = inc_config.StaticQuantConfig(
-                calibration_data_reader=reader,
-                calibrate_method=CalibrationMethod.MinMax,
-                quant_format=QuantFormat.QDQ,
-                per_channel=per_channel,
-                nodes_to_exclude=excluded,
-                reduce_range=reduce_range,
-                extra_options=extra_options,
-                calibration_sampling_size=sum(len(next(iter(b.values()))) for b in calibration),
             )
         else:
-            raise InputError(f"unknown quantization mode '{mode}' (static or dynamic)")
+            if not calibration:
+                raise InputError("static quantization needs calibration data, and none was given")
+            static_options: dict[str, Any] = dict(
+                calibrate_method=CalibrationMethod.MinMax,
+                quant_format=QuantFormat.QDQ if settings.format == "qdq" else QuantFormat.QOperator,
+                per_channel=settings.per_channel,
+                nodes_to_exclude=excluded,
+                reduce_range=reduce_range,
+                calibration_sampling_size=sum(len(next(iter(b.values()))) for b in calibration),
+            )
+            if settings.smoothquant:
+                quant_config = inc_config.SmoothQuantConfig(
+                    alpha=settings.smoothquant_alpha,
+                    calibration_data_reader=BatchReader(pad_to_common_length(calibration), on_batch=on_batch),
+                    extra_options={**extra_options, "SmoothQuant": True},
+                    **static_options,
+                )
+            else:
+                quant_config = inc_config.StaticQuantConfig(
+                    calibration_data_reader=BatchReader(calibration, on_batch=on_batch),
+                    extra_options=extra_options,
+                    **static_options,
+                )
         out_dir = Path(scratch) / "out"
         out_dir.mkdir()
         inc_quantize(str(named_input), str(out_dir / "model.onnx"), quant_config)
@@ -120,8 +141,10 @@ def quantize(
     save_model(quantized, output_path)
     op_counts = Counter(node.op_type for node in quantized.graph.node)
     return {
-        "mode": mode,
-        "per_channel": per_channel,
+        "mode": settings.mode,
+        "format": settings.format if settings.mode == "static" else None,
+        "smoothquant_alpha": settings.smoothquant_alpha if settings.smoothquant else None,
+        "per_channel": settings.per_channel,
         "reduce_range": reduce_range,
         "excluded_nodes": excluded,
         "op_counts": dict(sorted(op_counts.items())),

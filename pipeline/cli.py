@@ -119,6 +119,64 @@ def build(config_file: Optional[Path], stop_after: Optional[str], force: bool, p
         )
 
 
+def _int_list(value: str) -> list[int]:
+    try:
+        numbers = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated whole numbers, got '{value}'") from None
+    if not numbers or min(numbers) < 1:
+        raise click.BadParameter(f"expected positive whole numbers, got '{value}'")
+    return numbers
+
+
+@cli.command()
+@click.argument("artifacts", nargs=-1, required=True)
+@click.option("--batch", "batches", default="1,8,32", show_default=True, help="Batch sizes, comma-separated.")
+@click.option("--seq", "sequences", default="128", show_default=True, help="Sequence lengths, comma-separated.")
+@click.option("--threads", default=2, show_default=True, help="ONNX Runtime intra-op threads, for every artifact.")
+@click.option("--runs", default=30, show_default=True, help="Timed runs per artifact and grid point.")
+@click.option("--warmup", default=5, show_default=True, help="Untimed runs first.")
+@click.option("--tokenizer", type=click.Path(exists=True, file_okay=False),
+              help="Tokenizer folder. [default: the build's tokenizer/, else the default model's]")
+@click.option("--output", "-o", default="bench", show_default=True, help="Where bench.json, bench.md, bench.png go.")
+@click.option("--quiet", "-q", is_flag=True, help="Print only the table.")
+def bench(artifacts: tuple[str, ...], batches: str, sequences: str, threads: int, runs: int, warmup: int,
+          tokenizer: Optional[str], output: str, quiet: bool) -> None:
+    """Latency (p50/p90/p99) and throughput of artifacts side by side, with their speed ratio.
+
+    ARTIFACTS are .onnx files or build directories (a build directory stands for its
+    model.fp32.onnx and model.onnx). The first artifact is the baseline of the ratios.
+
+    \b
+    Example:
+      pipeline bench build/all-MiniLM-L6-v2-cpu --batch 1,8,32 --seq 128 --threads 2
+      pipeline bench a.onnx b.onnx --batch 8
+    """
+    _quiet_libraries()
+    from transformers import AutoTokenizer
+
+    from pipeline.bench import latency
+    from pipeline.models import default_model_path
+
+    resolved = latency.resolve_artifacts(artifacts)
+    if len(resolved) < 2:
+        raise click.UsageError("give at least two artifacts (or one build directory) to compare")
+    folder = Path(tokenizer) if tokenizer else next(
+        (p for p in (Path(a).parent / "tokenizer" for a in map(str, (r.path for r in resolved))) if p.is_dir()),
+        default_model_path(),
+    )
+    progress = Progress(quiet=quiet)
+    results = latency.benchmark(resolved, AutoTokenizer.from_pretrained(str(folder)), _int_list(batches),
+                                _int_list(sequences), threads, runs, warmup, progress)
+    baseline = resolved[0].label
+    speedups = latency.ratios(results, baseline)
+    latency.write_results(Path(output), results, speedups, baseline, threads)
+    click.echo(latency.render_table(results, speedups, baseline), nl=False)
+    for point, values in speedups.items():
+        click.echo(f"{point}: " + ", ".join(f"{name} is {ratio:.2f}x as fast as {baseline}"
+                                           for name, ratio in values.items()))
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)

@@ -66,6 +66,32 @@ class QuantizationConfig(_Strict):
     exclude: list[str] = Field(
         default_factory=list, description="Op types or node names to keep in FP32."
     )
+    format: Literal["qdq", "qoperator"] = Field(
+        "qdq", description="Static INT8 graph format: QDQ pairs, or integer operators (QLinearMatMul, QAttention)."
+    )
+    smoothquant: bool = Field(
+        False, description="Static only: SmoothQuant, migrating activation outliers into the weights first."
+    )
+    smoothquant_alpha: float = Field(
+        0.5, ge=0.0, le=1.0, description="SmoothQuant migration strength (0: none, 1: all onto the weights)."
+    )
+    fallback: Literal["off", "auto"] = Field(
+        "off",
+        description="auto: keep the most sensitive nodes in FP32, one at a time, until the tuning metric "
+        "(embedding cosine or top-1 agreement with FP32, on the calibration samples) is within tolerable_loss.",
+    )
+    tolerable_loss: float = Field(
+        0.005, ge=0.0, le=1.0, description="Fallback: allowed drop of the tuning metric below 1.0 (FP32 itself)."
+    )
+    max_fallback_nodes: int = Field(8, ge=1, le=200, description="Fallback: most nodes kept in FP32.")
+
+    @model_validator(mode="after")
+    def _static_only_options(self) -> "QuantizationConfig":
+        if self.mode == "dynamic" and self.smoothquant:
+            raise ValueError("smoothquant needs static quantization (--quant static)")
+        if self.mode == "dynamic" and self.format != "qdq":
+            raise ValueError("format applies to static quantization only (--quant static)")
+        return self
 
 
 class VerifyConfig(_Strict):

@@ -31,7 +31,7 @@ class QuantizeStage(Stage):
             calibration = load_batches(context.input("calibrate").path("calibration.safetensors"))
         context.progress.info(f"{settings.mode} INT8, per-channel weights: {settings.per_channel}")
         summary = neural_compressor.quantize(
-            fp32, out / "model.onnx", settings.mode, settings.per_channel, settings.exclude, calibration,
+            fp32, out / "model.onnx", settings, calibration,
             on_batch=lambda done, total: context.progress.batches("calibration", done, total),
         )
         fp32_bytes = fp32.stat().st_size

@@ -7,6 +7,7 @@ import onnx
 
 from calibration.batches import load_batches
 from engines import neural_compressor
+from pipeline.config import QuantizationConfig
 
 
 def test_dynamic_int8_is_small_and_integer(default_build) -> None:
@@ -21,9 +22,9 @@ def test_static_int8_places_qdq_from_calibration(default_build, tmp_path: Path) 
     fp32 = default_build.outputs["optimize"].path("model.onnx")
     calibration = load_batches(default_build.outputs["calibrate"].path("calibration.safetensors"))[:4]
     seen = []
+    settings = QuantizationConfig(mode="static", exclude=["Attention"])
     summary = neural_compressor.quantize(
-        fp32, tmp_path / "static.onnx", "static", per_channel=True, exclude=["Attention"],
-        calibration=calibration, on_batch=lambda done, total: seen.append(done),
+        fp32, tmp_path / "static.onnx", settings, calibration, on_batch=lambda done, total: seen.append(done)
     )
     model = onnx.load(str(tmp_path / "static.onnx"))
     ops = Counter(node.op_type for node in model.graph.node)

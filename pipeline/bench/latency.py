@@ -1,0 +1,181 @@
+"""`pipeline bench`: latency and throughput of ONNX artifacts, measured side by side in one run.
+
+Every artifact runs in its own ONNX Runtime session with the same thread count; runs are
+interleaved (A, B, A, B, ...) so that load on the machine hits every artifact alike, and the
+ratio of medians is what the comparison reports.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from engines.onnxruntime_cpu import create_session
+from pipeline.errors import InputError
+from pipeline.progress import Progress
+
+
+@dataclass
+class Artifact:
+    label: str
+    path: Path
+
+
+@dataclass
+class Measurement:
+    artifact: str
+    batch: int
+    sequence: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    samples_per_s: float
+    runs: int
+
+
+def resolve_artifacts(paths: Sequence[str]) -> list[Artifact]:
+    """A build directory stands for its FP32 baseline and its quantized model; files stand for themselves."""
+    artifacts: list[Artifact] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            pair = [("fp32", path / "model.fp32.onnx"), ("int8", path / "model.onnx")]
+            missing = [str(p) for _, p in pair if not p.is_file()]
+            if missing:
+                raise InputError(f"{path} is not a finished build directory (missing {', '.join(missing)})")
+            artifacts += [Artifact(f"{path.name}:{label}", file) for label, file in pair]
+        elif path.is_file():
+            artifacts.append(Artifact(path.name, path))
+        else:
+            raise InputError(f"no such artifact: {path}")
+    labels = [a.label for a in artifacts]
+    if len(set(labels)) != len(labels):
+        artifacts = [Artifact(str(a.path), a.path) for a in artifacts]
+    return artifacts
+
+
+def text_inputs(tokenizer: Any, input_names: Sequence[str], batch: int, sequence: int) -> dict[str, np.ndarray]:
+    """Real BBC News text, truncated to exactly `sequence` tokens per row (no padding)."""
+    from calibration.sources import default_source
+
+    text, rows = "", []
+    for sentence in default_source():
+        text = f"{text} {sentence}"
+        if len(text.split()) > sequence * 2:
+            rows.append(text)
+            text = ""
+            if len(rows) == batch:
+                break
+    encoded = tokenizer(rows, truncation=True, max_length=sequence, padding="max_length", return_tensors="np")
+    feed = {}
+    for name in input_names:
+        values = encoded.get(name)
+        feed[name] = np.zeros_like(encoded["input_ids"]) if values is None else values
+        feed[name] = np.ascontiguousarray(feed[name], dtype=np.int64)
+    return feed
+
+
+def benchmark(
+    artifacts: Sequence[Artifact],
+    tokenizer: Any,
+    batches: Sequence[int],
+    sequences: Sequence[int],
+    threads: int,
+    runs: int,
+    warmup: int,
+    progress: Progress,
+) -> list[Measurement]:
+    sessions = [create_session(a.path, threads=threads) for a in artifacts]
+    input_names = [i.name for i in sessions[0].get_inputs()]
+    results: list[Measurement] = []
+    for batch in batches:
+        for sequence in sequences:
+            feed = text_inputs(tokenizer, input_names, batch, sequence)
+            timings: list[list[float]] = [[] for _ in artifacts]
+            for round_ in range(warmup + runs):
+                for index, session in enumerate(sessions):
+                    started = time.perf_counter()
+                    session.run(None, feed)
+                    if round_ >= warmup:
+                        timings[index].append(time.perf_counter() - started)
+            for artifact, seconds in zip(artifacts, timings):
+                ms = np.array(seconds) * 1000
+                results.append(Measurement(
+                    artifact.label, batch, sequence, float(np.percentile(ms, 50)), float(np.percentile(ms, 90)),
+                    float(np.percentile(ms, 99)), float(batch / (np.median(ms) / 1000)), runs,
+                ))
+            progress.info(f"batch {batch} x {sequence} tokens: " + ", ".join(
+                f"{m.artifact} p50 {m.p50_ms:.1f} ms" for m in results[-len(artifacts):]))
+    return results
+
+
+def ratios(results: Sequence[Measurement], baseline: str) -> dict[str, dict[str, float]]:
+    """p50 of the baseline over p50 of every other artifact, per grid point: > 1 means faster."""
+    table: dict[str, dict[str, float]] = {}
+    by_point: dict[tuple[int, int], dict[str, float]] = {}
+    for m in results:
+        by_point.setdefault((m.batch, m.sequence), {})[m.artifact] = m.p50_ms
+    for (batch, sequence), p50s in by_point.items():
+        table[f"{batch}x{sequence}"] = {
+            name: round(p50s[baseline] / value, 3) for name, value in p50s.items() if name != baseline
+        }
+    return table
+
+
+def render_table(results: Sequence[Measurement], speedups: dict[str, dict[str, float]], baseline: str) -> str:
+    lines = ["| artifact | batch x seq | p50 ms | p90 ms | p99 ms | samples/s | speedup vs " + baseline + " |",
+             "|---|---|---|---|---|---|---|"]
+    for m in results:
+        point = f"{m.batch}x{m.sequence}"
+        speedup = "1.00" if m.artifact == baseline else f"{speedups[point][m.artifact]:.2f}"
+        lines.append(f"| {m.artifact} | {point} | {m.p50_ms:.1f} | {m.p90_ms:.1f} | {m.p99_ms:.1f} | "
+                     f"{m.samples_per_s:.1f} | {speedup}x |")
+    return "\n".join(lines) + "\n"
+
+
+def machine() -> dict[str, Any]:
+    import os
+
+    import onnxruntime
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
+
+
+def write_results(out: Path, results: Sequence[Measurement], speedups: dict[str, Any], baseline: str,
+                  threads: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"threads": threads, "baseline": baseline, "machine": machine(),
+               "results": [asdict(m) for m in results], "speedup_p50": speedups}
+    (out / "bench.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    (out / "bench.md").write_text(render_table(results, speedups, baseline), encoding="utf-8")
+    plot(results, out / "bench.png")
+
+
+def plot(results: Sequence[Measurement], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = sorted({(m.batch, m.sequence) for m in results})
+    names = list(dict.fromkeys(m.artifact for m in results))
+    width = 0.8 / len(names)
+    figure, axis = plt.subplots(figsize=(max(6, 1.4 * len(points) + 2), 4))
+    for offset, name in enumerate(names):
+        values = {(m.batch, m.sequence): m.p50_ms for m in results if m.artifact == name}
+        axis.bar([i + offset * width for i in range(len(points))], [values[p] for p in points], width, label=name)
+    axis.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(points))])
+    axis.set_xticklabels([f"{b}x{s}" for b, s in points])
+    axis.set_xlabel("batch x sequence length")
+    axis.set_ylabel("p50 latency (ms)")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
