@@ -29,7 +29,6 @@ import onnx
 
 from calibration.readers import BatchReader
 from pipeline.config import QuantizationConfig
-from pipeline.config import QuantizationConfig
 from pipeline.errors import InputError
 from pipeline.onnx_io import save_model
 

@@ -33,6 +33,11 @@ FLAG_KEYS = {
     "quant": "quantization.mode",
     "per_channel": "quantization.per_channel",
     "exclude": "quantization.exclude",
+    "quant_format": "quantization.format",
+    "smoothquant": "quantization.smoothquant",
+    "smoothquant_alpha": "quantization.smoothquant_alpha",
+    "fallback": "quantization.fallback",
+    "tolerable_loss": "quantization.tolerable_loss",
     "calib_source": "calibration.source",
     "calib_samples": "calibration.samples",
     "heldout_samples": "calibration.heldout_samples",
@@ -71,6 +76,13 @@ def cli() -> None:
 @click.option("--quant", type=click.Choice(["static", "dynamic"]), help="INT8 scheme. [default: dynamic]")
 @click.option("--per-channel/--per-tensor", default=None, help="Weight scales per output channel. [default: per-channel]")
 @click.option("--exclude", multiple=True, help="Op type or node name to keep in FP32 (repeatable).")
+@click.option("--format", "quant_format", type=click.Choice(["qdq", "qoperator"]),
+              help="Static INT8 graph format. [default: qdq]")
+@click.option("--smoothquant/--no-smoothquant", default=None, help="Static only: SmoothQuant first. [default: off]")
+@click.option("--smoothquant-alpha", type=float, help="SmoothQuant migration strength, 0..1. [default: 0.5]")
+@click.option("--fallback", type=click.Choice(["off", "auto"]),
+              help="auto: keep the most sensitive nodes in FP32 until --tolerable-loss holds. [default: off]")
+@click.option("--tolerable-loss", type=float, help="Fallback: allowed drop of the tuning metric. [default: 0.005]")
 @click.option("--calib-source", type=str, help="Text file, one sample per line. [default: BBC News sentences]")
 @click.option("--calib-samples", type=int, help="Calibration samples. [default: 128]")
 @click.option("--heldout-samples", type=int, help="Held-out samples for parity. [default: 256]")

@@ -1,43 +1,89 @@
-"""quantize: INT8 with Intel Neural Compressor (static QDQ from calibration, or dynamic)."""
+"""quantize: INT8 with Intel Neural Compressor (static from calibration, or dynamic), with an
+optional accuracy-driven fallback of sensitive nodes to FP32."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional, Sequence
 
-from calibration.batches import load_batches
-from engines import neural_compressor
+from calibration.batches import Batch, load_batches
+from engines import cpu_fallback, neural_compressor
+from engines.onnxruntime_cpu import OrtRunner
 from pipeline.config import BuildConfig
-from pipeline.models import ModelInfo
+from pipeline.models import ModelInfo, TaskSpec
+from pipeline.parity import compare_output
 from pipeline.stages.base import Stage, StageContext
+
+
+def tuning_metric(task: TaskSpec, fp32: Path, batches: Sequence[Batch]) -> Callable[[Path], float]:
+    """Agreement with FP32 on the tuning batches: mean cosine (embeddings) or top-1 agreement (classifiers)."""
+    output = task.primary_output
+    with OrtRunner(fp32, output_names=[output]) as reference:
+        expected = [reference.infer(batch)[output] for batch in batches]
+    masks = [batch["attention_mask"] for batch in batches]
+    classification = task.name == "text-classification"
+
+    def evaluate(candidate_path: Path) -> float:
+        with OrtRunner(candidate_path, output_names=[output]) as candidate:
+            actual = [candidate.infer(batch)[output] for batch in batches]
+        metrics = compare_output(output, expected, actual, masks, classification)
+        return float(metrics.top1_agreement if classification else metrics.cosine_mean)
+
+    return evaluate
 
 
 class QuantizeStage(Stage):
     name = "quantize"
+    version = 2
     outputs = ("model.onnx",)
 
     def depends_on(self, config: BuildConfig) -> tuple[str, ...]:
-        # Dynamic quantization reads no calibration data, so new samples must not re-run it.
-        return ("optimize", "calibrate") if config.quantization.mode == "static" else ("optimize",)
+        # Dynamic quantization without fallback reads no samples, so new samples must not re-run it.
+        settings = config.quantization
+        needs_samples = settings.mode == "static" or settings.fallback == "auto"
+        return ("optimize", "calibrate") if needs_samples else ("optimize",)
 
     def config_slice(self, config: BuildConfig, model: ModelInfo) -> dict[str, Any]:
-        return {"quantization": config.quantization.model_dump(mode="json")}
+        return {"quantization": config.quantization.model_dump(mode="json"), "task": model.task.name}
 
     def run(self, context: StageContext, out: Path) -> dict[str, Any]:
         settings = context.config.quantization
         fp32 = context.input("optimize").path("model.onnx")
-        calibration = None
-        if settings.mode == "static":
+        calibration: Optional[list[Batch]] = None
+        if "calibrate" in self.depends_on(context.config):
             calibration = load_batches(context.input("calibrate").path("calibration.safetensors"))
         context.progress.info(f"{settings.mode} INT8, per-channel weights: {settings.per_channel}")
-        summary = neural_compressor.quantize(
-            fp32, out / "model.onnx", settings, calibration,
-            on_batch=lambda done, total: context.progress.batches("calibration", done, total),
-        )
+
+        summaries: dict[Path, dict[str, object]] = {}
+
+        def quantize(extra_exclusions: list[str], target: Path) -> None:
+            summaries[target] = neural_compressor.quantize(
+                fp32, target, settings, calibration, extra_exclusions=extra_exclusions,
+                on_batch=lambda done, total: context.progress.batches("calibration", done, total),
+            )
+
+        fallback = None
+        if settings.fallback == "auto" and calibration:
+            evaluate = tuning_metric(context.model.task, fp32, calibration)
+            trials = out / "fallback-trials"
+            trials.mkdir()
+            chosen, fallback = cpu_fallback.search(
+                fp32, quantize, evaluate, settings.tolerable_loss,
+                settings.max_fallback_nodes, trials, context.progress.info,
+            )
+            os.replace(chosen, out / "model.onnx")
+            summary = summaries[chosen]
+            shutil.rmtree(trials)
+        else:
+            quantize([], out / "model.onnx")
+            summary = summaries[out / "model.onnx"]
         fp32_bytes = fp32.stat().st_size
         int8_bytes = (out / "model.onnx").stat().st_size
         return {
             **summary,
+            "fallback": fallback.to_dict() if fallback else None,
             "fp32_bytes": fp32_bytes,
             "int8_bytes": int8_bytes,
             "size_ratio": round(int8_bytes / fp32_bytes, 4),
