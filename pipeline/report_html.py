@@ -11,7 +11,7 @@ from pipeline.gates import relation
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2rem;max-width:72rem;color:#222}
-table{border-collapse:collapse;margin:0.5rem 0 1.5rem}td,th{border:1px solid #ccc;padding:0.25rem 0.6rem;text-align:right}
+.scroll{overflow-x:auto}table{border-collapse:collapse;margin:0.5rem 0 1.5rem;font-size:0.9em}td,th{border:1px solid #ccc;padding:0.25rem 0.6rem;text-align:right}
 td:first-child,th:first-child{text-align:left}.pass{color:#1a7f37}.fail{color:#cf222e;font-weight:bold}
 h1 .pass,h1 .fail{font-size:1em}img{max-width:100%;border:1px solid #eee}code{font-size:0.9em}
 """
@@ -50,20 +50,20 @@ def _layer_plot(localization: dict[str, Any]) -> str:
              label="error the layer introduces")
     for position, layer in zip(positions, layers):
         if layer["tensor"] in top:
-            axes.annotate(layer["node"].rsplit("/", 3)[-3] if "/" in layer["node"] else layer["node"],
+            axes.annotate("/".join(layer["node"].split("/")[-4:]),
                           (position, layer["introduced"]), textcoords="offset points", xytext=(0, 6),
                           ha="center", fontsize=7, color="#cf222e")
     axes.set_xlabel("layer (topological order in the FP32 graph)")
     axes.set_ylabel("relative error")
     axes.set_title("error per layer")
-    axes.legend(loc="upper left", fontsize=8)
+    axes.legend(loc="upper right", fontsize=8)
     return _figure_png(figure)
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def _fmt(value: Optional[float]) -> str:
