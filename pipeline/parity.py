@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -54,12 +54,6 @@ class OutputMetrics:
         data = {k: v for k, v in asdict(self).items() if v is not None and k != "extra"}
         data.update(self.extra)
         return data
-
-    def __getattr__(self, name: str) -> Any:  # task metrics read like fields (gates use getattr)
-        extra = self.__dict__.get("extra", {})
-        if name in extra:
-            return extra[name]
-        raise AttributeError(name)
 
 
 def _rows(array: np.ndarray, mask: Optional[np.ndarray]) -> np.ndarray:

@@ -97,7 +97,8 @@ def build_report(inputs: ParityInputs, model: ModelInfo, result: ParityResult,
         "outputs": {name: metrics.to_dict() for name, metrics in result.metrics.items()},
         "checks": [vars(check) for check in result.checks],
         "failures": failures,
-        "export_parity": inputs.export_parity,
+        # Sorted: a fresh export and a cached one (stage.json is written sorted) must give the same bytes.
+        "export_parity": dict(sorted(inputs.export_parity.items())),
         "evaluation": evaluation,
         "localization": localization,
     }

@@ -62,15 +62,23 @@ def test_broken_candidate_fails_and_names_the_layer(broken_run) -> None:
 
 
 def test_same_build_verified_twice_gives_identical_numbers(default_build, tmp_path: Path) -> None:
-    reports = []
-    for run in ("first", "second"):
-        result = run_cli("verify", str(default_build.build_dir), "-o", str(tmp_path / run), "--localize", "always", "-q")
-        assert result.returncode == 0, result.stderr
-        reports.append(json.loads((tmp_path / run / "parity.json").read_text()))
-    assert reports[0] == reports[1]
-    built = json.loads((default_build.build_dir / "parity.json").read_text())
-    assert built["outputs"] == reports[0]["outputs"] and built["checks"] == reports[0]["checks"]
-    assert reports[0]["localization"]["layers"], "localization on request"
+    """The build's own verify stage, then `pipeline verify`: byte-identical reports."""
+    result = run_cli("verify", str(default_build.build_dir), "-o", str(tmp_path), "-q")
+    assert result.returncode == 0, result.stderr
+    for name in ("parity.json", "parity.md", "parity.junit.xml"):
+        assert (tmp_path / name).read_bytes() == (default_build.build_dir / name).read_bytes(), name
+    assert json.loads((tmp_path / "parity.json").read_text())["outputs"]["sentence_embedding"]["snr_db"] > 0
+
+
+def test_localization_on_request_is_deterministic(default_build) -> None:
+    from calibration.batches import load_batches
+    from pipeline.localize import localize
+
+    batches = load_batches(default_build.outputs["calibrate"].path("heldout.safetensors"))[:1]
+    fp32, int8 = default_build.build_dir / "model.fp32.onnx", default_build.build_dir / "model.onnx"
+    first, second = localize(fp32, int8, batches), localize(fp32, int8, batches)
+    assert first == second and first["matched_tensors"] >= 40
+    assert all(0 <= layer["relative_l2"] < 0.5 for layer in first["layers"]), "a healthy INT8 graph: small errors"
 
 
 def test_metrics_are_complete_and_consistent(default_build) -> None:
@@ -159,6 +167,17 @@ def test_report_check_bad_input_is_exit_2(default_build, tmp_path: Path) -> None
     parity = str(default_build.build_dir / "parity.json")
     assert_one_line_error(run_cli("report", "check", parity, "--gate", "logits.top1_agreement=0.9"),
                           ExitCode.BAD_INPUT, "no output 'logits'")
+
+
+def test_report_check_reads_schema_1(default_build, tmp_path: Path) -> None:
+    """Reports of the first schema (no 'thresholds', fewer metrics) are re-gated from their checks."""
+    report = json.loads((default_build.build_dir / "parity.json").read_text())
+    version1 = {key: value for key, value in report.items() if key not in ("thresholds", "evaluation", "localization")}
+    version1["schema_version"] = 1
+    (tmp_path / "v1.json").write_text(json.dumps(version1))
+    result = run_cli("report", "check", str(tmp_path / "v1.json"), "--max-abs", "0.2")
+    assert result.returncode == 0, result.stderr
+    assert "sentence_embedding cosine_mean" in result.stdout and "sentence_embedding max_abs" in result.stdout
 
 
 def test_report_diff_names_what_changed(default_build, broken_run) -> None:
