@@ -15,6 +15,7 @@ from pipeline import __version__
 from pipeline.config import STAGE_NAMES, load_config
 from pipeline.errors import ExitCode, QuantpipeError
 from pipeline.progress import Progress
+from pipeline.report_cli import report, verify
 
 
 def _set_nested(target: dict[str, Any], dotted: str, value: Any) -> None:
@@ -46,6 +47,8 @@ FLAG_KEYS = {
     "max_length": "calibration.max_length",
     "min_cosine": "verify.min_cosine",
     "max_abs": "verify.max_abs",
+    "localize": "verify.localize",
+    "eval_file": "verify.eval_file",
 }
 
 
@@ -91,6 +94,9 @@ def cli() -> None:
 @click.option("--max-length", type=int, help="Maximum tokens per sample. [default: 128]")
 @click.option("--min-cosine", type=float, help="Parity gate: minimum mean cosine of the primary output.")
 @click.option("--max-abs", type=float, help="Parity gate: maximum absolute error of the primary output.")
+@click.option("--localize", type=click.Choice(["on-failure", "always", "never"]),
+              help="Layer localization in the parity report. [default: on-failure]")
+@click.option("--eval-file", type=str, help="Classifiers: labelled evaluation file (JSON lines or label<TAB>text).")
 @click.option("--stop-after", type=click.Choice(STAGE_NAMES), help="Stop after this stage.")
 @click.option("--force", is_flag=True, help="Run every stage again, ignoring the cache.")
 @click.option("--print-config", is_flag=True, help="Print the effective configuration and exit.")
@@ -187,6 +193,10 @@ def bench(artifacts: tuple[str, ...], batches: str, sequences: str, threads: int
     for point, values in speedups.items():
         click.echo(f"{point}: " + ", ".join(f"{name} is {ratio:.2f}x as fast as {baseline}"
                                            for name, ratio in values.items()))
+
+
+cli.add_command(verify)
+cli.add_command(report)
 
 
 def main() -> None:

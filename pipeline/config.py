@@ -105,6 +105,24 @@ class VerifyConfig(_Strict):
     min_top1_agreement: Optional[float] = Field(
         None, ge=0.0, le=1.0, description="Classifiers: minimum top-1 agreement. Empty: the task default."
     )
+    min_snr_db: Optional[float] = Field(
+        None, description="Minimum signal-to-noise ratio (dB) of the primary output. Empty: not gated."
+    )
+    max_accuracy_drop: Optional[float] = Field(
+        None, ge=0.0, le=1.0,
+        description="Classifiers with an eval_file: maximum accuracy lost (reference - candidate). Empty: not gated.",
+    )
+    eval_file: Optional[str] = Field(
+        None,
+        description="Classifiers: labelled evaluation file (JSON lines with 'text' and 'label', or "
+        "'label<TAB>text' lines); parity then reports the accuracy of both graphs.",
+    )
+    localize: Literal["on-failure", "always", "never"] = Field(
+        "on-failure", description="Layer localization: find the layers where the candidate diverges."
+    )
+    localize_batches: int = Field(
+        2, ge=1, le=64, description="Held-out batches the layer localization runs (every tensor is kept per batch)."
+    )
 
 
 class BuildConfig(_Strict):
@@ -156,7 +174,7 @@ def read_build_file(path: Path) -> dict[str, Any]:
     return data
 
 
-_PATH_KEYS = (("model", "path"), ("calibration", "source"), ("output_dir",))
+_PATH_KEYS = (("model", "path"), ("calibration", "source"), ("output_dir",), ("verify", "eval_file"))
 
 
 def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:

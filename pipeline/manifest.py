@@ -20,7 +20,7 @@ MODEL_ARTIFACTS = {
     "model.onnx": ("quantize", "model.onnx"),
     "model.fp32.onnx": ("optimize", "model.onnx"),
 }
-REPORT_ARTIFACTS = {"parity.json": ("verify", "parity.json"), "parity.md": ("verify", "parity.md")}
+REPORT_ARTIFACTS = {name: ("verify", name) for name in ("parity.json", "parity.md", "parity.html", "parity.junit.xml")}
 
 
 def _place(source: Path, target: Path) -> None:
