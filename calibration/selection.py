@@ -71,7 +71,8 @@ class _Pool:
 
 
 def _allocate(total: int, weights: dict[str, int], capacity: dict[str, int]) -> dict[str, int]:
-    """Split `total` in proportion to `weights` (largest remainders), never above `capacity`."""
+    """Split `total` in proportion to `weights` (largest remainders), never above `capacity`;
+    what a full stratum cannot take goes to the others in the next round."""
     quota = {name: 0 for name in weights}
     remaining = total
     while remaining > 0:
@@ -80,11 +81,12 @@ def _allocate(total: int, weights: dict[str, int], capacity: dict[str, int]) -> 
             break
         weight_sum = sum(weights[name] for name in open_strata)
         shares = {name: remaining * weights[name] / weight_sum for name in open_strata}
-        step = {name: min(int(shares[name]), capacity[name] - quota[name]) for name in open_strata}
-        if sum(step.values()) == 0:  # hand out single samples by largest remainder
-            for name in sorted(open_strata, key=lambda name: (-(shares[name] % 1), name))[:remaining]:
-                step[name] = 1
-        for name, amount in step.items():
+        step = {name: int(shares[name]) for name in open_strata}
+        leftover = remaining - sum(step.values())
+        for name in sorted(open_strata, key=lambda name: (-(shares[name] - step[name]), name))[:leftover]:
+            step[name] += 1
+        for name in open_strata:
+            amount = min(step[name], capacity[name] - quota[name])
             quota[name] += amount
             remaining -= amount
     return quota

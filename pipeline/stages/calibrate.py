@@ -19,6 +19,7 @@ from calibration.selection import select_samples, strata_counts
 from calibration.sources import Fields, SampleSource, open_source
 from engines import neural_compressor
 from pipeline.config import BuildConfig, CalibrationConfig
+from pipeline.errors import InputError
 from pipeline.models import ModelInfo, folder_fingerprint, load_tokenizer
 from pipeline.stages.base import Stage, StageContext
 
@@ -28,6 +29,16 @@ CACHE_FILE = "calibration_cache.json"
 def source_for(settings: CalibrationConfig) -> SampleSource:
     fields = Fields(settings.text_field, settings.text_pair_field, settings.label_field)
     return open_source(settings.source, settings.format, fields)
+
+
+def check_source(settings: CalibrationConfig) -> None:
+    """Fail before any stage runs: open the source and read its first usable sample."""
+    source = source_for(settings)
+    if next(iter(source), None) is None:
+        raise InputError(
+            f"calibration source {settings.source or source.name} holds no usable sample (blank lines, or "
+            f"records whose '{settings.text_field}' field is empty or not text); check the file and --text-field"
+        )
 
 
 class CalibrateStage(Stage):
