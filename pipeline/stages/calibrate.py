@@ -52,6 +52,8 @@ class CalibrateStage(Stage):
     def config_slice(self, config: BuildConfig, model: ModelInfo) -> dict[str, Any]:
         calibration = config.calibration.model_dump(mode="json")
         calibration.pop("source")  # identified by its fingerprint instead of its path
+        if calibration["method"] != "percentile":
+            calibration.pop("percentile")  # a percentile that is not used must not re-run calibration
         return {"calibration": calibration, "input_names": list(model.architecture.input_names)}
 
     def external_inputs(self, config: BuildConfig, model: ModelInfo) -> dict[str, str]:
