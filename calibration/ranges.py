@@ -123,7 +123,9 @@ def compute_ranges(
         collector = HistogramCollector(method, False, HISTOGRAM_BINS, QUANTIZED_BINS, percentile, "same")
     for index, batch in enumerate(batches, start=1):
         values = session.run(names, {name: batch[name] for name in input_names})
-        mask = batch["attention_mask"]
+        mask = batch.get("attention_mask")
+        if mask is None:  # a graph without a mask input: every token is real
+            mask = np.ones_like(batch["input_ids"])
         real = {name: _real_values(array, mask) for name, array in zip(names, values) if array.size}
         floats = {name: flat for name, flat in real.items() if flat.dtype in (np.float32, np.float16)}
         # Integer tensors (shapes, indices) are never quantized; their plain min-max is recorded

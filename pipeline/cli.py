@@ -131,7 +131,8 @@ def build(config_file: Optional[Path], stop_after: Optional[str], force: bool, p
     from pipeline.runner import run_build
     from pipeline.stages.calibrate import check_source
 
-    check_source(config.calibration)  # a bad data file fails before export runs, not after
+    if stop_after not in ("export", "optimize"):
+        check_source(config.calibration)  # a bad data file fails before export runs, not after
 
     progress = Progress(quiet=quiet)
     result = run_build(config, progress, force=force, stop_after=stop_after)
