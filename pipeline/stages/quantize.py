@@ -1,5 +1,5 @@
-"""quantize: INT8 with Intel Neural Compressor (static from calibration, or dynamic), with an
-optional accuracy-driven fallback of sensitive nodes to FP32."""
+"""quantize: INT8 with Intel Neural Compressor (static from the calibration cache, or dynamic), with
+an optional accuracy-driven fallback of sensitive nodes to FP32."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from calibration.batches import Batch, load_batches
+from calibration.ranges import RangeCache
 from engines import cpu_fallback, neural_compressor
 from engines.onnxruntime_cpu import OrtRunner
 from pipeline.config import BuildConfig
+from pipeline.errors import StageError
 from pipeline.models import ModelInfo, TaskSpec
 from pipeline.parity import compare_output
 from pipeline.stages.base import Stage, StageContext
+from pipeline.stages.calibrate import CACHE_FILE
 
 
 def tuning_metric(task: TaskSpec, fp32: Path, batches: Sequence[Batch]) -> Callable[[Path], float]:
@@ -36,7 +39,7 @@ def tuning_metric(task: TaskSpec, fp32: Path, batches: Sequence[Batch]) -> Calla
 
 class QuantizeStage(Stage):
     name = "quantize"
-    version = 2
+    version = 3
     outputs = ("model.onnx",)
 
     def depends_on(self, config: BuildConfig) -> tuple[str, ...]:
@@ -50,28 +53,37 @@ class QuantizeStage(Stage):
 
     def run(self, context: StageContext, out: Path) -> dict[str, Any]:
         settings = context.config.quantization
-        fp32 = context.input("optimize").path("model.onnx")
+        fp32 = context.input("optimize")
+        fp32_path = fp32.path("model.onnx")
+        ranges: Optional[dict[str, tuple[float, float]]] = None
         calibration: Optional[list[Batch]] = None
+        summary_extra: dict[str, Any] = {}
         if "calibrate" in self.depends_on(context.config):
             calibration = load_batches(context.input("calibrate").path("calibration.safetensors"))
+        if settings.mode == "static" and not settings.smoothquant:
+            cache = RangeCache.load(context.input("calibrate").path(CACHE_FILE))
+            if cache.fingerprint.get("model") != fp32.files["model.onnx"]:
+                raise StageError(self.name, "the calibration cache was computed on another FP32 graph; re-run calibrate")
+            ranges = cache.ranges
+            summary_extra = {"calibration_method": cache.method, "calibration_percentile": cache.percentile}
+            context.progress.info(f"static INT8 from {len(ranges)} cached {cache.method} ranges")
         context.progress.info(f"{settings.mode} INT8, per-channel weights: {settings.per_channel}")
-
         summaries: dict[Path, dict[str, object]] = {}
 
         def quantize(extra_exclusions: list[str], target: Path) -> None:
             summaries[target] = neural_compressor.quantize(
-                fp32, target, settings, calibration, extra_exclusions=extra_exclusions,
+                fp32_path, target, settings, ranges, calibration, extra_exclusions,
                 on_batch=lambda done, total: context.progress.batches("calibration", done, total),
             )
 
         fallback = None
         if settings.fallback == "auto" and calibration:
             # Half the calibration samples: enough to rank nodes, and each trial stays quick.
-            evaluate = tuning_metric(context.model.task, fp32, calibration[: max(1, len(calibration) // 2)])
+            evaluate = tuning_metric(context.model.task, fp32_path, calibration[: max(1, len(calibration) // 2)])
             trials = out / "fallback-trials"
             trials.mkdir()
             chosen, fallback = cpu_fallback.search(
-                fp32, quantize, evaluate, settings.tolerable_loss,
+                fp32_path, quantize, evaluate, settings.tolerable_loss,
                 settings.max_fallback_nodes, trials, context.progress.info,
             )
             os.replace(chosen, out / "model.onnx")
@@ -80,10 +92,11 @@ class QuantizeStage(Stage):
         else:
             quantize([], out / "model.onnx")
             summary = summaries[out / "model.onnx"]
-        fp32_bytes = fp32.stat().st_size
+        fp32_bytes = fp32_path.stat().st_size
         int8_bytes = (out / "model.onnx").stat().st_size
         return {
             **summary,
+            **summary_extra,
             "fallback": fallback.to_dict() if fallback else None,
             "fp32_bytes": fp32_bytes,
             "int8_bytes": int8_bytes,
