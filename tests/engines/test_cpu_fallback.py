@@ -1,0 +1,107 @@
+"""Accuracy-driven fallback and SmoothQuant on the real default model."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from calibration.batches import load_batches
+from calibration.ranges import RangeCache
+from engines import cpu_fallback, neural_compressor
+from engines.onnxruntime_cpu import OrtRunner
+from pipeline.config import QuantizationConfig, load_config
+from pipeline.models import TASKS
+from pipeline.progress import Progress
+from pipeline.runner import run_build
+from pipeline.stages.calibrate import CACHE_FILE
+from pipeline.stages.quantize import tuning_metric
+
+FFN_OUTPUT = "/model/encoder/layer.{}/output/dense/MatMul"
+
+
+@pytest.fixture(scope="module")
+def static_int8(default_build, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    ranges = RangeCache.load(default_build.outputs["calibrate"].path(CACHE_FILE)).ranges
+    path = tmp_path_factory.mktemp("static") / "static.onnx"
+    neural_compressor.quantize(
+        default_build.outputs["optimize"].path("model.onnx"), path, QuantizationConfig(mode="static"), ranges=ranges
+    )
+    return path
+
+
+def _evaluate(default_build, batches: int = 4):
+    calibration = load_batches(default_build.outputs["calibrate"].path("calibration.safetensors"))
+    fp32 = default_build.outputs["optimize"].path("model.onnx")
+    return tuning_metric(TASKS["feature-extraction"], fp32, calibration[:batches])
+
+
+def test_transplanting_one_quantized_node_costs_only_that_node(default_build, static_int8, tmp_path) -> None:
+    fp32_path = default_build.outputs["optimize"].path("model.onnx")
+    fp32, int8 = onnx.load(str(fp32_path)), onnx.load(str(static_int8))
+    boundary = {out for node in fp32.graph.node for out in node.output} | {i.name for i in fp32.graph.input}
+    mixed = cpu_fallback.transplant(fp32, int8, FFN_OUTPUT.format(0), boundary)
+    onnx.save(mixed, str(tmp_path / "mixed.onnx"))
+    ops = Counter(node.op_type for node in mixed.graph.node)
+    assert ops["DequantizeLinear"] >= 2 and ops["QuantizeLinear"] >= 1, "Q/DQ on the activation and the weight"
+    assert ops["MatMul"] == Counter(n.op_type for n in fp32.graph.node)["MatMul"], "the node itself is kept"
+    evaluate = _evaluate(default_build)
+    assert evaluate(fp32_path) == pytest.approx(1.0, abs=1e-6)
+    assert 0.9 < evaluate(tmp_path / "mixed.onnx") < 0.9999 < evaluate(fp32_path) + 1e-6
+    assert evaluate(static_int8) < evaluate(tmp_path / "mixed.onnx"), "one node costs less than all of them"
+
+
+def test_sensitivity_ranking_finds_the_post_gelu_matmuls(default_build, static_int8, tmp_path) -> None:
+    ranking = cpu_fallback.rank_sensitivity(
+        default_build.outputs["optimize"].path("model.onnx"), static_int8, _evaluate(default_build, 2), tmp_path
+    )
+    assert len(ranking) >= 18
+    top = [name for name, _ in ranking[:4]]
+    # FACTS.md: the FFN-output MatMuls read post-GELU activations with outliers.
+    assert sum(name in {FFN_OUTPUT.format(i) for i in range(6)} for name in top) >= 3, ranking[:6]
+    assert ranking[0][1] > 10 * ranking[-1][1]
+
+
+def test_fallback_build_records_its_choice(default_build, tmp_path) -> None:
+    import shutil
+
+    build_dir = tmp_path / "build"
+    shutil.copytree(default_build.build_dir, build_dir)
+    config = load_config(None, {
+        "output_dir": str(build_dir),
+        "quantization": {"mode": "static", "fallback": "auto", "max_fallback_nodes": 2, "tolerable_loss": 0.001},
+        "verify": {"min_cosine": 0.9},
+    })
+    result = run_build(config, Progress(quiet=True))
+    fallback = result.outputs["quantize"].metrics["fallback"]
+    assert len(fallback["excluded_nodes"]) == 2 and not fallback["met"]
+    metrics = [trial["metric"] for trial in fallback["trials"]]
+    assert metrics[0] < metrics[1] < metrics[2], "each node kept in FP32 helps"
+    model = onnx.load(str(result.outputs["quantize"].path("model.onnx")))
+    kept = {node.name for node in model.graph.node if node.op_type == "MatMul"}
+    assert set(fallback["excluded_nodes"]) <= kept
+
+
+def test_smoothquant_works_on_our_bert_export(default_build, tmp_path) -> None:
+    fp32 = default_build.outputs["optimize"].path("model.onnx")
+    calibration = load_batches(default_build.outputs["calibrate"].path("calibration.safetensors"))[:4]
+    assert len({batch["input_ids"].shape[1] for batch in calibration}) > 1, "uneven lengths: the library bug"
+    weights = {}
+    for alpha in (0.5, 0.9):
+        settings = QuantizationConfig(mode="static", smoothquant=True, smoothquant_alpha=alpha)
+        path = tmp_path / f"sq{alpha}.onnx"
+        summary = neural_compressor.quantize(fp32, path, settings, calibration=calibration)
+        assert summary["smoothquant_alpha"] == alpha
+        model = onnx.load(str(path))
+        assert any(node.name.endswith("_smooth_mul") for node in model.graph.node)
+        weights[alpha] = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer if "smooth" in i.name}
+    shared = sorted(set(weights[0.5]) & set(weights[0.9]))
+    assert shared and any(not np.allclose(weights[0.5][n], weights[0.9][n]) for n in shared), "alpha is honoured"
+    heldout = load_batches(default_build.outputs["calibrate"].path("heldout.safetensors"))[:4]
+    with OrtRunner(fp32) as reference, OrtRunner(tmp_path / "sq0.5.onnx") as candidate:
+        for batch in heldout:
+            a, b = reference.infer(batch)["sentence_embedding"], candidate.infer(batch)["sentence_embedding"]
+            assert np.mean(np.sum(a * b, axis=1)) > 0.85
