@@ -196,13 +196,14 @@ def bench(artifacts: tuple[str, ...], batches: str, sequences: str, threads: int
       pipeline bench build/all-MiniLM-L6-v2-cpu --batch 1,8,32 --seq 128 --threads 2
       pipeline bench a.onnx b.onnx --batch 8
     """
+    from pipeline.bench import latency
+
+    resolved = latency.resolve_artifacts(artifacts)
     _quiet_libraries()
     from transformers import AutoTokenizer
 
-    from pipeline.bench import latency
     from pipeline.models import default_model_path
 
-    resolved = latency.resolve_artifacts(artifacts)
     if len(resolved) < 2:
         raise click.UsageError("give at least two artifacts (or one build directory) to compare")
     folder = Path(tokenizer) if tokenizer else next(
