@@ -11,7 +11,6 @@ histogram collector, whose percentile and entropy (KL) searches we reuse.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -149,11 +148,3 @@ def compute_ranges(
             thresholds = collector.compute_collection_result()
         ranges.update({name: (float(values[0]), float(values[1])) for name, values in thresholds.items()})
     return dict(sorted(ranges.items()))
-
-
-def file_fingerprint(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

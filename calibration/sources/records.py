@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
 from calibration.sources import Fields, Sample, SampleSource, describe_fields, missing_field_error
+from calibration.sources.text import utf8_lines
 from pipeline.errors import InputError
 
 
@@ -35,28 +36,19 @@ def _check_fields(available: list[str], fields: Fields, where: str) -> None:
 
 def _jsonl_samples(fields: Fields, path: Path) -> Iterator[Sample]:
     checked = False
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError as exc:
-                raise InputError(
-                    f"{path}:{number}: bytes that are not UTF-8 at offset {exc.start}; re-encode the file as UTF-8"
-                ) from None
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{number}: not valid JSON ({exc.msg}); each line must hold one JSON object") from None
-            if not isinstance(record, dict):
-                raise InputError(f"{path}:{number}: a JSON {type(record).__name__} where an object was expected")
-            if not checked:
-                _check_fields(sorted(record), fields, f"the first record of {path} (line {number})")
-                checked = True
-            sample = record_sample(record, fields)
-            if sample is not None:
-                yield sample
+    for number, line in utf8_lines(path):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}:{number}: not valid JSON ({exc.msg}); each line must hold one JSON object") from None
+        if not isinstance(record, dict):
+            raise InputError(f"{path}:{number}: a JSON {type(record).__name__} where an object was expected")
+        if not checked:
+            _check_fields(sorted(record), fields, f"the first record of {path} (line {number})")
+            checked = True
+        sample = record_sample(record, fields)
+        if sample is not None:
+            yield sample
 
 
 def _csv_samples(fields: Fields, path: Path) -> Iterator[Sample]:

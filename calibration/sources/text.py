@@ -9,7 +9,8 @@ from calibration.sources import Sample, SampleSource
 from pipeline.errors import InputError
 
 
-def text_lines(path: Path) -> Iterator[Sample]:
+def utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, stripped line) of the non-empty lines; bytes that are not UTF-8 are an InputError."""
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
@@ -19,7 +20,12 @@ def text_lines(path: Path) -> Iterator[Sample]:
                     f"{path}:{number}: bytes that are not UTF-8 at offset {exc.start}; re-encode the file as UTF-8"
                 ) from None
             if line:
-                yield Sample(line)
+                yield number, line
+
+
+def text_lines(path: Path) -> Iterator[Sample]:
+    for _, line in utf8_lines(path):
+        yield Sample(line)
 
 
 def text_source(path: Path) -> SampleSource:

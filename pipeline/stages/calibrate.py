@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from calibration.batches import check_long_samples, save_batches, to_batches, token_lengths
-from calibration.ranges import RangeCache, compute_ranges, file_fingerprint
+from calibration.ranges import RangeCache, compute_ranges
 from calibration.readers import length_distribution
 from calibration.selection import select_samples, strata_counts
 from calibration.sources import Fields, SampleSource, open_source
 from engines import neural_compressor
+from pipeline.hashing import file_sha256
 from pipeline.config import BuildConfig, CalibrationConfig
 from pipeline.errors import InputError
 from pipeline.models import ModelInfo, folder_fingerprint, load_tokenizer
@@ -105,7 +106,7 @@ class CalibrateStage(Stage):
             method=settings.method,
             percentile=settings.percentile if settings.method == "percentile" else None,
             ranges=ranges,
-            fingerprint={"data": file_fingerprint(out / "calibration.safetensors"), "model": fp32.files["model.onnx"]},
+            fingerprint={"data": file_sha256(out / "calibration.safetensors"), "model": fp32.files["model.onnx"]},
         )
         cache.save(out / CACHE_FILE)
         return {
