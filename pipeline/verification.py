@@ -33,6 +33,7 @@ class ParityInputs:
     heldout_samples: int
     tokenizer: Optional[Path] = None  # needed only with an evaluation file
     export_parity: dict[str, float] = field(default_factory=dict)  # ONNX Runtime against PyTorch (export stage)
+    candidate_fp32_nodes: list[str] = field(default_factory=list)  # kept in FP32 (--exclude, fallback search)
 
 
 def _labelled_outputs(inputs: ParityInputs, config: BuildConfig, model: ModelInfo,
@@ -88,7 +89,10 @@ def build_report(inputs: ParityInputs, model: ModelInfo, result: ParityResult,
         "task": model.task.name,
         "primary_output": model.task.primary_output,
         "reference": {"description": "FP32 ONNX (optimized)", "sha256": inputs.reference_sha256},
-        "candidate": {"description": inputs.candidate_description, "sha256": inputs.candidate_sha256},
+        "candidate": {
+            "description": inputs.candidate_description, "sha256": inputs.candidate_sha256,
+            "fp32_nodes": inputs.candidate_fp32_nodes,
+        },
         "heldout": {"source": inputs.heldout_source, "samples": inputs.heldout_samples, "batches": batches},
         "thresholds": [
             {"output": output, "metric": metric, "threshold": value, "relation": relation(metric)}

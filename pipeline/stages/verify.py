@@ -22,7 +22,8 @@ def parity_inputs(context: StageContext) -> ParityInputs:
         heldout=calibrate.path("heldout.safetensors"),
         reference_sha256=optimize.files["model.onnx"],
         candidate_sha256=quantize.files["model.onnx"],
-        candidate_description=f"INT8 ONNX ({context.config.quantization.mode})",
+        candidate_description=_describe_candidate(context.config, quantize.metrics),
+        candidate_fp32_nodes=list(quantize.metrics.get("excluded_nodes", [])),
         heldout_source=calibrate.metrics["source"],
         heldout_samples=calibrate.metrics["heldout_samples"],
         tokenizer=export.path("tokenizer"),
@@ -30,9 +31,23 @@ def parity_inputs(context: StageContext) -> ParityInputs:
     )
 
 
+def _describe_candidate(config: BuildConfig, quantize: dict[str, Any]) -> str:
+    settings = config.quantization
+    parts = [settings.mode]
+    if settings.mode == "static":
+        parts.append(settings.format.upper())
+    if settings.smoothquant:
+        parts.append(f"SmoothQuant alpha {settings.smoothquant_alpha}")
+    kept = len(quantize.get("excluded_nodes", []))
+    if kept:
+        chosen = " by the fallback search" if quantize.get("fallback") else ""
+        parts.append(f"{kept} node(s) kept in FP32{chosen}")
+    return f"INT8 ONNX ({', '.join(parts)})"
+
+
 class VerifyStage(Stage):
     name = "verify"
-    version = 2  # reports gained relative-error statistics, SNR, histograms, localization, HTML and JUnit
+    version = 3  # 3: candidate names its FP32 nodes; 2: reports gained relative-error statistics, SNR, histograms, localization, HTML and JUnit
     outputs = REPORT_FILES
 
     def depends_on(self, config: BuildConfig) -> tuple[str, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -83,6 +84,12 @@ def test_fallback_build_records_its_choice(default_build, tmp_path) -> None:
     model = onnx.load(str(result.outputs["quantize"].path("model.onnx")))
     kept = {node.name for node in model.graph.node if node.op_type == "MatMul"}
     assert set(fallback["excluded_nodes"]) <= kept
+    report = json.loads((build_dir / "parity.json").read_text())
+    assert report["candidate"]["fp32_nodes"] == fallback["excluded_nodes"]
+    assert "2 node(s) kept in FP32 by the fallback search" in report["candidate"]["description"]
+    manifest = json.loads((build_dir / "manifest.json").read_text())
+    stage = next(s for s in manifest["stages"] if s["stage"] == "quantize")
+    assert stage["metrics"]["fallback"]["excluded_nodes"] == fallback["excluded_nodes"]
 
 
 def test_smoothquant_works_on_our_bert_export(default_build, tmp_path) -> None:
