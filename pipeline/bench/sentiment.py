@@ -51,6 +51,9 @@ def run(cache: Path, output: Path, overrides: dict[str, Any], progress: Progress
     config = load_config(None, {
         "output_dir": str(output), "model": {"path": str(model_dir), "task": "text-classification"},
         "calibration": {"source": str(calibration_file), "samples": 256, "heldout_samples": 256},
+        # This benchmark measures accuracy itself, on labelled sentences: publish the INT8 model
+        # whatever its top-1 agreement, so that a poor configuration is measured, not refused.
+        "verify": {"min_top1_agreement": 0.0},
         **overrides,
     })
     build = run_build(config, progress)
