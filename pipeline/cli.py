@@ -41,6 +41,8 @@ FLAG_KEYS = {
     "max_length": "calibration.max_length",
     "min_cosine": "verify.min_cosine",
     "max_abs": "verify.max_abs",
+    "precision": "trt.precision",
+    "require_engine": "trt.require_engine",
 }
 
 
@@ -79,6 +81,10 @@ def cli() -> None:
 @click.option("--max-length", type=int, help="Maximum tokens per sample. [default: 128]")
 @click.option("--min-cosine", type=float, help="Parity gate: minimum mean cosine of the primary output.")
 @click.option("--max-abs", type=float, help="Parity gate: maximum absolute error of the primary output.")
+@click.option("--precision", type=click.Choice(["int8", "fp8", "fp16", "best"]),
+              help="TensorRT precision (--target trt). [default: int8]")
+@click.option("--require-engine", is_flag=True, default=None,
+              help="--target trt: fail (exit 5) unless TensorRT is present to build the engine.")
 @click.option("--stop-after", type=click.Choice(STAGE_NAMES), help="Stop after this stage.")
 @click.option("--force", is_flag=True, help="Run every stage again, ignoring the cache.")
 @click.option("--print-config", is_flag=True, help="Print the effective configuration and exit.")
@@ -91,6 +97,7 @@ def build(config_file: Optional[Path], stop_after: Optional[str], force: bool, p
     Example:
       pipeline build --target cpu
       pipeline build --model ./my-bert --quant static --calib-samples 256 -o build/my-bert
+      pipeline build --target trt --precision int8
     """
     overrides: dict[str, Any] = {}
     for flag, key in FLAG_KEYS.items():
@@ -117,6 +124,10 @@ def build(config_file: Optional[Path], stop_after: Optional[str], force: bool, p
             f"build finished in {result.wall_time_s:.1f}s ({verdict}); "
             f"reused {len(reused)}/{len(result.outputs)} stages from cache: {result.build_dir}"
         )
+        bundle = result.outputs.get("bundle")
+        if bundle is not None and str(bundle.metrics.get("engine", "")).startswith("not built"):
+            click.echo(f"TensorRT engine {bundle.metrics['engine']}. The deployment bundle is ready in "
+                       f"{result.build_dir / 'trt'}: build the engine there on a GPU host (build_engine.py or trtexec.sh).")
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from pipeline.config import VerifyConfig
+from pipeline.config import BuildConfig, VerifyConfig
 from pipeline.models import TaskSpec
 
 # Task defaults: (output, metric) -> threshold. Metrics ending in _min are lower bounds.
@@ -16,6 +16,8 @@ TASK_THRESHOLDS: dict[str, dict[tuple[str, str], float]] = {
     "text-classification": {("logits", "top1_agreement"): 0.98},
 }
 LOWER_BOUNDS = {"cosine_mean", "cosine_min", "top1_agreement"}
+# TensorRT target: default gate on the primary output's mean cosine, per precision.
+TRT_MIN_COSINE = {"int8": 0.99, "fp8": 0.98, "fp16": 0.999, "best": 0.99}
 
 
 @dataclass
@@ -91,6 +93,18 @@ def thresholds_for(task: TaskSpec, overrides: VerifyConfig) -> dict[tuple[str, s
     if overrides.min_top1_agreement is not None:
         thresholds[(primary, "top1_agreement")] = overrides.min_top1_agreement
     return thresholds
+
+
+def trt_thresholds_for(task: TaskSpec, overrides: VerifyConfig, precision: str) -> dict[tuple[str, str], float]:
+    """The CPU target's gates, with the primary cosine gate set per TensorRT precision unless overridden."""
+    thresholds = thresholds_for(task, overrides)
+    if overrides.min_cosine is None:
+        thresholds[(task.primary_output, "cosine_mean")] = TRT_MIN_COSINE[precision]
+    return thresholds
+
+
+def trt_min_cosine(config: BuildConfig, task: TaskSpec) -> float:
+    return trt_thresholds_for(task, config.verify, config.trt.precision)[(task.primary_output, "cosine_mean")]
 
 
 def evaluate(metrics: dict[str, OutputMetrics], thresholds: dict[tuple[str, str], float]) -> list[Check]:
