@@ -9,20 +9,19 @@ unquantized nodes then run in FP16, the sensitive ops in FP32).
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import onnx
 
-from engines.onnxruntime_cpu import OrtRunner
+from engines.onnxruntime_cpu import OrtRunner, create_session
 from engines.trt_calibration import activation_amax, collect_activation_stats
 from engines.trt_fp16 import FP32_OPS, convert_to_fp16
 from engines.trt_qdq import FP8_MIN_OPSET, QuantizableNode, ensure_opset, insert_qdq, quantizable_nodes
 from pipeline.onnx_io import save_model
 
-SENSITIVITY_BATCHES = 4  # calibration batches used to rank nodes (one session per node)
+SENSITIVITY_BATCHES = 2  # calibration batches used to rank nodes (one session per node, so few)
 Log = Callable[[str], None]
 
 
@@ -36,17 +35,16 @@ def mean_cosine(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]
 class _Evaluator:
     """Primary-output cosine of candidate graphs against the FP32 graph on fixed batches."""
 
-    def __init__(self, fp32_path: Path, output: str, batches: Sequence[dict[str, np.ndarray]], scratch: Path) -> None:
-        self.output, self.batches, self.scratch = output, list(batches), scratch
+    def __init__(self, fp32_path: Path, output: str, batches: Sequence[dict[str, np.ndarray]]) -> None:
+        self.output, self.batches = output, list(batches)
         with OrtRunner(fp32_path, output_names=[output]) as runner:
             self.reference = [runner.infer(batch)[output] for batch in self.batches]
 
     def cosine(self, model: onnx.ModelProto, batches: Optional[int] = None) -> float:
-        path = self.scratch / "candidate.onnx"
-        save_model(model, path)
         chosen = self.batches[:batches] if batches else self.batches
-        with OrtRunner(path, output_names=[self.output]) as runner:
-            candidate = [runner.infer(batch)[self.output] for batch in chosen]
+        session = create_session(model.SerializeToString())  # in memory: no 90 MB file per candidate
+        inputs = [item.name for item in session.get_inputs()]
+        candidate = [session.run([self.output], {name: batch[name] for name in inputs})[0] for batch in chosen]
         return mean_cosine(self.reference[: len(chosen)], candidate)
 
 
@@ -83,21 +81,20 @@ def build_precision_graph(
         insert_qdq(model, [node for node in nodes if node.name not in kept], amax, quant)
         return convert_to_fp16(model) if precision == "best" else model
 
-    with tempfile.TemporaryDirectory(prefix="quantpipe-precision-") as scratch:
-        evaluator = _Evaluator(fp32_path, primary_output, batches, Path(scratch))
-        kept: list[str] = []
-        cosine = evaluator.cosine(compose(set()))
-        log(f"all {len(nodes)} nodes quantized: calibration cosine {cosine:.5f} (target {target_cosine:.4f})")
-        ranking: list[tuple[str, float]] = []
-        if cosine < target_cosine and max_fallback_nodes > 0:
-            ranking = _sensitivity(base, nodes, amax, quant, evaluator, log)
-            for name, _ in ranking[:max_fallback_nodes]:
-                kept.append(name)
-                cosine = evaluator.cosine(compose(set(kept)))
-                log(f"keeping {name} in {'FP16' if precision == 'best' else 'FP32'}: calibration cosine {cosine:.5f}")
-                if cosine >= target_cosine:
-                    break
-        final = compose(set(kept))
+    evaluator = _Evaluator(fp32_path, primary_output, batches)
+    kept: list[str] = []
+    cosine = evaluator.cosine(compose(set()))
+    log(f"all {len(nodes)} nodes quantized: calibration cosine {cosine:.5f} (target {target_cosine:.4f})")
+    ranking: list[tuple[str, float]] = []
+    if cosine < target_cosine and max_fallback_nodes > 0:
+        ranking = _sensitivity(base, nodes, amax, quant, evaluator, log)
+        for name, _ in ranking[:max_fallback_nodes]:
+            kept.append(name)
+            cosine = evaluator.cosine(compose(set(kept)))
+            log(f"keeping {name} in {'FP16' if precision == 'best' else 'FP32'}: calibration cosine {cosine:.5f}")
+            if cosine >= target_cosine:
+                break
+    final = compose(set(kept))
     save_model(final, output_path)
     return {
         "precision": precision,

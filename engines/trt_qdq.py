@@ -121,11 +121,30 @@ def insert_qdq(
                 activation_pairs[tensor] = _activation_pair(graph, tensor, activation_amax[tensor], precision)
             _replace_input(node, tensor, activation_pairs[tensor][0])
     _place_nodes(graph, weight_nodes, activation_pairs)
+    _drop_unused_initializers(graph)
     return {
         "quantized_nodes": len({spec.name for spec in nodes}),
         "quantized_weights": len(quantized_weights),
         "quantized_activations": len(activation_pairs),
     }
+
+
+def _names_read(graph: onnx.GraphProto) -> set[str]:
+    names = set()
+    for node in graph.node:
+        names.update(node.input)
+        for attribute in node.attribute:  # If/Loop/Scan bodies may read outer initializers
+            for subgraph in [attribute.g, *attribute.graphs] if attribute.type in (5, 10) else []:
+                names |= _names_read(subgraph)
+    return names
+
+
+def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    """The FP32 originals of quantized weights: keeping them would keep the file at FP32 size."""
+    used = _names_read(graph) | {output.name for output in graph.output}
+    kept = [tensor for tensor in graph.initializer if tensor.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
 
 
 def _replace_input(node: onnx.NodeProto, old: str, new: str) -> None:

@@ -29,6 +29,7 @@ def fallback_target(config: BuildConfig, model: ModelInfo) -> float:
 
 class PrecisionStage(Stage):
     name = "precision"
+    version = 2
     outputs = ("model.onnx", "precision.json")
 
     def depends_on(self, config: BuildConfig) -> tuple[str, ...]:
