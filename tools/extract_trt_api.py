@@ -98,6 +98,43 @@ def _members(chain: str) -> Iterator[tuple[str, str, str]]:
         yield match.group(1), body, chain
 
 
+_MEMBER_POINTER = re.compile(r'&(?:nvinfer1::|nvonnxparser::)?(\w+)::(\w+)')
+_DOC_CONSTANT = re.compile(r'(\w+Doc)::(\w+)')
+_HEADERS = ("include/NvInfer.h", "include/NvInferRuntime.h", "include/NvInferRuntimeBase.h", "include/NvOnnxParser.h")
+_header_cache: dict[Path, str] = {}
+
+
+def _headers(source: Path) -> str:
+    if source not in _header_cache:
+        _header_cache[source] = "\n".join(
+            (source / h).read_text(encoding="utf-8") for h in _HEADERS if (source / h).is_file())
+    return _header_cache[source]
+
+
+def _return_type(body: str, python_name: dict[str, str], source: Path) -> str | None:
+    """The bound class a method returns: from the C++ declaration of the member it binds, else its docstring."""
+    pointer = _MEMBER_POINTER.search(body)
+    if pointer:
+        cpp_class, cpp_method = pointer.groups()
+        headers = _headers(source)
+        start = re.search(rf'class {cpp_class}\b[^;{{]*\{{', headers)
+        if start:
+            declaration = re.compile(rf'(?:nvinfer1::)?(\w+)\s*(?:const\s*)?\*\s*{cpp_method}\s*\(')
+            found = declaration.search(headers, start.end())
+            if found and found.group(1) in python_name:
+                return python_name[found.group(1)]
+    doc = _DOC_CONSTANT.search(body)
+    if doc:
+        docs = "\n".join(path.read_text(encoding="utf-8") for path in (source / "python/docstrings").rglob("*.h"))
+        block = re.search(rf'namespace {doc.group(1)}\b.*?constexpr char const\* {doc.group(2)} = R"trtdoc\((.*?)\)trtdoc"',
+                          docs, flags=re.S)
+        if block:
+            returns = re.search(r':returns:[^\n]*?:class:`(\w+)`', block.group(1))
+            if returns:
+                return returns.group(1)
+    return None
+
+
 def extract(source: Path) -> dict[str, Any]:
     classes: dict[str, Any] = {}
     enums: dict[str, Any] = {}
@@ -124,7 +161,11 @@ def extract(source: Path) -> dict[str, Any]:
                 elif literal is None:
                     continue
                 elif member in ("def", "def_static"):
-                    entry["methods"].setdefault(literal.group(0).strip('"'), []).append(arguments)
+                    method = literal.group(0).strip('"')
+                    entry["methods"].setdefault(method, []).append(arguments)
+                    returned = _return_type(body, python_name, source)
+                    if returned:
+                        entry.setdefault("returns", {})[method] = returned
                 else:
                     entry["properties"].append(literal.group(0).strip('"'))
     return {"classes": classes, "enums": enums}
@@ -144,6 +185,15 @@ def trtexec_options(source: Path) -> list[str]:
     """Every `--flag` literal trtexec's option parser reads (samples/common/sampleOptions.cpp)."""
     text = _strip_comments((source / TRTEXEC_OPTIONS_FILE).read_text(encoding="utf-8"))
     return sorted(set(_TRTEXEC_OPTION.findall(text)))
+
+
+PACKAGE_INIT = "python/packaging/bindings_wheel/tensorrt/__init__.py"
+
+
+def module_attributes(source: Path) -> list[str]:
+    """Names the package's pure-Python __init__ defines at top level (e.g. __version__)."""
+    text = (source / PACKAGE_INIT).read_text(encoding="utf-8")
+    return sorted(set(re.findall(r'^(\w+)\s*=', text, flags=re.M)) | set(re.findall(r'^def (\w+)', text, flags=re.M)))
 
 
 def main() -> None:
@@ -171,7 +221,7 @@ def main() -> None:
         "source": "github.com/NVIDIA/TensorRT",
         "commit": args.commit,
         "version": args.version,
-        "files": [*BINDING_FILES, TRTEXEC_OPTIONS_FILE],
+        "files": [*BINDING_FILES, TRTEXEC_OPTIONS_FILE, *_HEADERS, "python/docstrings/**/*.h", PACKAGE_INIT],
         "extracted_by": "tools/extract_trt_api.py",
     }
     if args.binary:
@@ -187,7 +237,7 @@ def main() -> None:
             "names_not_found_in_binary": missing,
         }
     data = {"provenance": provenance, "removed": list(REMOVED), **surface,
-            "trtexec_options": trtexec_options(args.source)}
+            "trtexec_options": trtexec_options(args.source), "module_attributes": module_attributes(args.source)}
     args.output.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     print(f"{len(surface['classes'])} classes, {len(surface['enums'])} enums -> {args.output}")
 
