@@ -20,6 +20,8 @@ import onnx
 from engines.onnxruntime_cpu import create_session
 
 SAMPLES_PER_BATCH = 32_768  # absolute values kept per tensor and batch, for percentiles and MSE search
+MSE_SAMPLE = 131_072  # values the MSE search scores each candidate range on
+MSE_CANDIDATES = 64
 INT8_MAX = 127.0
 FP8_E4M3_MAX = 448.0
 
@@ -98,7 +100,9 @@ def activation_amax(stats: TensorStats, method: str, percentile: float = 99.99, 
         return float(max(np.percentile(sample, percentile), 1e-8))
     if method == "mse":
         top = INT8_MAX if not fp8 else FP8_E4M3_MAX
-        candidates = stats.absmax * np.linspace(0.05, 1.0, 96)
+        if sample.size > MSE_SAMPLE:
+            sample = sample[np.random.default_rng(0).integers(0, sample.size, MSE_SAMPLE)]
+        candidates = stats.absmax * np.linspace(1.0 / MSE_CANDIDATES, 1.0, MSE_CANDIDATES)
         errors = [float(np.mean((_quantize_dequantize(sample, c / top, fp8) - sample) ** 2)) for c in candidates]
         return float(candidates[int(np.argmin(errors))])
     raise ValueError(f"unknown calibration method '{method}' (max, percentile, mse)")

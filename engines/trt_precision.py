@@ -75,10 +75,12 @@ def build_precision_graph(
     # Opset 19: FLOAT8E4M3FN Q/DQ, and FP16 scales for `best`; the same opset for every precision keeps one path.
     base = ensure_opset(base, FP8_MIN_OPSET)
 
+    counts: dict[str, int] = {}
+
     def compose(kept: set[str]) -> onnx.ModelProto:
         model = onnx.ModelProto()
         model.CopyFrom(base)
-        insert_qdq(model, [node for node in nodes if node.name not in kept], amax, quant)
+        counts.update(insert_qdq(model, [node for node in nodes if node.name not in kept], amax, quant))
         return convert_to_fp16(model) if precision == "best" else model
 
     evaluator = _Evaluator(fp32_path, primary_output, batches)
@@ -101,7 +103,7 @@ def build_precision_graph(
         "quantized_type": quant.upper(),
         "calibration_method": method,
         "quantizable_nodes": len(nodes),
-        "quantized_nodes": len(nodes) - len(kept),
+        **counts,
         "kept_higher_precision": kept,
         "kept_precision": "FP16" if precision == "best" else "FP32",
         "calibration_cosine": round(cosine, 6),
