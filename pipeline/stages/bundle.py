@@ -19,6 +19,7 @@ from typing import Any
 
 from engines import tensorrt as trt_engine
 from pipeline.config import BuildConfig
+from pipeline.hashing import file_sha256
 from pipeline.models import ModelInfo
 from pipeline.stages.base import Stage, StageContext
 
@@ -92,7 +93,7 @@ class BundleStage(Stage):
     def external_inputs(self, config: BuildConfig, model: ModelInfo) -> dict[str, str]:
         # A host that gains TensorRT must not reuse a bundle built without an engine.
         return {"tensorrt": trt_engine.tensorrt_missing_reason() or "present",
-                "build_script": Path(trt_engine.__file__).read_text(encoding="utf-8")}
+                "build_script": file_sha256(Path(trt_engine.__file__))}
 
     def run(self, context: StageContext, out: Path) -> dict[str, Any]:
         config, model = context.config, context.model

@@ -150,3 +150,15 @@ def test_engine_build_and_polygraphy_parity_on_a_gpu_host(trt_build) -> None:
     assert (bundle.directory / "timing.cache").stat().st_size > 0
     report = json.loads((bundle.directory / "engine_parity.json").read_text())
     assert report["status"] == "pass"
+
+
+@pytest.mark.skipif(tensorrt_missing_reason() is None, reason="TensorRT is installed on this host")
+def test_bundle_build_script_runs_standalone_and_says_tensorrt_is_missing(trt_build) -> None:
+    import subprocess
+    import sys
+
+    bundle = trt_build("int8").outputs["bundle"].directory
+    result = subprocess.run([sys.executable, "-I", str(bundle / "build_engine.py")], capture_output=True, text=True,
+                            cwd=bundle, timeout=60)
+    assert_one_line_error(result, ExitCode.MISSING_DEPENDENCY, "TensorRT", "NVIDIA GPU")
+    assert not (bundle / "model.plan").exists()
