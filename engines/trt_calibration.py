@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from engines.onnxruntime_cpu import create_session
+from pipeline.onnx_io import save_model
 
 SAMPLES_PER_BATCH = 32_768  # absolute values kept per tensor and batch, for percentiles and MSE search
 MSE_SAMPLE = 131_072  # values the MSE search scores each candidate range on
@@ -66,7 +67,7 @@ def collect_activation_stats(
     stats = {name: TensorStats() for name in tensor_names}
     with tempfile.TemporaryDirectory(prefix="quantpipe-calib-") as scratch:
         exposed = Path(scratch) / "exposed.onnx"
-        onnx.save_model(model, str(exposed))
+        save_model(model, exposed)
         # No graph optimization: fusions could remove the very tensors being measured.
         session = create_session(exposed, optimization="disable")
         inputs = [item.name for item in session.get_inputs()]

@@ -98,13 +98,15 @@ def thresholds_for(task: TaskSpec, overrides: VerifyConfig) -> dict[tuple[str, s
 def trt_thresholds_for(task: TaskSpec, overrides: VerifyConfig, precision: str) -> dict[tuple[str, str], float]:
     """The CPU target's gates, with the primary cosine gate set per TensorRT precision unless overridden."""
     thresholds = thresholds_for(task, overrides)
-    if overrides.min_cosine is None:
+    if overrides.min_cosine is None and task.name == "feature-extraction":  # classifiers keep their top-1 gate
         thresholds[(task.primary_output, "cosine_mean")] = TRT_MIN_COSINE[precision]
     return thresholds
 
 
 def trt_min_cosine(config: BuildConfig, task: TaskSpec) -> float:
-    return trt_thresholds_for(task, config.verify, config.trt.precision)[(task.primary_output, "cosine_mean")]
+    """The primary output's cosine the TensorRT graph must keep (for classifiers, a proxy for top-1 agreement)."""
+    thresholds = trt_thresholds_for(task, config.verify, config.trt.precision)
+    return thresholds.get((task.primary_output, "cosine_mean"), TRT_MIN_COSINE[config.trt.precision])
 
 
 def evaluate(metrics: dict[str, OutputMetrics], thresholds: dict[tuple[str, str], float]) -> list[Check]:

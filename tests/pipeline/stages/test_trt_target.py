@@ -162,3 +162,21 @@ def test_bundle_build_script_runs_standalone_and_says_tensorrt_is_missing(trt_bu
                             cwd=bundle, timeout=60)
     assert_one_line_error(result, ExitCode.MISSING_DEPENDENCY, "TensorRT", "NVIDIA GPU")
     assert not (bundle / "model.plan").exists()
+
+
+@pytest.mark.slow
+def test_best_mixes_int8_and_fp16_by_measured_parity(trt_build) -> None:
+    result = trt_build("best")
+    summary = result.outputs["precision"].metrics
+    assert summary["kept_precision"] == "FP16" and summary["kept_higher_precision"]
+    report = json.loads(result.outputs["verify"].path("parity.json").read_text())
+    assert report["status"] == "pass" and report["outputs"]["sentence_embedding"]["cosine_mean"] >= 0.99
+    model = onnx.load(str(result.outputs["precision"].path("model.onnx")))
+    initializers = {t.name: t.data_type for t in model.graph.initializer}
+    kept = [node for node in model.graph.node if node.name in summary["kept_higher_precision"]]
+    assert len(kept) == len(summary["kept_higher_precision"])
+    for node in kept:  # FP16 weights straight into the MatMul, no Q/DQ
+        assert initializers[node.input[1]] == onnx.TensorProto.FLOAT16, node.name
+    dequantize = [node for node in model.graph.node if node.op_type == "DequantizeLinear"]
+    assert dequantize and all(initializers[node.input[1]] == onnx.TensorProto.FLOAT16 for node in dequantize), \
+        "FP16 scales: the dequantized tensors feed FP16 MatMuls"
