@@ -231,10 +231,14 @@ def main() -> None:
                  | {p for c in surface["classes"].values() for p in c["properties"]}
                  | {v for e in surface["enums"].values() for v in e["values"]})
         missing = sorted(name for name in names if not _in_binary(blob, name))
+        removed_classes = [name for name in REMOVED if "." not in name]
         provenance["binary_check"] = {
             "package": f"tensorrt-cu12-bindings {args.binary_version}",
             "file": "tensorrt_bindings/tensorrt.so",
             "names_not_found_in_binary": missing,
+            # removed classes are absent from the released binary too (members like BuilderFlag.INT8 cannot be
+            # told apart there from DataType.INT8, which still exists)
+            "removed_classes_found_in_binary": [name for name in removed_classes if _in_binary(blob, name)],
         }
     data = {"provenance": provenance, "removed": list(REMOVED), **surface,
             "trtexec_options": trtexec_options(args.source), "module_attributes": module_attributes(args.source)}

@@ -36,6 +36,7 @@ def test_api_record_names_its_source_and_was_checked_against_a_binary() -> None:
     assert provenance["version"].startswith("11.") and len(provenance["commit"]) == 40
     assert provenance["binary_check"]["package"].startswith("tensorrt-cu12-bindings 11.")
     assert provenance["binary_check"]["names_not_found_in_binary"] == []
+    assert provenance["binary_check"]["removed_classes_found_in_binary"] == []
     assert "STRONGLY_TYPED" in api["enums"]["NetworkDefinitionCreationFlag"]["values"]
     assert "EXPLICIT_BATCH" not in api["enums"]["NetworkDefinitionCreationFlag"]["values"]
     assert not {"INT8", "FP16", "FP8", "BF16"} & set(api["enums"]["BuilderFlag"]["values"])
