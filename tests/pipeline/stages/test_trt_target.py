@@ -180,3 +180,8 @@ def test_best_mixes_int8_and_fp16_by_measured_parity(trt_build) -> None:
     dequantize = [node for node in model.graph.node if node.op_type == "DequantizeLinear"]
     assert dequantize and all(initializers[node.input[1]] == onnx.TensorProto.FLOAT16 for node in dequantize), \
         "FP16 scales: the dequantized tensors feed FP16 MatMuls"
+
+
+def test_stop_after_a_stage_the_target_lacks_is_refused(tmp_path) -> None:
+    result = run_cli("build", "--target", "trt", "--stop-after", "quantize", "-o", str(tmp_path / "b"))
+    assert_one_line_error(result, ExitCode.BAD_INPUT, "--stop-after quantize", "precision")
