@@ -27,21 +27,38 @@ def test_topological_sort_orders_appended_nodes() -> None:
     onnx.checker.check_model(helper.make_model(graph))
 
 
-def test_small_graph_keeps_layernorm_and_softmax_in_fp32() -> None:
-    weight = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+def test_small_graph_keeps_normalization_statistics_and_softmax_in_fp32(tmp_path) -> None:
+    """LayerNormalization, and a LayerNorm exported decomposed (ReduceMean, Pow), plus Softmax, stay FP32."""
+    weight = numpy_helper.from_array(np.full((4, 4), 0.5, np.float32), "w")
     scale = numpy_helper.from_array(np.ones(4, np.float32), "s")
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
-             helper.make_node("LayerNormalization", ["h", "s"], ["n"], axis=-1),
-             helper.make_node("Softmax", ["n"], ["y"], axis=-1)]
+    two = numpy_helper.from_array(np.array(2.0, np.float32), "two")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="matmul"),
+             helper.make_node("ReduceMean", ["h"], ["mean"], axes=[-1], name="mean"),
+             helper.make_node("Sub", ["h", "mean"], ["centered"], name="sub"),
+             helper.make_node("Pow", ["centered", "two"], ["squared"], name="pow"),
+             helper.make_node("ReduceMean", ["squared"], ["variance"], axes=[-1], name="variance"),
+             helper.make_node("Add", ["h", "variance"], ["hv"], name="add"),
+             helper.make_node("LayerNormalization", ["hv", "s"], ["n"], axis=-1, name="ln"),
+             helper.make_node("Softmax", ["n"], ["y"], axis=-1, name="softmax")]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [weight, scale])
-    converted = convert_to_fp16(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [weight, scale, two])
+    original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    converted = convert_to_fp16(original)
     onnx.checker.check_model(converted, full_check=True)
     types = tensor_types(converted)
-    assert types["w"] == TensorProto.FLOAT16 and types["x"] == TensorProto.FLOAT
-    for node in converted.graph.node:
-        if node.op_type in ("LayerNormalization", "Softmax"):
-            assert {types[name] for name in [*node.input, *node.output] if name} == {TensorProto.FLOAT}
+    assert types["w"] == TensorProto.FLOAT16 and types["x"] == TensorProto.FLOAT and types["h"] == TensorProto.FLOAT16
+    sensitive = [node for node in converted.graph.node if node.op_type in FP32_OPS]
+    assert sorted(node.op_type for node in sensitive) == ["LayerNormalization", "Pow", "ReduceMean", "ReduceMean",
+                                                           "Softmax"]
+    for node in sensitive:
+        assert {types[name] for name in [*node.input, *node.output] if name} == {TensorProto.FLOAT}, node.name
+    from engines.onnxruntime_cpu import OrtRunner
+
+    onnx.save(original, str(tmp_path / "fp32.onnx"))
+    onnx.save(converted, str(tmp_path / "fp16.onnx"))
+    x = np.random.default_rng(0).normal(size=(2, 4)).astype(np.float32)
+    with OrtRunner(tmp_path / "fp32.onnx") as fp32, OrtRunner(tmp_path / "fp16.onnx") as fp16:
+        np.testing.assert_allclose(fp16.infer({"x": x})["y"], fp32.infer({"x": x})["y"], atol=2e-3)
 
 
 @pytest.fixture(scope="module")
