@@ -19,12 +19,12 @@ OPTIMIZATION_LEVELS = {
 
 
 def create_session(
-    model_path: Path,
+    model_path: Path | bytes,
     threads: int = 0,
     optimization: str = "all",
     optimized_model_path: Optional[Path] = None,
 ) -> ort.InferenceSession:
-    """A CPU session; threads=0 lets ONNX Runtime use every core."""
+    """A CPU session (from a file, or a serialized model); threads=0 lets ONNX Runtime use every core."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -32,7 +32,8 @@ def create_session(
     options.log_severity_level = 3
     if optimized_model_path is not None:
         options.optimized_model_filepath = str(optimized_model_path)
-    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    model = model_path if isinstance(model_path, bytes) else str(model_path)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 class OrtRunner:

@@ -58,6 +58,8 @@ FLAG_KEYS = {
     "max_abs": "verify.max_abs",
     "localize": "verify.localize",
     "eval_file": "verify.eval_file",
+    "precision": "trt.precision",
+    "require_engine": "trt.require_engine",
 }
 
 
@@ -119,6 +121,10 @@ def cli() -> None:
 @click.option("--localize", type=click.Choice(["on-failure", "always", "never"]),
               help="Layer localization in the parity report. [default: on-failure]")
 @click.option("--eval-file", type=str, help="Classifiers: labelled evaluation file (JSON lines or label<TAB>text).")
+@click.option("--precision", type=click.Choice(["int8", "fp8", "fp16", "best"]),
+              help="TensorRT precision (--target trt). [default: int8]")
+@click.option("--require-engine", is_flag=True, default=None,
+              help="--target trt: fail (exit 5) unless TensorRT is present to build the engine.")
 @click.option("--stop-after", type=click.Choice(STAGE_NAMES), help="Stop after this stage.")
 @click.option("--force", is_flag=True, help="Run every stage again, ignoring the cache.")
 @click.option("--print-config", is_flag=True, help="Print the effective configuration and exit.")
@@ -131,6 +137,7 @@ def build(config_file: Optional[Path], stop_after: Optional[str], force: bool, p
     Example:
       pipeline build --target cpu
       pipeline build --model ./my-bert --quant static --calib-samples 256 -o build/my-bert
+      pipeline build --target trt --precision int8
     """
     overrides: dict[str, Any] = {}
     for flag, key in FLAG_KEYS.items():
@@ -161,6 +168,10 @@ def build(config_file: Optional[Path], stop_after: Optional[str], force: bool, p
             f"build finished in {result.wall_time_s:.1f}s ({verdict}); "
             f"reused {len(reused)}/{len(result.outputs)} stages from cache: {result.build_dir}"
         )
+        bundle = result.outputs.get("bundle")
+        if bundle is not None and str(bundle.metrics.get("engine", "")).startswith("not built"):
+            click.echo(f"TensorRT engine {bundle.metrics['engine']}. The deployment bundle is ready in "
+                       f"{result.build_dir / 'trt'}: build the engine there on a GPU host (build_engine.py or trtexec.sh).")
 
 
 def _int_list(value: str) -> list[int]:

@@ -24,8 +24,10 @@ else:  # pragma: no cover
 Target = Literal["cpu", "trt"]
 Task = Literal["feature-extraction", "text-classification"]
 QuantMode = Literal["static", "dynamic"]
-STAGE_NAMES = ("export", "optimize", "calibrate", "quantize", "verify")
-StageName = Literal["export", "optimize", "calibrate", "quantize", "verify"]
+STAGE_NAMES = ("export", "optimize", "calibrate", "quantize", "precision", "verify", "bundle")
+StageName = Literal["export", "optimize", "calibrate", "quantize", "precision", "verify", "bundle"]
+TrtPrecision = Literal["int8", "fp8", "fp16", "best"]
+CalibrationMethod = Literal["max", "percentile", "mse"]
 
 
 class _Strict(BaseModel):
@@ -156,6 +158,45 @@ class VerifyConfig(_Strict):
     )
 
 
+class TrtConfig(_Strict):
+    precision: TrtPrecision = Field(
+        "int8",
+        description="int8/fp8: Q/DQ nodes from calibration; fp16: FP16 weights and compute (LayerNorm, Softmax, "
+        "Pow, ReduceMean in FP32); best: INT8 where measured parity allows, FP16 elsewhere.",
+    )
+    calibration_method: CalibrationMethod = Field(
+        "mse", description="Activation ranges: max (min-max), percentile, or mse (the clipping range with least error)."
+    )
+    percentile: float = Field(99.99, gt=50, le=100, description="Percentile of |activation| for calibration_method percentile.")
+    fallback_target: Optional[float] = Field(
+        None, ge=-1.0, le=1.0,
+        description="Mean cosine of the primary output, on the calibration samples, that the quantized graph must "
+        "reach; the most sensitive MatMuls are kept in higher precision until it does. Empty: the parity gate + 0.003.",
+    )
+    max_fallback_nodes: int = Field(12, ge=0, description="At most this many MatMul/Gemm/Conv nodes kept in higher precision.")
+    batch: Optional[tuple[int, int, int]] = Field(
+        None, description="Optimization profile batch size (min, opt, max). Empty: 1, calibration batch size, 4 x that."
+    )
+    sequence: Optional[tuple[int, int, int]] = Field(
+        None, description="Optimization profile sequence length (min, opt, max). Empty: shortest and median "
+        "calibration sample, and calibration.max_length.",
+    )
+    workspace_mib: int = Field(4096, ge=16, description="TensorRT workspace memory pool limit, MiB.")
+    builder_optimization_level: int = Field(3, ge=0, le=5, description="TensorRT builder optimization level (0-5).")
+    require_engine: bool = Field(
+        False, description="Fail (exit 5) unless TensorRT is present to build the engine; otherwise the build stops "
+        "after the deployment bundle.",
+    )
+
+    @model_validator(mode="after")
+    def _profiles_ordered(self) -> "TrtConfig":
+        for name in ("batch", "sequence"):
+            shape = getattr(self, name)
+            if shape is not None and not 1 <= shape[0] <= shape[1] <= shape[2]:
+                raise ValueError(f"trt.{name} must be min <= opt <= max, all >= 1; got {list(shape)}")
+        return self
+
+
 class BuildConfig(_Strict):
     target: Target = Field("cpu", description="cpu: INT8 ONNX for ONNX Runtime; trt: TensorRT deployment.")
     output_dir: Optional[str] = Field(None, description="Build directory. Empty: build/<model>-<target>.")
@@ -163,11 +204,17 @@ class BuildConfig(_Strict):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
     verify: VerifyConfig = Field(default_factory=VerifyConfig)
+    trt: TrtConfig = Field(default_factory=TrtConfig)
 
     @model_validator(mode="after")
-    def _target_supported(self) -> "BuildConfig":
-        if self.target == "trt":
-            raise ValueError("target 'trt' is not available in this version; use --target cpu")
+    def _trt_options_need_trt_target(self) -> "BuildConfig":
+        if self.target != "trt" and self.trt.require_engine:
+            raise ValueError("--require-engine applies to --target trt only")
+        if self.target == "trt" and self.trt.sequence is not None and self.trt.sequence[2] < self.calibration.max_length:
+            raise ValueError(
+                f"trt.sequence max {self.trt.sequence[2]} is below calibration.max_length {self.calibration.max_length}: "
+                "inputs the tokenizer lets through would not fit the engine"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:

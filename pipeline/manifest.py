@@ -21,6 +21,11 @@ MODEL_ARTIFACTS = {
     "model.fp32.onnx": ("optimize", "model.onnx"),
 }
 REPORT_ARTIFACTS = {name: ("verify", name) for name in ("parity.json", "parity.md", "parity.html", "parity.junit.xml")}
+TRT_MODEL_ARTIFACTS = {
+    "model.onnx": ("precision", "model.onnx"),  # the graph that carries its TensorRT precision
+    "model.fp32.onnx": ("export", "model.onnx"),
+}
+TRT_BUNDLE_DIR = "trt"
 
 
 def _place(source: Path, target: Path) -> None:
@@ -37,10 +42,10 @@ def _place(source: Path, target: Path) -> None:
     os.replace(temporary, target)
 
 
-def _place_tree(source: Path, target: Path) -> None:
+def _place_tree(source: Path, target: Path, ignore: tuple[str, ...] = ()) -> None:
     temporary = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(temporary, ignore_errors=True)
-    shutil.copytree(source, temporary)
+    shutil.copytree(source, temporary, ignore=shutil.ignore_patterns(*ignore) if ignore else None)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(temporary, target)
 
@@ -62,7 +67,8 @@ def publish_build(
     verify = outputs.get("verify")
     passed: Optional[bool] = None if verify is None else bool(verify.metrics.get("passed"))
     artifacts: dict[str, str] = {}
-    for name, (stage, file) in {**MODEL_ARTIFACTS, **REPORT_ARTIFACTS}.items():
+    models = TRT_MODEL_ARTIFACTS if config.target == "trt" else MODEL_ARTIFACTS
+    for name, (stage, file) in {**models, **REPORT_ARTIFACTS}.items():
         target = build_dir / name
         is_report = name in REPORT_ARTIFACTS
         if stage in outputs and (is_report or passed):
@@ -72,6 +78,11 @@ def publish_build(
             target.unlink()  # a stale artifact of an earlier build must not look like this build's
     if passed and "export" in outputs:
         _place_tree(outputs["export"].path("tokenizer"), build_dir / "tokenizer")
+    if passed and "bundle" in outputs:
+        _place_tree(outputs["bundle"].directory, build_dir / TRT_BUNDLE_DIR, ignore=("stage.json",))
+        artifacts[f"{TRT_BUNDLE_DIR}/"] = outputs["bundle"].content_hash
+    elif (build_dir / TRT_BUNDLE_DIR).exists():
+        shutil.rmtree(build_dir / TRT_BUNDLE_DIR)
     status = {None: "incomplete", True: "passed", False: "parity_failed"}[passed]
     manifest = {
         "schema_version": MANIFEST_SCHEMA_VERSION,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 from pipeline.config import BuildConfig
-from pipeline.errors import LockedError, ParityError, QuantpipeError, StageError
+from pipeline.errors import ConfigError, LockedError, ParityError, QuantpipeError, StageError
 from pipeline.hashing import directory_hashes, stage_key
 from pipeline.manifest import publish_build
 from pipeline.models import ModelInfo, inspect_model
@@ -113,6 +113,9 @@ def run_build(
     model = inspect_model(config.model.path, config.model.task)
     build_dir = build_directory(config, model)
     pipeline_stages = list(stages) if stages is not None else stages_for(config)
+    if stop_after is not None and stop_after not in [stage.name for stage in pipeline_stages]:
+        names = ", ".join(stage.name for stage in pipeline_stages)
+        raise ConfigError(f"--stop-after {stop_after}: target '{config.target}' has no such stage (stages: {names})")
     with build_lock(build_dir, progress):
         cache = build_dir / CACHE_DIR
         cache.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from pipeline.config import BuildConfig
 from pipeline.errors import InputError
 from pipeline.gates import relation
 from pipeline.models import ModelInfo
-from pipeline.parity import thresholds_for
+from pipeline.parity import thresholds_for, trt_thresholds_for
 from pipeline.parity_engine import ParityResult, measure, run_pair
 from pipeline.progress import Progress
 from pipeline.reports import PARITY_SCHEMA_VERSION
@@ -34,6 +34,7 @@ class ParityInputs:
     tokenizer: Optional[Path] = None  # needed only with an evaluation file
     export_parity: dict[str, float] = field(default_factory=dict)  # ONNX Runtime against PyTorch (export stage)
     candidate_fp32_nodes: list[str] = field(default_factory=list)  # kept in FP32 (--exclude, fallback search)
+    reference_description: str = "FP32 ONNX (optimized)"
 
 
 def _labelled_outputs(inputs: ParityInputs, config: BuildConfig, model: ModelInfo,
@@ -67,7 +68,10 @@ def run_parity(inputs: ParityInputs, config: BuildConfig, model: ModelInfo, prog
         on_batch=lambda done, total: progress.batches("held-out", done, total),
     )
     labels, labelled, evaluation = _labelled_outputs(inputs, config, model, progress)
-    thresholds = thresholds_for(task, settings)
+    if config.target == "trt":
+        thresholds = trt_thresholds_for(task, settings, config.trt.precision)
+    else:
+        thresholds = thresholds_for(task, settings)
     masks = [batch.get("attention_mask") for batch in batches]
     result = measure(task, reference, candidate, masks, thresholds, labels, labelled)
     localization = None
@@ -88,7 +92,7 @@ def build_report(inputs: ParityInputs, model: ModelInfo, result: ParityResult,
         "status": "fail" if failures else "pass",
         "task": model.task.name,
         "primary_output": model.task.primary_output,
-        "reference": {"description": "FP32 ONNX (optimized)", "sha256": inputs.reference_sha256},
+        "reference": {"description": inputs.reference_description, "sha256": inputs.reference_sha256},
         "candidate": {
             "description": inputs.candidate_description, "sha256": inputs.candidate_sha256,
             "fp32_nodes": inputs.candidate_fp32_nodes,

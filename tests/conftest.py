@@ -51,3 +51,32 @@ def default_build(tmp_path_factory: pytest.TempPathFactory):
     config = load_config(None, {"output_dir": str(build_dir)})
     result = run_build(config, Progress(quiet=True))
     return result
+
+
+@pytest.fixture(scope="session")
+def trt_build(default_build, tmp_path_factory: pytest.TempPathFactory):
+    """`trt_build(precision)`: the real TensorRT-target build of the default model, run once per precision.
+
+    All precisions share one build directory, so export and calibrate run once; they are seeded
+    from the default build's cache (same keys: the runner re-checks their hashes before reuse).
+    Each result's stage outputs stay in the cache; the published `trt/` is the last build's.
+    """
+    from pipeline.config import load_config
+    from pipeline.progress import Progress
+    from pipeline.runner import CACHE_DIR, run_build
+
+    build_dir = tmp_path_factory.mktemp("trt-build")
+    cache = build_dir / CACHE_DIR
+    cache.mkdir()
+    for stage in ("export", "calibrate"):
+        source = default_build.outputs[stage].directory
+        shutil.copytree(source, cache / source.name)
+    results = {}
+
+    def build(precision: str):
+        if precision not in results:
+            config = load_config(None, {"target": "trt", "output_dir": str(build_dir), "trt": {"precision": precision}})
+            results[precision] = run_build(config, Progress(quiet=True))
+        return results[precision]
+
+    return build

@@ -20,7 +20,7 @@ from calibration.sources import Fields, SampleSource, open_source
 from engines import neural_compressor
 from pipeline.hashing import file_sha256
 from pipeline.config import BuildConfig, CalibrationConfig
-from pipeline.errors import InputError
+from pipeline.errors import StageError, InputError
 from pipeline.models import ModelInfo, folder_fingerprint, load_tokenizer
 from pipeline.stages.base import Stage, StageContext
 
@@ -48,7 +48,14 @@ class CalibrateStage(Stage):
     outputs = ("calibration.safetensors", "heldout.safetensors", "samples.json", CACHE_FILE)
 
     def depends_on(self, config: BuildConfig) -> tuple[str, ...]:
-        return ("optimize",)  # the ranges are those of the optimized FP32 graph
+        # CPU: the ranges are those of the optimized FP32 graph. TensorRT: the precision stage
+        # calibrates the plain exported graph itself, so no range cache is written here.
+        return ("optimize",) if config.target == "cpu" else ()
+
+    def ensures(self, out: Path) -> None:
+        missing = [name for name in self.outputs if name != CACHE_FILE and not (out / name).exists()]
+        if missing:
+            raise StageError(self.name, f"did not write {', '.join(missing)}")
 
     def config_slice(self, config: BuildConfig, model: ModelInfo) -> dict[str, Any]:
         calibration = config.calibration.model_dump(mode="json")
@@ -93,6 +100,19 @@ class CalibrateStage(Stage):
         }
         (out / "samples.json").write_text(json.dumps(samples, indent=1, ensure_ascii=False), encoding="utf-8")
 
+        summary = {
+            "source": source.name,
+            "calibration_samples": len(calibration),
+            "heldout_samples": len(heldout),
+            "calibration_batches": len(calibration_batches),
+            "heldout_batches": len(heldout_batches),
+            "calibration_tokens": stats["calibration"].summary(),
+            "heldout_tokens": stats["held-out"].summary(),
+            "sequence_lengths": {str(length): count for length, count in length_distribution(calibration_batches).items()},
+            "strata": strata_counts(calibration, settings.stratify) if settings.stratify else None,
+        }
+        if "optimize" not in self.depends_on(context.config):
+            return summary
         context.progress.info(f"{settings.method} ranges of the FP32 graph over {len(calibration_batches)} batches")
         fp32 = context.input("optimize")
         with tempfile.TemporaryDirectory(prefix="quantpipe-calibrate-") as scratch:
@@ -109,16 +129,4 @@ class CalibrateStage(Stage):
             fingerprint={"data": file_sha256(out / "calibration.safetensors"), "model": fp32.files["model.onnx"]},
         )
         cache.save(out / CACHE_FILE)
-        return {
-            "source": source.name,
-            "calibration_samples": len(calibration),
-            "heldout_samples": len(heldout),
-            "calibration_batches": len(calibration_batches),
-            "heldout_batches": len(heldout_batches),
-            "calibration_tokens": stats["calibration"].summary(),
-            "heldout_tokens": stats["held-out"].summary(),
-            "sequence_lengths": {str(length): count for length, count in length_distribution(calibration_batches).items()},
-            "strata": strata_counts(calibration, settings.stratify) if settings.stratify else None,
-            "method": settings.method,
-            "ranged_tensors": len(ranges),
-        }
+        return {**summary, "method": settings.method, "ranged_tensors": len(ranges)}

@@ -13,17 +13,31 @@ from pipeline.stages.base import Stage, StageContext
 from pipeline.verification import ParityInputs, run_parity
 
 
+TRT_KINDS = {"int8": "INT8 Q/DQ", "fp8": "FP8 E4M3 Q/DQ", "fp16": "FP16", "best": "INT8 Q/DQ + FP16"}
+
+
 def parity_inputs(context: StageContext) -> ParityInputs:
-    optimize, quantize = context.input("optimize"), context.input("quantize")
     export, calibrate = context.input("export"), context.input("calibrate")
+    if context.config.target == "trt":  # TensorRT's graph derives from the plain export, its FP32 reference
+        reference, candidate = export, context.input("precision")
+        reference_text = "FP32 ONNX (exported)"
+        kind = TRT_KINDS[context.config.trt.precision]
+        candidate_text = f"TensorRT {kind} ONNX, simulated in ONNX Runtime (CPU)"
+        fp32_nodes = list(candidate.metrics.get("kept_higher_precision") or [])
+    else:
+        reference, candidate = context.input("optimize"), context.input("quantize")
+        reference_text = "FP32 ONNX (optimized)"
+        candidate_text = _describe_candidate(context.config, candidate.metrics)
+        fp32_nodes = list(candidate.metrics.get("excluded_nodes", []))
     return ParityInputs(
-        reference=optimize.path("model.onnx"),
-        candidate=quantize.path("model.onnx"),
+        reference=reference.path("model.onnx"),
+        candidate=candidate.path("model.onnx"),
         heldout=calibrate.path("heldout.safetensors"),
-        reference_sha256=optimize.files["model.onnx"],
-        candidate_sha256=quantize.files["model.onnx"],
-        candidate_description=_describe_candidate(context.config, quantize.metrics),
-        candidate_fp32_nodes=list(quantize.metrics.get("excluded_nodes", [])),
+        reference_sha256=reference.files["model.onnx"],
+        candidate_sha256=candidate.files["model.onnx"],
+        candidate_description=candidate_text,
+        candidate_fp32_nodes=fp32_nodes,
+        reference_description=reference_text,
         heldout_source=calibrate.metrics["source"],
         heldout_samples=calibrate.metrics["heldout_samples"],
         tokenizer=export.path("tokenizer"),
@@ -51,10 +65,15 @@ class VerifyStage(Stage):
     outputs = REPORT_FILES
 
     def depends_on(self, config: BuildConfig) -> tuple[str, ...]:
+        if config.target == "trt":  # TensorRT's graph derives from the plain export, its FP32 reference
+            return ("export", "calibrate", "precision")
         return ("export", "optimize", "calibrate", "quantize")
 
     def config_slice(self, config: BuildConfig, model: ModelInfo) -> dict[str, Any]:
-        return {"verify": config.verify.model_dump(mode="json"), "task": model.task.name}
+        slice_ = {"verify": config.verify.model_dump(mode="json"), "task": model.task.name}
+        if config.target == "trt":
+            slice_["trt_precision"] = config.trt.precision
+        return slice_
 
     def external_inputs(self, config: BuildConfig, model: ModelInfo) -> dict[str, str]:
         eval_file = config.verify.eval_file

@@ -1,0 +1,126 @@
+"""The precision of a TensorRT graph, chosen by measurement: INT8/FP8 Q/DQ, FP16, or a per-layer mix.
+
+int8/fp8: every MatMul/Gemm/Conv input gets Q/DQ. If the quantized graph misses the target
+cosine on the calibration samples, each node's sensitivity is measured (the cosine lost when
+only that node is quantized) and the most sensitive nodes are left unquantized, one at a time,
+until the target is met. `best` does the same with INT8 and puts the whole graph in FP16 (the
+unquantized nodes then run in FP16, the sensitive ops in FP32).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import onnx
+
+from engines.onnxruntime_cpu import OrtRunner, create_session
+from engines.trt_calibration import activation_amax, collect_activation_stats
+from engines.trt_fp16 import FP32_OPS, convert_to_fp16
+from engines.trt_qdq import FP8_MIN_OPSET, QuantizableNode, ensure_opset, insert_qdq, quantizable_nodes
+from pipeline.onnx_io import save_model
+
+SENSITIVITY_BATCHES = 2  # calibration batches used to rank nodes (one session per node, so few)
+Log = Callable[[str], None]
+
+
+def mean_cosine(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> float:
+    ref = np.concatenate([r.reshape(r.shape[0], -1) for r in reference]).astype(np.float64)
+    cand = np.concatenate([c.reshape(c.shape[0], -1) for c in candidate]).astype(np.float64)
+    norms = np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1), 1e-12)
+    return float(np.mean(np.sum(ref * cand, axis=1) / norms))
+
+
+class _Evaluator:
+    """Primary-output cosine of candidate graphs against the FP32 graph on fixed batches."""
+
+    def __init__(self, fp32_path: Path, output: str, batches: Sequence[dict[str, np.ndarray]]) -> None:
+        self.output, self.batches = output, list(batches)
+        with OrtRunner(fp32_path, output_names=[output]) as runner:
+            self.reference = [runner.infer(batch)[output] for batch in self.batches]
+
+    def cosine(self, model: onnx.ModelProto, batches: Optional[int] = None) -> float:
+        chosen = self.batches[:batches] if batches else self.batches
+        session = create_session(model.SerializeToString())  # in memory: no 90 MB file per candidate
+        inputs = [item.name for item in session.get_inputs()]
+        candidate = [session.run([self.output], {name: batch[name] for name in inputs})[0] for batch in chosen]
+        return mean_cosine(self.reference[: len(chosen)], candidate)
+
+
+def build_precision_graph(
+    fp32_path: Path,
+    output_path: Path,
+    precision: str,
+    batches: Sequence[dict[str, np.ndarray]],
+    primary_output: str,
+    target_cosine: float,
+    method: str = "mse",
+    percentile: float = 99.99,
+    max_fallback_nodes: int = 12,
+    log: Log = lambda message: None,
+) -> dict[str, object]:
+    """Write the TensorRT-ready graph for `precision` and return what was done and measured."""
+    base = onnx.load(str(fp32_path))
+    if precision == "fp16":
+        converted = convert_to_fp16(base)
+        save_model(converted, output_path)
+        return {"precision": "fp16", "fp32_ops": list(FP32_OPS)}
+    quant = "fp8" if precision == "fp8" else "int8"
+    nodes = quantizable_nodes(base)
+    activations = sorted({name for node in nodes for name in node.activations})
+    log(f"measuring {len(activations)} activation ranges on {len(batches)} calibration batches ({method})")
+    stats = collect_activation_stats(fp32_path, activations, batches)
+    amax = {name: activation_amax(stats[name], method, percentile, fp8=quant == "fp8") for name in activations}
+    # Opset 19: FLOAT8E4M3FN Q/DQ, and FP16 scales for `best`; the same opset for every precision keeps one path.
+    base = ensure_opset(base, FP8_MIN_OPSET)
+
+    counts: dict[str, int] = {}
+
+    def compose(kept: set[str]) -> onnx.ModelProto:
+        model = onnx.ModelProto()
+        model.CopyFrom(base)
+        counts.update(insert_qdq(model, [node for node in nodes if node.name not in kept], amax, quant))
+        return convert_to_fp16(model) if precision == "best" else model
+
+    evaluator = _Evaluator(fp32_path, primary_output, batches)
+    kept: list[str] = []
+    cosine = evaluator.cosine(compose(set()))
+    log(f"all {len(nodes)} nodes quantized: calibration cosine {cosine:.5f} (target {target_cosine:.4f})")
+    ranking: list[tuple[str, float]] = []
+    if cosine < target_cosine and max_fallback_nodes > 0:
+        ranking = _sensitivity(base, nodes, amax, quant, evaluator, log)
+        for name, _ in ranking[:max_fallback_nodes]:
+            kept.append(name)
+            cosine = evaluator.cosine(compose(set(kept)))
+            log(f"keeping {name} in {'FP16' if precision == 'best' else 'FP32'}: calibration cosine {cosine:.5f}")
+            if cosine >= target_cosine:
+                break
+    final = compose(set(kept))
+    save_model(final, output_path)
+    return {
+        "precision": precision,
+        "quantized_type": quant.upper(),
+        "calibration_method": method,
+        "quantizable_nodes": len(nodes),
+        **counts,
+        "kept_higher_precision": kept,
+        "kept_precision": "FP16" if precision == "best" else "FP32",
+        "calibration_cosine": round(cosine, 6),
+        "target_cosine": target_cosine,
+        "sensitivity_top": [[name, round(loss, 6)] for name, loss in ranking[:12]],
+        "activation_amax": {name: round(value, 6) for name, value in amax.items()},
+    }
+
+
+def _sensitivity(base: onnx.ModelProto, nodes: Sequence[QuantizableNode], amax: dict[str, float], quant: str,
+                 evaluator: _Evaluator, log: Log) -> list[tuple[str, float]]:
+    """Nodes by the cosine lost when only that node is quantized, worst first."""
+    log(f"ranking {len(nodes)} nodes by sensitivity on {SENSITIVITY_BATCHES} calibration batches")
+    losses = []
+    for node in nodes:
+        model = onnx.ModelProto()
+        model.CopyFrom(base)
+        insert_qdq(model, [node], amax, quant)
+        losses.append((node.name, 1.0 - evaluator.cosine(model, SENSITIVITY_BATCHES)))
+    return sorted(losses, key=lambda item: item[1], reverse=True)

@@ -1,0 +1,173 @@
+"""bundle (target trt): what a GPU host needs to build and check the TensorRT 11 engine.
+
+The bundle holds the graph that carries its own precision, build_config.json (profile,
+workspace, optimization level, timing cache), a ready `trtexec` command line, the build
+script (engines/tensorrt.py itself, which imports nothing of Quantpipe), the precision
+decisions and the parity report. Where TensorRT loads, the engine is built here too
+and compared with the FP32 graph through Polygraphy's TensorRT runner.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import shutil
+from pathlib import Path
+from typing import Any
+
+from engines import tensorrt as trt_engine
+from pipeline.config import BuildConfig
+from pipeline.hashing import file_sha256
+from pipeline.models import ModelInfo
+from pipeline.stages.base import Stage, StageContext
+
+TRTEXEC_FILE = "trtexec.sh"
+BUILD_SCRIPT = "build_engine.py"
+ENGINE_FILE = "model.plan"
+TIMING_CACHE = "timing.cache"
+
+
+def _round_up(value: float, multiple: int = 8) -> int:
+    return int(math.ceil(value / multiple) * multiple)
+
+
+def optimization_profile(config: BuildConfig, model: ModelInfo, lengths: dict[str, float]) -> dict[str, Any]:
+    """(min, opt, max) batch and sequence; by default from the calibration samples' token counts.
+
+    Sequence: the shortest calibration sample, the median rounded up to a multiple of 8
+    (what TensorRT tunes its kernels for), and calibration.max_length (the tokenizer
+    truncates there, so no served input is longer). Batch: 1, the calibration batch size, 4x it.
+    """
+    batch_size = config.calibration.batch_size
+    batch = config.trt.batch or (1, batch_size, 4 * batch_size)
+    max_length = config.calibration.max_length
+    sequence = config.trt.sequence or (
+        int(lengths["min"]), min(max(_round_up(lengths["p50"]), int(lengths["min"])), max_length), max_length,
+    )
+    shapes = {
+        name: {kind: f"{b}x{s}" for kind, b, s in zip(("min", "opt", "max"), batch, sequence)}
+        for name in model.architecture.input_names
+    }
+    return {"batch": list(batch), "sequence": list(sequence), "shapes": shapes,
+            "derived_from_calibration": config.trt.sequence is None, "calibration_tokens": lengths}
+
+
+def trtexec_command(build_config: dict[str, Any]) -> list[str]:
+    """trtexec 11: no --int8/--fp16/--best (the graph carries its precision)."""
+    shapes = build_config["profile"]
+
+    def joined(kind: str) -> str:
+        return ",".join(f"{name}:{dims[kind]}" for name, dims in shapes.items())
+
+    return [
+        "trtexec", f"--onnx={build_config['onnx']}", f"--saveEngine={build_config['engine']}",
+        f"--minShapes={joined('min')}", f"--optShapes={joined('opt')}", f"--maxShapes={joined('max')}",
+        f"--memPoolSize=workspace:{build_config['workspace_bytes'] // (1024 * 1024)}M",
+        f"--builderOptimizationLevel={build_config['builder_optimization_level']}",
+        f"--timingCacheFile={build_config['timing_cache']}",
+    ]
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+class BundleStage(Stage):
+    name = "bundle"
+    outputs = ("model.onnx", "build_config.json", TRTEXEC_FILE, BUILD_SCRIPT, "parity.json", "parity.md",
+               "precision.json")
+
+    def depends_on(self, config: BuildConfig) -> tuple[str, ...]:
+        return ("export", "calibrate", "precision", "verify")
+
+    def config_slice(self, config: BuildConfig, model: ModelInfo) -> dict[str, Any]:
+        return {"trt": config.trt.model_dump(mode="json"), "calibration_max_length": config.calibration.max_length,
+                "calibration_batch_size": config.calibration.batch_size,
+                "input_names": list(model.architecture.input_names)}
+
+    def external_inputs(self, config: BuildConfig, model: ModelInfo) -> dict[str, str]:
+        # A host that gains TensorRT must not reuse a bundle built without an engine.
+        return {"tensorrt": trt_engine.tensorrt_missing_reason() or "present",
+                "build_script": file_sha256(Path(trt_engine.__file__))}
+
+    def run(self, context: StageContext, out: Path) -> dict[str, Any]:
+        config, model = context.config, context.model
+        precision = context.input("precision")
+        verify = context.input("verify")
+        _link_or_copy(precision.path("model.onnx"), out / "model.onnx")
+        for name in ("precision.json",):
+            _link_or_copy(precision.path(name), out / name)
+        for name in ("parity.json", "parity.md"):
+            _link_or_copy(verify.path(name), out / name)
+        profile = optimization_profile(config, model, context.input("calibrate").metrics["calibration_tokens"])
+        build_config = {
+            "format": "quantpipe-trt-bundle/1",
+            "tensorrt": ">=11,<12",
+            "precision": config.trt.precision,
+            "onnx": "model.onnx",
+            "engine": ENGINE_FILE,
+            "timing_cache": TIMING_CACHE,
+            "workspace_bytes": config.trt.workspace_mib * 1024 * 1024,
+            "builder_optimization_level": config.trt.builder_optimization_level,
+            "profile": profile["shapes"],
+            "profile_ranges": {"batch": profile["batch"], "sequence": profile["sequence"],
+                               "derived_from_calibration": profile["derived_from_calibration"]},
+            "outputs": list(model.task.output_names),
+        }
+        (out / "build_config.json").write_text(json.dumps(build_config, indent=2) + "\n", encoding="utf-8")
+        command = shlex.join(trtexec_command(build_config))
+        (out / TRTEXEC_FILE).write_text(
+            "#!/bin/sh\n# TensorRT 11 engine build; run in this folder on the GPU host.\n"
+            f'cd "$(dirname "$0")" && {command}\n', encoding="utf-8")
+        (out / TRTEXEC_FILE).chmod(0o755)
+        shutil.copyfile(trt_engine.__file__, out / BUILD_SCRIPT)
+        metrics: dict[str, Any] = {"trtexec": command, "profile": profile, "precision": config.trt.precision}
+        missing = trt_engine.tensorrt_missing_reason()
+        if missing:
+            metrics["engine"] = f"not built: {missing}"
+            context.progress.info(
+                f"TensorRT engine not built here ({missing}); the bundle is ready: "
+                f"run {BUILD_SCRIPT} or {TRTEXEC_FILE} on a host with TensorRT 11 and an NVIDIA GPU"
+            )
+        elif not verify.metrics.get("passed"):
+            metrics["engine"] = "not built: simulated parity failed"
+        else:
+            metrics.update(self._build_engine(context, out, build_config))
+        return metrics
+
+    def _build_engine(self, context: StageContext, out: Path, build_config: dict[str, Any]) -> dict[str, Any]:
+        """Build the engine, then compare it with the FP32 graph through Polygraphy's TensorRT runner."""
+        from calibration.batches import load_batches
+        from engines.onnxruntime_cpu import OrtRunner
+        from engines.trt_parity import engine_outputs
+        from pipeline.errors import ParityError
+        from pipeline.parity import compare_output, evaluate, trt_thresholds_for
+
+        previous = out.parent.parent / "trt" / TIMING_CACHE  # the last published bundle's cache: reuse its timings
+        if previous.is_file():
+            shutil.copyfile(previous, out / TIMING_CACHE)
+        context.progress.info("building the TensorRT engine")
+        result = trt_engine.build_engine(build_config, out)
+        task = context.model.task
+        outputs = list(task.output_names)
+        batches = load_batches(context.input("calibrate").path("heldout.safetensors"))
+        with OrtRunner(context.input("export").path("model.onnx"), output_names=outputs) as runner:
+            reference = [runner.infer(batch) for batch in batches]
+        engine = engine_outputs(out / ENGINE_FILE, batches, outputs)
+        masks = [batch["attention_mask"] for batch in batches]
+        metrics = {name: compare_output(name, [r[name] for r in reference], [e[name] for e in engine], masks,
+                                        name == "logits") for name in outputs}
+        checks = evaluate(metrics, trt_thresholds_for(task, context.config.verify, context.config.trt.precision))
+        failures = [check.description for check in checks if not check.passed]
+        report = {"reference": "FP32 ONNX (exported), ONNX Runtime", "candidate": "TensorRT engine (Polygraphy TrtRunner)",
+                  "outputs": {name: m.to_dict() for name, m in metrics.items()}, "checks": [vars(c) for c in checks],
+                  "failures": failures, "status": "fail" if failures else "pass"}
+        (out / "engine_parity.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        if failures:
+            raise ParityError("TensorRT engine parity failed: " + "; ".join(failures))
+        return {"engine": "built", **result, "engine_parity": report["outputs"][task.primary_output]}

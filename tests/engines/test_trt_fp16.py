@@ -1,0 +1,84 @@
+"""FP16 graphs for TensorRT: FP16 weights and compute, LayerNorm/Softmax/Pow/ReduceMean kept in FP32."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from engines.trt_fp16 import FP32_OPS, convert_to_fp16, topological_sort
+
+
+def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    return types
+
+
+def test_topological_sort_orders_appended_nodes() -> None:
+    nodes = [helper.make_node("Relu", ["a"], ["b"], name="second"), helper.make_node("Neg", ["x"], ["a"], name="first")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("b", TensorProto.FLOAT, [2])])
+    topological_sort(graph)
+    assert [n.name for n in graph.node] == ["first", "second"]
+    onnx.checker.check_model(helper.make_model(graph))
+
+
+def test_small_graph_keeps_normalization_statistics_and_softmax_in_fp32(tmp_path) -> None:
+    """LayerNormalization, and a LayerNorm exported decomposed (ReduceMean, Pow), plus Softmax, stay FP32."""
+    weight = numpy_helper.from_array(np.full((4, 4), 0.5, np.float32), "w")
+    scale = numpy_helper.from_array(np.ones(4, np.float32), "s")
+    two = numpy_helper.from_array(np.array(2.0, np.float32), "two")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="matmul"),
+             helper.make_node("ReduceMean", ["h"], ["mean"], axes=[-1], name="mean"),
+             helper.make_node("Sub", ["h", "mean"], ["centered"], name="sub"),
+             helper.make_node("Pow", ["centered", "two"], ["squared"], name="pow"),
+             helper.make_node("ReduceMean", ["squared"], ["variance"], axes=[-1], name="variance"),
+             helper.make_node("Add", ["h", "variance"], ["hv"], name="add"),
+             helper.make_node("LayerNormalization", ["hv", "s"], ["n"], axis=-1, name="ln"),
+             helper.make_node("Softmax", ["n"], ["y"], axis=-1, name="softmax")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [weight, scale, two])
+    original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    converted = convert_to_fp16(original)
+    onnx.checker.check_model(converted, full_check=True)
+    types = tensor_types(converted)
+    assert types["w"] == TensorProto.FLOAT16 and types["x"] == TensorProto.FLOAT and types["h"] == TensorProto.FLOAT16
+    sensitive = [node for node in converted.graph.node if node.op_type in FP32_OPS]
+    assert sorted(node.op_type for node in sensitive) == ["LayerNormalization", "Pow", "ReduceMean", "ReduceMean",
+                                                           "Softmax"]
+    for node in sensitive:
+        assert {types[name] for name in [*node.input, *node.output] if name} == {TensorProto.FLOAT}, node.name
+    from engines.onnxruntime_cpu import OrtRunner
+
+    onnx.save(original, str(tmp_path / "fp32.onnx"))
+    onnx.save(converted, str(tmp_path / "fp16.onnx"))
+    x = np.random.default_rng(0).normal(size=(2, 4)).astype(np.float32)
+    with OrtRunner(tmp_path / "fp32.onnx") as fp32, OrtRunner(tmp_path / "fp16.onnx") as fp16:
+        np.testing.assert_allclose(fp16.infer({"x": x})["y"], fp32.infer({"x": x})["y"], atol=2e-3)
+
+
+@pytest.fixture(scope="module")
+def fp16_model(trt_build) -> onnx.ModelProto:
+    return onnx.load(str(trt_build("fp16").outputs["precision"].path("model.onnx")))
+
+
+def test_real_fp16_graph_keeps_sensitive_ops_in_fp32(fp16_model: onnx.ModelProto) -> None:
+    onnx.checker.check_model(fp16_model, full_check=True)
+    types = tensor_types(fp16_model)
+    sensitive = [node for node in fp16_model.graph.node if node.op_type in FP32_OPS]
+    assert {node.op_type for node in sensitive} >= {"LayerNormalization", "Softmax"}
+    assert len([n for n in sensitive if n.op_type == "LayerNormalization"]) == 13
+    for node in sensitive:
+        float_types = {types[name] for name in [*node.input, *node.output] if name and types.get(name) != TensorProto.INT64}
+        assert float_types == {TensorProto.FLOAT}, f"{node.name} ({node.op_type}) must stay FP32: {float_types}"
+    matmuls = [node for node in fp16_model.graph.node if node.op_type == "MatMul"]
+    assert len(matmuls) == 48
+    assert all(types[node.output[0]] == TensorProto.FLOAT16 for node in matmuls), "MatMuls compute in FP16"
+    weights = [t for t in fp16_model.graph.initializer if len(t.dims) == 2 and t.dims[0] * t.dims[1] >= 384 * 384]
+    assert weights and all(t.data_type == TensorProto.FLOAT16 for t in weights)
+    io_types = {v.type.tensor_type.elem_type for v in fp16_model.graph.output}
+    assert io_types == {TensorProto.FLOAT}, "graph outputs keep FP32: a drop-in replacement"
