@@ -18,7 +18,16 @@ from typing import Any, Optional
 
 import numpy as np
 
+from pydantic import BaseModel
+
 from pipeline.errors import InputError, MissingDependencyError
+
+
+class Predict(BaseModel):
+    """Request body of POST /v1/predict: one text or a list of texts."""
+
+    text: Optional[str] = None
+    texts: Optional[list[str]] = None
 
 
 @dataclass
@@ -166,17 +175,12 @@ def create_app(build_dir: Path, threads: int = 0, max_batch: int = 32, max_wait_
                max_texts_per_request: int = 64) -> Any:
     try:
         from fastapi import FastAPI, HTTPException
-        from pydantic import BaseModel
     except ImportError:
         raise MissingDependencyError("serving needs FastAPI and uvicorn: pip install 'quantpipe[serve]'") from None
     from contextlib import asynccontextmanager
 
     model = BuildModel(build_dir, threads)
     batcher = MicroBatcher(model, max_batch, max_wait_ms)
-
-    class Predict(BaseModel):
-        text: Optional[str] = None
-        texts: Optional[list[str]] = None
 
     @asynccontextmanager
     async def lifespan(app: Any):  # type: ignore[no-untyped-def]
