@@ -103,6 +103,17 @@ class ServerProcess:
     def connect(self) -> http.client.HTTPConnection:
         return http.client.HTTPConnection(HOST, self.port, timeout=REQUEST_TIMEOUT_S)
 
+    def stats(self) -> dict[str, Any]:
+        """The server's batch counters, on a fresh connection (an idle kept-alive one times out)."""
+        connection = self.connect()
+        try:
+            status, answer = request(connection, "GET", "/v1/stats")
+        finally:
+            connection.close()
+        if status != 200:
+            raise RuntimeError(f"GET /v1/stats answered HTTP {status}")
+        return dict(answer)
+
     def __exit__(self, *exc: object) -> None:
         if self.process is None or self.process.poll() is not None:
             return
@@ -149,7 +160,8 @@ def load_test(build_dir: Path, clients: int = 16, duration: float = 30.0, thread
         connection = server.connect()
         for text in texts[:warmup]:
             request(connection, "POST", "/v1/predict", {"text": text})
-        _, before = request(connection, "GET", "/v1/stats")
+        connection.close()
+        before = server.stats()
         results = [ClientResult() for _ in range(clients)]
         started = time.perf_counter()
         stop_at = started + duration
@@ -160,8 +172,7 @@ def load_test(build_dir: Path, clients: int = 16, duration: float = 30.0, thread
         for worker in workers:
             worker.join(timeout=duration + 2 * REQUEST_TIMEOUT_S)
         elapsed = time.perf_counter() - started
-        _, after = request(connection, "GET", "/v1/stats")
-        connection.close()
+        after = server.stats()
     latencies = [latency for result in results for latency in result.latencies]
     errors = [error for result in results for error in result.errors]
     batches = after["batches"] - before["batches"]
@@ -194,8 +205,8 @@ def run_cli(build_dir: Path, clients: int, duration: float, threads: int, max_ba
 
     try:
         result = load_test(build_dir, clients, duration, threads, max_batch, max_wait_ms)
-    except RuntimeError as exc:
-        raise StageError("bench-serve", str(exc)) from None
+    except (RuntimeError, OSError, http.client.HTTPException) as exc:
+        raise StageError("bench-serve", f"{type(exc).__name__}: {exc}") from None
     click.echo(render(result), nl=False)
     if output is not None:
         output.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

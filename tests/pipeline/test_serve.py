@@ -41,3 +41,16 @@ def test_served_embedding_is_the_models(default_build) -> None:
     np.testing.assert_allclose(served, direct, atol=1e-5)
     assert np.linalg.norm(served) == pytest.approx(1.0, abs=1e-3)
     assert bad_status == 422 and missing_status == 422
+
+
+def test_length_groups_bound_padding_and_keep_every_text() -> None:
+    from pipeline.serve import length_groups
+
+    lengths = [12, 50, 14, 13, 48, 30, 12, 52]
+    groups = length_groups(lengths, slack=0.25)
+    assert sorted(i for group in groups for i in group) == list(range(len(lengths)))
+    for group in groups:
+        padded = max(lengths[i] for i in group) * len(group)
+        assert padded <= 1.25 * sum(lengths[i] for i in group)
+    assert len(groups) < len(lengths)  # similar lengths still run together
+    assert length_groups([7, 7, 7], slack=0.0) == [[0, 1, 2]]
