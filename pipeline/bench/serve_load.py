@@ -155,6 +155,10 @@ def load_test(build_dir: Path, clients: int = 16, duration: float = 30.0, thread
               max_wait_ms: float = 5.0, warmup: int = 8) -> dict[str, Any]:
     if not 1 <= clients <= MAX_CLIENTS or not 0 < duration <= MAX_DURATION_S:
         raise ValueError(f"clients must be 1..{MAX_CLIENTS} and duration 0..{MAX_DURATION_S:.0f}s")
+    if not (build_dir / "manifest.json").is_file() or not (build_dir / "model.onnx").is_file():
+        from pipeline.errors import InputError
+
+        raise InputError(f"{build_dir} holds no finished build (manifest.json and model.onnx)")
     texts = sentences()
     with ServerProcess(build_dir, threads, max_batch, max_wait_ms) as server:
         connection = server.connect()
