@@ -14,6 +14,8 @@
 #   QP_BUILD_CONFIG its build configuration, passed as --config           [default: build_config.json]
 # Exit codes: 2 = no such build directory or bundle, 5 = no NVIDIA GPU visible (run with --gpus all),
 # otherwise the build script's (non-zero) or `pipeline verify`'s.
+# The engine's own parity (Polygraphy TrtRunner against the FP32 graph) is run by
+# `build --target trt --require-engine`, whose bundle stage builds and compares the engine.
 set -eu
 
 usage() {
