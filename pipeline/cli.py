@@ -13,6 +13,7 @@ import yaml
 
 from pipeline import __version__
 from pipeline.config import STAGE_NAMES, load_config
+from pipeline.deploy_cli import bench_serve, export_triton, serve
 from pipeline.errors import ExitCode, QuantpipeError
 from pipeline.progress import Progress
 from pipeline.report_cli import report, verify
@@ -235,6 +236,9 @@ def bench(artifacts: tuple[str, ...], batches: str, sequences: str, threads: int
 
 cli.add_command(verify)
 cli.add_command(report)
+cli.add_command(export_triton)
+cli.add_command(serve)
+cli.add_command(bench_serve)
 
 
 @cli.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -1,0 +1,56 @@
+"""`pipeline serve` on the real default build: a short loopback load test and real embeddings."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from transformers import AutoTokenizer
+
+from pipeline.bench.serve_load import ServerProcess, load_test, request, sentences
+
+
+def test_short_load_test_has_no_errors_and_batches(default_build) -> None:
+    result = load_test(default_build.build_dir, clients=4, duration=3.0, threads=2)
+    assert result["errors"] == 0, result["first_errors"]
+    assert result["requests"] >= 8
+    assert result["requests_per_s"] > 0 and 0 < result["latency_ms"]["p50"] <= result["latency_ms"]["p99"]
+    # concurrent requests really ran together: fewer model runs than requests
+    assert result["server"]["largest_batch"] > 1
+    assert result["server"]["batches"] < result["requests"]
+
+
+def test_served_embedding_is_the_models(default_build) -> None:
+    build = default_build.build_dir
+    text = sentences(1)[0]
+    with ServerProcess(build, threads=2, max_batch=32, max_wait_ms=2.0) as server:
+        connection = server.connect()
+        status, answer = request(connection, "POST", "/v1/predict", {"text": text})
+        bad_status, _ = request(connection, "POST", "/v1/predict", {"texts": []})
+        missing_status, _ = request(connection, "POST", "/v1/predict", {})
+        connection.close()
+    assert status == 200 and answer["task"] == "feature-extraction"
+    served = np.asarray(answer["embeddings"], dtype=np.float32)
+    assert served.shape == (1, 384)
+    # A lone request runs as a batch of one, exactly what a direct ONNX Runtime run of the build computes.
+    encoded = AutoTokenizer.from_pretrained(str(build / "tokenizer"))([text], truncation=True, max_length=128,
+                                                                      return_tensors="np")
+    session = ort.InferenceSession(str(build / "model.onnx"), providers=["CPUExecutionProvider"])
+    direct = session.run(["sentence_embedding"], {i.name: np.asarray(encoded[i.name], np.int64)
+                                                  for i in session.get_inputs()})[0]
+    np.testing.assert_allclose(served, direct, atol=1e-5)
+    assert np.linalg.norm(served) == pytest.approx(1.0, abs=1e-3)
+    assert bad_status == 422 and missing_status == 422
+
+
+def test_length_groups_bound_padding_and_keep_every_text() -> None:
+    from pipeline.serve import length_groups
+
+    lengths = [12, 50, 14, 13, 48, 30, 12, 52]
+    groups = length_groups(lengths, slack=0.25)
+    assert sorted(i for group in groups for i in group) == list(range(len(lengths)))
+    for group in groups:
+        padded = max(lengths[i] for i in group) * len(group)
+        assert padded <= 1.25 * sum(lengths[i] for i in group)
+    assert len(groups) < len(lengths)  # similar lengths still run together
+    assert length_groups([7, 7, 7], slack=0.0) == [[0, 1, 2]]
