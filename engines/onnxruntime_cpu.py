@@ -23,6 +23,7 @@ def create_session(
     threads: int = 0,
     optimization: str = "all",
     optimized_model_path: Optional[Path] = None,
+    external_initializers: Optional[tuple[Sequence[str], Sequence[ort.OrtValue]]] = None,
 ) -> ort.InferenceSession:
     """A CPU session (from a file, or a serialized model); threads=0 lets ONNX Runtime use every core."""
     options = ort.SessionOptions()
@@ -32,6 +33,8 @@ def create_session(
     options.log_severity_level = 3
     if optimized_model_path is not None:
         options.optimized_model_filepath = str(optimized_model_path)
+    if external_initializers is not None and external_initializers[0]:
+        options.add_external_initializers(list(external_initializers[0]), list(external_initializers[1]))
     model = model_path if isinstance(model_path, bytes) else str(model_path)
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 

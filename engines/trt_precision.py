@@ -9,6 +9,7 @@ unquantized nodes then run in FP16, the sensitive ops in FP32).
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -33,16 +34,46 @@ def mean_cosine(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]
 
 
 class _Evaluator:
-    """Primary-output cosine of candidate graphs against the FP32 graph on fixed batches."""
+    """Primary-output cosine of candidate graphs against the FP32 graph on fixed batches.
+
+    Candidates differ from each other in a few tensors, so each weight is converted to an
+    ONNX Runtime value once and handed to the session as an external initializer: a
+    candidate is serialized without its 90 MB of weights.
+    """
+
+    SHARED_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8)
+    SHARED_MIN_BYTES = 1 << 16
 
     def __init__(self, fp32_path: Path, output: str, batches: Sequence[dict[str, np.ndarray]]) -> None:
         self.output, self.batches = output, list(batches)
+        self.weights: dict[tuple[str, int, int, int], tuple[np.ndarray, object]] = {}
         with OrtRunner(fp32_path, output_names=[output]) as runner:
             self.reference = [runner.infer(batch)[output] for batch in self.batches]
 
+    def _strip_weights(self, model: onnx.ModelProto) -> tuple[list[str], list[object]]:
+        import onnxruntime as ort
+
+        names, values = [], []
+        for tensor in model.graph.initializer:
+            if tensor.data_type not in self.SHARED_TYPES or len(tensor.raw_data) < self.SHARED_MIN_BYTES:
+                continue
+            # crc32 of the bytes: a tensor that kept its name but changed (FP16 conversion) is another value
+            key = (tensor.name, tensor.data_type, len(tensor.raw_data), zlib.crc32(tensor.raw_data))
+            if key not in self.weights:
+                array = onnx.numpy_helper.to_array(tensor).copy()
+                self.weights[key] = (array, ort.OrtValue.ortvalue_from_numpy(array))  # the value shares the array
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            tensor.external_data.add(key="location", value="supplied-by-session-options")
+            names.append(tensor.name)
+            values.append(self.weights[key][1])
+        return names, values
+
     def cosine(self, model: onnx.ModelProto, batches: Optional[int] = None) -> float:
+        """Consumes `model` (its weights are moved out)."""
         chosen = self.batches[:batches] if batches else self.batches
-        session = create_session(model.SerializeToString())  # in memory: no 90 MB file per candidate
+        names, values = self._strip_weights(model)
+        session = create_session(model.SerializeToString(), external_initializers=(names, values))
         inputs = [item.name for item in session.get_inputs()]
         candidate = [session.run([self.output], {name: batch[name] for name in inputs})[0] for batch in chosen]
         return mean_cosine(self.reference[: len(chosen)], candidate)

@@ -142,9 +142,9 @@ def _names_read(graph: onnx.GraphProto) -> set[str]:
 def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
     """The FP32 originals of quantized weights: keeping them would keep the file at FP32 size."""
     used = _names_read(graph) | {output.name for output in graph.output}
-    kept = [tensor for tensor in graph.initializer if tensor.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    unused = [index for index, tensor in enumerate(graph.initializer) if tensor.name not in used]
+    for index in reversed(unused):  # delete in place: rebuilding the list would copy every weight
+        del graph.initializer[index]
 
 
 def _replace_input(node: onnx.NodeProto, old: str, new: str) -> None:
