@@ -2,7 +2,7 @@
 
 The record was extracted from NVIDIA/TensorRT's pybind11 bindings and headers at the 11.1 release
 commit and cross-checked against the names in the tensorrt-cu12-bindings 11.4 binary
-(tools/extract_trt_api.py); see its "provenance".
+(engines/extract_trt_api.py); see its "provenance".
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ contract tests check engines/tensorrt.py against. Optionally cross-checks every 
 strings of a released bindings binary (tensorrt.so from the `tensorrt-cu12-bindings` wheel), which
 holds the names pybind11 registers but cannot be imported without libnvinfer.
 
-    python tools/extract_trt_api.py --source CHECKOUT --commit SHA --version 11.1.0.106 \
+    python -m engines.extract_trt_api --source CHECKOUT --commit SHA --version 11.1.0.106 \
         [--binary tensorrt.so --binary-version 11.4.0.106] -o engines/tensorrt_api_11.json
 """
 
@@ -222,7 +222,7 @@ def main() -> None:
         "commit": args.commit,
         "version": args.version,
         "files": [*BINDING_FILES, TRTEXEC_OPTIONS_FILE, *_HEADERS, "python/docstrings/**/*.h", PACKAGE_INIT],
-        "extracted_by": "tools/extract_trt_api.py",
+        "extracted_by": "engines/extract_trt_api.py",
     }
     if args.binary:
         blob = args.binary.read_bytes()
