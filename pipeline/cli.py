@@ -58,6 +58,7 @@ FLAG_KEYS = {
     "max_abs": "verify.max_abs",
     "localize": "verify.localize",
     "eval_file": "verify.eval_file",
+    "trust_remote_code": "model.trust_remote_code",
 }
 
 
@@ -123,8 +124,13 @@ def cli() -> None:
 @click.option("--force", is_flag=True, help="Run every stage again, ignoring the cache.")
 @click.option("--print-config", is_flag=True, help="Print the effective configuration and exit.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors (for CI).")
+@click.option("--trust-remote-code", is_flag=True, default=None,
+              help="Run Python code shipped in the model folder (auto_map). Only for folders you trust. [default: off]")
+@click.option("--lock-timeout", type=click.FloatRange(min=0), default=None,
+              help="Seconds to wait for another build holding the build directory, then fail with exit 6 "
+                   "(0: fail at once). [default: wait]")
 def build(config_file: Optional[Path], stop_after: Optional[str], force: bool, print_config: bool,
-          quiet: bool, **flags: Any) -> None:
+          quiet: bool, lock_timeout: Optional[float] = None, **flags: Any) -> None:
     """Export, optimize, calibrate, quantize and verify a model.
 
     \b
@@ -153,7 +159,7 @@ def build(config_file: Optional[Path], stop_after: Optional[str], force: bool, p
         check_source(config.calibration)  # a bad data file fails before export runs, not after
 
     progress = Progress(quiet=quiet)
-    result = run_build(config, progress, force=force, stop_after=stop_after)
+    result = run_build(config, progress, force=force, stop_after=stop_after, lock_timeout=lock_timeout)
     reused = [name for name, output in result.outputs.items() if output.reused]
     if not quiet:
         verdict = {True: "parity passed", None: f"stopped after {stop_after}"}[result.passed]
@@ -211,7 +217,9 @@ def bench(artifacts: tuple[str, ...], batches: str, sequences: str, threads: int
         default_model_path(),
     )
     progress = Progress(quiet=quiet)
-    results = latency.benchmark(resolved, AutoTokenizer.from_pretrained(str(folder)), _int_list(batches),
+    from pipeline.models import tokenizer_from
+
+    results = latency.benchmark(resolved, tokenizer_from(folder), _int_list(batches),
                                 _int_list(sequences), threads, runs, warmup, progress)
     baseline = resolved[0].label
     speedups = latency.ratios(results, baseline)

@@ -42,6 +42,11 @@ class ModelConfig(_Strict):
         "*ForSequenceClassification checkpoints, feature-extraction otherwise.",
     )
     opset: int = Field(17, ge=17, le=21, description="ONNX opset of the export.")
+    trust_remote_code: bool = Field(
+        False,
+        description="Run Python code shipped in the model folder (config auto_map). Off: only the "
+        "architectures built into transformers load, and a folder's own code is never imported.",
+    )
 
 
 class CalibrationConfig(_Strict):

@@ -28,3 +28,25 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
         )
     else:
         onnx.save_model(model, str(path))
+
+
+def check_onnx_file(path: Path) -> None:
+    """Refuse, with one line (InputError), a file that is not a runnable ONNX model: garbage bytes, an
+    empty or truncated file, a protobuf without a graph, a graph the ONNX checker rejects."""
+    from pipeline.errors import InputError
+
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends: the bytes are not an ONNX model
+        raise InputError(f"{path} is not an ONNX model ({type(exc).__name__}: {_first_line(exc)})") from None
+    if not model.graph.node or not model.graph.output:
+        raise InputError(f"{path} is not an ONNX model (no graph: empty, truncated or another kind of file)")
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # onnx.checker.ValidationError, or missing external data
+        raise InputError(f"{path} is not a valid ONNX model: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
