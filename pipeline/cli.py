@@ -249,12 +249,24 @@ def calibrate(ctx: click.Context, **flags: Any) -> None:
 calibrate.params.extend(param for param in build.params if param.name != "stop_after")
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    # SIGTERM (a CI job cancelled) unwinds like Ctrl-C, so staging folders are removed on the way out.
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(ExitCode.INTERNAL)
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except SystemExit as exc:
+        if exc.code == 128 + signal.SIGTERM:
+            click.echo("terminated", err=True)
+        raise
     except click.ClickException as exc:
         exc.show()
         sys.exit(ExitCode.BAD_INPUT)
@@ -264,4 +276,8 @@ def main() -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except OSError as exc:  # a file or folder that cannot be read or written (permissions, disk full)
+        where = f": {exc.filename}" if exc.filename else ""
+        click.echo(f"error: {exc.strerror or exc}{where}", err=True)
+        sys.exit(ExitCode.BAD_INPUT)
     sys.exit(ExitCode.OK)

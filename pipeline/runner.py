@@ -40,6 +40,17 @@ def build_directory(config: BuildConfig, model: ModelInfo) -> Path:
     return Path("build") / f"{model.name}-{config.target}"
 
 
+def check_build_directory(build_dir: Path) -> None:
+    """A build writes model.onnx, parity.*, manifest.json and replaces tokenizer/ in its directory: never
+    in a folder that holds something else (an --output of `.` or `~` by mistake)."""
+    if build_dir.exists() and not build_dir.is_dir():
+        raise InputError(f"--output {build_dir} is a file; give a folder for the build")
+    markers = (LOCK_FILE, CACHE_DIR, "manifest.json")
+    if build_dir.is_dir() and any(build_dir.iterdir()) and not any((build_dir / m).exists() for m in markers):
+        raise InputError(f"refusing to build into {build_dir}: it is not empty and not a build directory "
+                         f"(no {CACHE_DIR}/ or manifest.json); give a new or empty --output")
+
+
 LOCK_POLL_S = 0.2
 
 
@@ -190,6 +201,7 @@ def run_build(
     model = inspect_model(config.model.path, config.model.task, config.model.trust_remote_code)
     build_dir = build_directory(config, model)
     pipeline_stages = list(stages) if stages is not None else stages_for(config)
+    check_build_directory(build_dir)
     with build_lock(build_dir, progress, timeout=lock_timeout):
         cache = build_dir / CACHE_DIR
         cache.mkdir(parents=True, exist_ok=True)
