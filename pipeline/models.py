@@ -183,7 +183,10 @@ def check_pickled_weights(folder: Path) -> None:
         try:
             torch.load(str(weights), map_location="meta", weights_only=True)
         except pickle.UnpicklingError as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "not a weights-only pickle"
+            # torch's message is a paragraph; the line that names the refused global is the useful one.
+            lines = [line.strip() for line in str(exc).splitlines() if "Unsupported" in line or "GLOBAL" in line]
+            reason = (lines[0].split(". Please")[0] if lines else "not a weights-only pickle").replace(
+                "WeightsUnpickler error: ", "")
             raise InputError(
                 f"refusing {weights}: it is not a plain tensor checkpoint (weights-only loading refused it: {reason}); "
                 "convert the weights to safetensors"
