@@ -267,6 +267,10 @@ def main() -> None:
         if exc.code == 128 + signal.SIGTERM:
             click.echo("terminated", err=True)
         raise
+    except click.UsageError as exc:  # one line, like every other error, with where to read more
+        command = exc.ctx.command_path if exc.ctx else "pipeline"
+        click.echo(f"error: {exc.format_message()} (see '{command} --help')", err=True)
+        sys.exit(ExitCode.BAD_INPUT)
     except click.ClickException as exc:
         exc.show()
         sys.exit(ExitCode.BAD_INPUT)

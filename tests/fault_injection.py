@@ -175,6 +175,14 @@ def run_scenario(reference: Reference, work: Path, run: int, rng: random.Random,
     for attempt in range(kills):
         delay = round(rng.uniform(0.5, duration), 2)
         stage = kill_build_after(build_dir, delay, work / f"run-{run:02d}.kill{attempt}.log")
+        # The first kill must land: a build that finished first is undone and killed earlier.
+        for _ in range(4):
+            if attempt or stage is not None:
+                break
+            shutil.rmtree(build_dir, ignore_errors=True)
+            prepare(reference, build_dir, cold_from)
+            delay = round(rng.uniform(0.5, delay), 2)
+            stage = kill_build_after(build_dir, delay, work / f"run-{run:02d}.kill{attempt}.log")
         result.kills.append(delay)
         result.killed_in.append(stage or "finished")
         if build_dir.is_dir():
@@ -240,8 +248,10 @@ def main(argv: Optional[list[str]] = None) -> int:
               flush=True)
     passed = sum(result.passed for result in results)
     (args.work / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=1) + "\n")
+    landed = sum(stage != "finished" for r in results for stage in r.killed_in)
     print(f"{passed}/{len(results)} runs passed (seed {args.seed}) in {time.perf_counter() - started:.0f}s; "
-          f"{sum(len(r.kills) for r in results)} kills", flush=True)
+          f"{landed} SIGKILLs landed in a running build, "
+          f"{sum(len(r.kills) for r in results) - landed} builds finished before their kill time", flush=True)
     return 0 if passed == len(results) else 1
 
 
