@@ -206,9 +206,7 @@ def bench(artifacts: tuple[str, ...], batches: str, sequences: str, threads: int
 
     resolved = latency.resolve_artifacts(artifacts)
     _quiet_libraries()
-    from transformers import AutoTokenizer
-
-    from pipeline.models import default_model_path
+    from pipeline.models import default_model_path, tokenizer_from
 
     if len(resolved) < 2:
         raise click.UsageError("give at least two artifacts (or one build directory) to compare")
@@ -217,8 +215,6 @@ def bench(artifacts: tuple[str, ...], batches: str, sequences: str, threads: int
         default_model_path(),
     )
     progress = Progress(quiet=quiet)
-    from pipeline.models import tokenizer_from
-
     results = latency.benchmark(resolved, tokenizer_from(folder), _int_list(batches),
                                 _int_list(sequences), threads, runs, warmup, progress)
     baseline = resolved[0].label
