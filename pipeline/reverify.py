@@ -93,7 +93,7 @@ def reverify(
     if candidate is not None:
         if not candidate.is_file():
             raise InputError(f"candidate not found: {candidate}")
-        check_onnx_file(candidate)
+        check_onnx_file(candidate, runnable=True)
     # Under the build's lock from the first read: a build running meanwhile cannot swap files underneath.
     with build_lock(build_dir, progress):
         manifest = read_manifest(build_dir)

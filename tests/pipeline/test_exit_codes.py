@@ -192,6 +192,26 @@ def test_verify_refuses_a_garbage_candidate(default_build, tmp_path: Path) -> No
     assert_one_line_error(result, ExitCode.BAD_INPUT, "garbage.onnx", "not an ONNX model")
 
 
+def _unknown_op_graph(path: Path) -> Path:
+    """A well-formed ONNX file that ONNX Runtime cannot load (an operator nobody defines)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("NoSuchOp", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph), str(path))
+    return path
+
+
+def test_bench_and_verify_refuse_a_graph_onnx_runtime_cannot_load(default_build, tmp_path: Path) -> None:
+    bad = _unknown_op_graph(tmp_path / "unknown-op.onnx")
+    result = run_cli("bench", str(default_build.build_dir / "model.onnx"), str(bad), "--runs", "1", "-q")
+    assert_one_line_error(result, ExitCode.BAD_INPUT, "ONNX Runtime cannot load", "unknown-op.onnx")
+    result = run_cli("verify", str(default_build.build_dir), "--candidate", str(bad), "-o", str(tmp_path / "r"), "-q")
+    assert_one_line_error(result, ExitCode.BAD_INPUT, "ONNX Runtime cannot load", "unknown-op.onnx")
+
+
 def test_verify_refuses_a_candidate_with_other_inputs(default_build, tmp_path: Path) -> None:
     import onnx
     from onnx import TensorProto, helper
