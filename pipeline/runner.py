@@ -161,6 +161,8 @@ def _remove_tree(directory: Path) -> None:
         os.replace(directory, doomed)
     except FileNotFoundError:
         return
+    except OSError:  # cannot rename (a leftover under that name): remove in place
+        doomed = directory
     shutil.rmtree(doomed, ignore_errors=True)
 
 
