@@ -31,6 +31,9 @@ def _pyarrow() -> Any:
 def _batch_samples(batches: Iterable[Any], fields: Fields, path: Path) -> Iterator[Sample]:
     names = fields.names()
     for batch in batches:
+        # Full validation first: pyarrow trusts a stream's offsets and lengths, and a damaged file
+        # crashed the process (SIGSEGV in to_pylist) before this check; now it is an ArrowInvalid.
+        batch.validate(full=True)
         try:
             columns = {name: batch.column(name).to_pylist() for name in names}
         except UnicodeDecodeError:
