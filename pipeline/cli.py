@@ -245,23 +245,30 @@ def calibrate(ctx: click.Context, **flags: Any) -> None:
 calibrate.params.extend(param for param in build.params if param.name != "stop_after")
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    # SIGTERM (a CI job cancelled) unwinds like Ctrl-C, so staging folders are removed on the way out.
-    raise SystemExit(128 + signum)
+def _exit_interrupted(message: str, code: int) -> None:
+    """The finally blocks have run (staging folders removed); skip interpreter shutdown, which can
+    crash (SIGSEGV) when the signal landed while torch or ONNX Runtime was half imported."""
+    click.echo(message, err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main() -> None:
     import signal
 
-    signal.signal(signal.SIGTERM, _terminate)
+    from pipeline.progress import on_signal
+
+    # SIGTERM (a cancelled CI job) unwinds like Ctrl-C, so staging folders are removed on the way out.
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+        _exit_interrupted("interrupted", 130)
     except SystemExit as exc:
         if exc.code == 128 + signal.SIGTERM:
-            click.echo("terminated", err=True)
+            _exit_interrupted("terminated", exc.code)
         raise
     except click.UsageError as exc:  # one line, like every other error, with where to read more
         command = exc.ctx.command_path if exc.ctx else "pipeline"
@@ -274,8 +281,7 @@ def main() -> None:
         click.echo(f"error: {exc.message}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+        _exit_interrupted("interrupted", 130)
     except OSError as exc:  # a file or folder that cannot be read or written (permissions, disk full)
         where = f": {exc.filename}" if exc.filename else ""
         click.echo(f"error: {exc.strerror or exc}{where}", err=True)

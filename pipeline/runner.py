@@ -17,7 +17,7 @@ from pipeline.errors import InputError, LockedError, ParityError, QuantpipeError
 from pipeline.hashing import directory_hashes, stage_key
 from pipeline.manifest import publish_build
 from pipeline.models import ModelInfo, inspect_model
-from pipeline.progress import Progress
+from pipeline.progress import Progress, raise_pending
 from pipeline.reports import append_step_summary
 from pipeline.stages import stages_for
 from pipeline.stages.base import STAGE_RECORD, Stage, StageContext, StageOutput
@@ -82,19 +82,17 @@ def build_lock(build_dir: Path, progress: Progress, wait: bool = True,
                 raise LockedError(f"another build{holder} is running in {build_dir}; "
                                   "wait for it, give --lock-timeout SECONDS, or use another --output") from None
             progress.info(f"another build{holder} holds {build_dir}; waiting for it to finish")
-            if timeout is None:
-                fcntl.flock(handle, fcntl.LOCK_EX)
-            else:
-                deadline = time.monotonic() + timeout
-                while True:
-                    try:
-                        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError:
-                        if time.monotonic() >= deadline:
-                            raise LockedError(f"another build{holder} still holds {build_dir} after waiting "
-                                              f"{timeout:g}s (--lock-timeout); try again later or use another --output") from None
-                        time.sleep(LOCK_POLL_S)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:  # polled, so that Ctrl-C and SIGTERM are honoured while waiting
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise LockedError(f"another build{holder} still holds {build_dir} after waiting "
+                                          f"{timeout:g}s (--lock-timeout); try again later or use another --output") from None
+                    raise_pending()
+                    time.sleep(LOCK_POLL_S)
         try:
             handle.truncate(0)
             handle.write(str(os.getpid()))
