@@ -61,6 +61,7 @@ FLAG_KEYS = {
     "eval_file": "verify.eval_file",
     "precision": "trt.precision",
     "require_engine": "trt.require_engine",
+    "trust_remote_code": "model.trust_remote_code",
 }
 
 
@@ -130,8 +131,13 @@ def cli() -> None:
 @click.option("--force", is_flag=True, help="Run every stage again, ignoring the cache.")
 @click.option("--print-config", is_flag=True, help="Print the effective configuration and exit.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors (for CI).")
+@click.option("--trust-remote-code", is_flag=True, default=None,
+              help="Run Python code shipped in the model folder (auto_map). Only for folders you trust. [default: off]")
+@click.option("--lock-timeout", type=click.FloatRange(min=0), default=None,
+              help="Seconds to wait for another build holding the build directory, then fail with exit 6 "
+                   "(0: fail at once). [default: wait]")
 def build(config_file: Optional[Path], stop_after: Optional[str], force: bool, print_config: bool,
-          quiet: bool, **flags: Any) -> None:
+          quiet: bool, lock_timeout: Optional[float] = None, **flags: Any) -> None:
     """Export, optimize, calibrate, quantize and verify a model.
 
     \b
@@ -161,7 +167,7 @@ def build(config_file: Optional[Path], stop_after: Optional[str], force: bool, p
         check_source(config.calibration)  # a bad data file fails before export runs, not after
 
     progress = Progress(quiet=quiet)
-    result = run_build(config, progress, force=force, stop_after=stop_after)
+    result = run_build(config, progress, force=force, stop_after=stop_after, lock_timeout=lock_timeout)
     reused = [name for name, output in result.outputs.items() if output.reused]
     if not quiet:
         verdict = {True: "parity passed", None: f"stopped after {stop_after}"}[result.passed]
@@ -212,9 +218,7 @@ def bench(artifacts: tuple[str, ...], batches: str, sequences: str, threads: int
 
     resolved = latency.resolve_artifacts(artifacts)
     _quiet_libraries()
-    from transformers import AutoTokenizer
-
-    from pipeline.models import default_model_path
+    from pipeline.models import default_model_path, tokenizer_from
 
     if len(resolved) < 2:
         raise click.UsageError("give at least two artifacts (or one build directory) to compare")
@@ -223,7 +227,7 @@ def bench(artifacts: tuple[str, ...], batches: str, sequences: str, threads: int
         default_model_path(),
     )
     progress = Progress(quiet=quiet)
-    results = latency.benchmark(resolved, AutoTokenizer.from_pretrained(str(folder)), _int_list(batches),
+    results = latency.benchmark(resolved, tokenizer_from(folder), _int_list(batches),
                                 _int_list(sequences), threads, runs, warmup, progress)
     baseline = resolved[0].label
     speedups = latency.ratios(results, baseline)
@@ -256,12 +260,35 @@ def calibrate(ctx: click.Context, **flags: Any) -> None:
 calibrate.params.extend(param for param in build.params if param.name != "stop_after")
 
 
+def _exit_interrupted(message: str, code: int) -> None:
+    """The finally blocks have run (staging folders removed); skip interpreter shutdown, which can
+    crash (SIGSEGV) when the signal landed while torch or ONNX Runtime was half imported."""
+    click.echo(message, err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main() -> None:
+    import signal
+
+    from pipeline.progress import on_signal
+
+    # SIGTERM (a cancelled CI job) unwinds like Ctrl-C, so staging folders are removed on the way out.
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(ExitCode.INTERNAL)
+        _exit_interrupted("interrupted", 130)
+    except SystemExit as exc:
+        if exc.code == 128 + signal.SIGTERM:
+            _exit_interrupted("terminated", exc.code)
+        raise
+    except click.UsageError as exc:  # one line, like every other error, with where to read more
+        command = exc.ctx.command_path if exc.ctx else "pipeline"
+        click.echo(f"error: {exc.format_message()} (see '{command} --help')", err=True)
+        sys.exit(ExitCode.BAD_INPUT)
     except click.ClickException as exc:
         exc.show()
         sys.exit(ExitCode.BAD_INPUT)
@@ -269,6 +296,9 @@ def main() -> None:
         click.echo(f"error: {exc.message}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+        _exit_interrupted("interrupted", 130)
+    except OSError as exc:  # a file or folder that cannot be read or written (permissions, disk full)
+        where = f": {exc.filename}" if exc.filename else ""
+        click.echo(f"error: {exc.strerror or exc}{where}", err=True)
+        sys.exit(ExitCode.BAD_INPUT)
     sys.exit(ExitCode.OK)

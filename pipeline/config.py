@@ -31,7 +31,8 @@ CalibrationMethod = Literal["max", "percentile", "mse"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and infinity are refused: a NaN threshold would make a gate meaningless.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -44,6 +45,11 @@ class ModelConfig(_Strict):
         "*ForSequenceClassification checkpoints, feature-extraction otherwise.",
     )
     opset: int = Field(17, ge=17, le=21, description="ONNX opset of the export.")
+    trust_remote_code: bool = Field(
+        False,
+        description="Run Python code shipped in the model folder (config auto_map). Off: only the "
+        "architectures built into transformers load, and a folder's own code is never imported.",
+    )
 
 
 class CalibrationConfig(_Strict):
@@ -217,14 +223,28 @@ class BuildConfig(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _paths_are_usable(self) -> "BuildConfig":
+        for key, value in (("output_dir", self.output_dir), ("model.path", self.model.path),
+                           ("calibration.source", self.calibration.source), ("verify.eval_file", self.verify.eval_file)):
+            if value is not None and ("\x00" in value or not value.strip()):
+                raise ValueError(f"{key} {value!r} is not a usable path (empty or holding a NUL byte)")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def _printable(text: str) -> str:
+    """Control characters (a newline in a key) escaped, so the error stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _format_validation_error(error: ValidationError, origin: str) -> str:
     problems = []
     for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "<root>"
+        where = _printable(".".join(str(part) for part in item["loc"])) or "<root>"
+        item = {**item, "msg": _printable(str(item["msg"]))}
         if item["type"] == "extra_forbidden":
             problems.append(f"unknown key '{where}'")
         else:
@@ -236,7 +256,12 @@ def read_build_file(path: Path) -> dict[str, Any]:
     """Read a YAML or TOML build file; relative paths in it are resolved against its folder."""
     if not path.is_file():
         raise ConfigError(f"build file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"build file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read build file {path}: {exc.strerror or exc}") from None
     try:
         if path.suffix == ".toml":
             data = tomllib.loads(text)
@@ -246,6 +271,8 @@ def read_build_file(path: Path) -> dict[str, Any]:
             raise ConfigError(f"build file {path} must end in .yaml, .yml or .toml")
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot parse build file {path}: {str(exc).splitlines()[0]}") from None
+    except RecursionError:
+        raise ConfigError(f"cannot parse build file {path}: nested too deeply") from None
     if not isinstance(data, dict):
         raise ConfigError(f"build file {path} must hold a mapping at the top level")
     _resolve_relative_paths(data, path.parent)
@@ -256,13 +283,26 @@ _PATH_KEYS = (("model", "path"), ("calibration", "source"), ("output_dir",), ("v
 
 
 def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
+    """Relative paths are relative to the build file's folder, never to the working directory; `~` is
+    expanded; `..` and symlinks are resolved, so the configuration (and the manifest) records the real
+    location. A build file is trusted like a Makefile: its paths may point anywhere the user can read."""
     for keys in _PATH_KEYS:
         holder: Any = data
         for key in keys[:-1]:
             holder = holder.get(key) if isinstance(holder, dict) else None
         if isinstance(holder, dict) and isinstance(holder.get(keys[-1]), str):
-            value = Path(holder[keys[-1]]).expanduser()
-            holder[keys[-1]] = str(value if value.is_absolute() else (base / value).resolve())
+            raw = holder[keys[-1]]
+            try:
+                value = Path(_check_path_text(raw, ".".join(keys))).expanduser()
+                holder[keys[-1]] = str(value if value.is_absolute() else (base / value).resolve())
+            except (OSError, RuntimeError) as exc:  # a symlink loop, an unknown ~user
+                raise ConfigError(f"'{'.'.join(keys)}': cannot resolve path {raw!r}: {exc}") from None
+
+
+def _check_path_text(value: str, key: str) -> str:
+    if "\x00" in value or not value.strip():
+        raise ConfigError(f"'{key}': {value!r} is not a usable path (empty or holding a NUL byte)")
+    return value
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

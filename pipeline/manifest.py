@@ -43,17 +43,40 @@ def _place(source: Path, target: Path) -> None:
 
 
 def _place_tree(source: Path, target: Path, ignore: tuple[str, ...] = ()) -> None:
+    """Copy a folder beside the target and swap it in; an identical folder is left alone. The old
+    folder is renamed to a `.*.tmp` name before the new one takes its place, so a kill in between
+    leaves no half-copied folder under the real name, only leftovers the next build removes."""
+    from pipeline.hashing import directory_hashes
+
     temporary = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
+    retired = target.with_name(f".{target.name}.old.tmp")
+    for leftover in (temporary, retired):
+        shutil.rmtree(leftover, ignore_errors=True)
     shutil.copytree(source, temporary, ignore=shutil.ignore_patterns(*ignore) if ignore else None)
-    shutil.rmtree(target, ignore_errors=True)
+    if target.is_dir() and not target.is_symlink() and directory_hashes(target) == directory_hashes(temporary):
+        shutil.rmtree(temporary)
+        return
+    _remove(target, retired)
     os.replace(temporary, target)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def _remove(target: Path, retired: Path) -> None:
+    if target.is_dir() and not target.is_symlink():
+        os.replace(target, retired)
+    elif target.exists() or target.is_symlink():
+        target.unlink()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write beside the target and rename over it: a reader sees the old file or the new one."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def publish_build(
@@ -66,6 +89,9 @@ def publish_build(
     """Move the final artifacts into the build directory; return the parity verdict (None: no verify)."""
     verify = outputs.get("verify")
     passed: Optional[bool] = None if verify is None else bool(verify.metrics.get("passed"))
+    # The old manifest goes first: while artifacts are swapped, and if the build is killed before the
+    # new manifest is written, the directory has no manifest and cannot pass for a finished build.
+    (build_dir / "manifest.json").unlink(missing_ok=True)
     artifacts: dict[str, str] = {}
     models = TRT_MODEL_ARTIFACTS if config.target == "trt" else MODEL_ARTIFACTS
     for name, (stage, file) in {**models, **REPORT_ARTIFACTS}.items():
@@ -78,11 +104,17 @@ def publish_build(
             target.unlink()  # a stale artifact of an earlier build must not look like this build's
     if passed and "export" in outputs:
         _place_tree(outputs["export"].path("tokenizer"), build_dir / "tokenizer")
+        artifacts.update({name: digest for name, digest in sorted(outputs["export"].files.items())
+                          if name.startswith("tokenizer/")})
+    else:
+        _remove(build_dir / "tokenizer", build_dir / ".tokenizer.old.tmp")
+        shutil.rmtree(build_dir / ".tokenizer.old.tmp", ignore_errors=True)
     if passed and "bundle" in outputs:
         _place_tree(outputs["bundle"].directory, build_dir / TRT_BUNDLE_DIR, ignore=("stage.json",))
         artifacts[f"{TRT_BUNDLE_DIR}/"] = outputs["bundle"].content_hash
-    elif (build_dir / TRT_BUNDLE_DIR).exists():
-        shutil.rmtree(build_dir / TRT_BUNDLE_DIR)
+    else:
+        _remove(build_dir / TRT_BUNDLE_DIR, build_dir / f".{TRT_BUNDLE_DIR}.old.tmp")
+        shutil.rmtree(build_dir / f".{TRT_BUNDLE_DIR}.old.tmp", ignore_errors=True)
     status = {None: "incomplete", True: "passed", False: "parity_failed"}[passed]
     manifest = {
         "schema_version": MANIFEST_SCHEMA_VERSION,

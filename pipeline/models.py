@@ -58,6 +58,7 @@ class ModelInfo:
     architecture: Architecture
     task: TaskSpec
     normalize_embeddings: bool
+    trust_remote_code: bool = False  # import Python code shipped in the folder (config auto_map)
 
     @property
     def num_heads(self) -> int:
@@ -78,7 +79,7 @@ def default_model_path() -> Path:
     return Path(package.get_model_path())
 
 
-def inspect_model(path: str | None, task: str | None) -> ModelInfo:
+def inspect_model(path: str | None, task: str | None, trust_remote_code: bool = False) -> ModelInfo:
     """Check a local Hugging Face model folder and decide what to export, without loading weights."""
     folder = Path(path) if path else default_model_path()
     if not folder.exists():
@@ -92,6 +93,11 @@ def inspect_model(path: str | None, task: str | None) -> ModelInfo:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{config_file} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{config_file} must hold a JSON object, not a {type(config).__name__}")
+    for key in ("num_attention_heads", "n_heads", "hidden_size", "dim"):
+        if key in config and (not isinstance(config[key], int) or isinstance(config[key], bool) or config[key] < 1):
+            raise InputError(f"{config_file}: '{key}' must be a positive whole number, got {config[key]!r}")
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         raise InputError(f"{folder} holds no weights (*.safetensors or *.bin)")
     model_type = config.get("model_type")
@@ -112,6 +118,7 @@ def inspect_model(path: str | None, task: str | None) -> ModelInfo:
         architecture=ARCHITECTURES[model_type],
         task=TASKS[task],
         normalize_embeddings=_has_normalize_module(folder),
+        trust_remote_code=trust_remote_code,
     )
 
 
@@ -146,10 +153,46 @@ def folder_fingerprint(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def load_tokenizer(info: ModelInfo) -> Any:
+def tokenizer_from(folder: Path, trust_remote_code: bool = False) -> Any:
+    """AutoTokenizer of a local folder; a folder's own tokenizer code runs only with trust_remote_code."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(info.path), trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot load the tokenizer of {info.path}: {str(exc).splitlines()[0]}") from None
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except Exception as exc:  # OSError, ValueError, the tokenizers library's own parse errors: bad input
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"cannot load the tokenizer of {folder}: {message}") from None
+
+
+def load_tokenizer(info: ModelInfo) -> Any:
+    return tokenizer_from(info.path, info.trust_remote_code)
+
+
+def check_pickled_weights(folder: Path) -> None:
+    """Refuse pickled `.bin` weights that hold anything but tensors, before transformers sees them.
+
+    transformers 5 already loads `.bin` files with `torch.load(weights_only=True)` (and refuses
+    torch < 2.6); this check does the same with torch's weights-only unpickler on its own, onto the
+    meta device (no tensor data is read), so the guarantee does not hang on a library default.
+    """
+    import pickle
+
+    import torch
+
+    # The files transformers loads (pytorch_model.bin and its shards); training_args.bin and the like
+    # are never unpickled.
+    for weights in sorted(folder.glob("pytorch_model*.bin")):
+        try:
+            torch.load(str(weights), map_location="meta", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            # torch's message is a paragraph; the line that names the refused global is the useful one.
+            lines = [line.strip() for line in str(exc).splitlines() if "Unsupported" in line or "GLOBAL" in line]
+            reason = (lines[0].split(". Please")[0] if lines else "not a weights-only pickle").replace(
+                "WeightsUnpickler error: ", "")
+            raise InputError(
+                f"refusing {weights}: it is not a plain tensor checkpoint (weights-only loading refused it: {reason}); "
+                "convert the weights to safetensors"
+            ) from None
+        except Exception as exc:  # truncated zip, not a torch file at all
+            raise InputError(f"{weights} is not a readable PyTorch checkpoint ({type(exc).__name__}: "
+                             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None

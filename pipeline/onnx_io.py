@@ -28,3 +28,30 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
         )
     else:
         onnx.save_model(model, str(path))
+
+
+def check_onnx_file(path: Path, runnable: bool = False) -> None:
+    """Refuse, with one line (InputError), a file that is not an ONNX model: garbage bytes, an empty or
+    truncated file, a protobuf without a graph; with runnable=True also one ONNX Runtime cannot load.
+
+    Not onnx.checker: it rejects ONNX Runtime's fused contrib ops in our own optimized graphs."""
+    from pipeline.errors import InputError
+
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends: the bytes are not an ONNX model
+        raise InputError(f"{path} is not an ONNX model ({type(exc).__name__}: {_first_line(exc)})") from None
+    if not model.graph.node or not model.graph.output:
+        raise InputError(f"{path} is not an ONNX model (no graph: empty, truncated or another kind of file)")
+    if runnable:
+        from engines.onnxruntime_cpu import create_session
+
+        try:
+            create_session(path, threads=1, optimization="disable")
+        except Exception as exc:  # ONNX Runtime's Fail / InvalidGraph / NotImplemented
+            raise InputError(f"ONNX Runtime cannot load {path}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -44,12 +44,11 @@ def _labelled_outputs(inputs: ParityInputs, config: BuildConfig, model: ModelInf
         return None, None, None
     if model.task.name != "text-classification":
         raise InputError(f"verify.eval_file applies to text-classification models, not {model.task.name}")
-    from transformers import AutoTokenizer
-
     from pipeline.eval_data import read_labelled
+    from pipeline.models import tokenizer_from
 
     texts, labels = read_labelled(Path(eval_file), model.config)
-    tokenizer = AutoTokenizer.from_pretrained(str(inputs.tokenizer))
+    tokenizer = tokenizer_from(inputs.tokenizer, model.trust_remote_code)
     batches = to_batches(texts, tokenizer, model.architecture.input_names,
                          config.calibration.batch_size, config.calibration.max_length)
     progress.info(f"labelled evaluation: {len(texts)} samples from {eval_file}")

@@ -31,6 +31,9 @@ def _pyarrow() -> Any:
 def _batch_samples(batches: Iterable[Any], fields: Fields, path: Path) -> Iterator[Sample]:
     names = fields.names()
     for batch in batches:
+        # Full validation first: pyarrow trusts a stream's offsets and lengths, and a damaged file
+        # crashed the process (SIGSEGV in to_pylist) before this check; now it is an ArrowInvalid.
+        batch.validate(full=True)
         try:
             columns = {name: batch.column(name).to_pylist() for name in names}
         except UnicodeDecodeError:
@@ -58,14 +61,24 @@ def _check_schema(schema: Any, fields: Fields, where: str) -> None:
             raise missing_field_error(name, where, list(schema.names))
 
 
+def _unreadable(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
 def _parquet_samples(fields: Fields, path: Path) -> Iterator[Sample]:
     pa = _pyarrow()
+    # A damaged file can fail while opening or in any later batch, with Arrow's own errors, an OSError
+    # (thrift), or a UnicodeDecodeError (column names): every one of them is a bad data file.
+    damaged = (pa.lib.ArrowException, OSError, UnicodeDecodeError, ValueError, IndexError, KeyError, TypeError)
     try:
         parquet = pa.parquet.ParquetFile(str(path))
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(f"{path} is not a readable Parquet file ({str(exc).splitlines()[0]})") from None
-    _check_schema(parquet.schema_arrow, fields, f"the Parquet schema of {path}")
-    yield from _batch_samples(parquet.iter_batches(batch_size=ROWS_PER_BATCH, columns=fields.names()), fields, path)
+        _check_schema(parquet.schema_arrow, fields, f"the Parquet schema of {path}")
+        yield from _batch_samples(parquet.iter_batches(batch_size=ROWS_PER_BATCH, columns=fields.names()), fields, path)
+    except InputError:
+        raise
+    except damaged as exc:
+        raise InputError(f"{path} is not a readable Parquet file ({_unreadable(exc)})") from None
 
 
 def parquet_source(path: Path, fields: Fields) -> SampleSource:
@@ -79,8 +92,10 @@ def _arrow_stream_samples(fields: Fields, path: Path) -> Iterator[Sample]:
             reader = pa.ipc.open_stream(mapped)
             _check_schema(reader.schema, fields, f"the saved dataset {path.parent}")
             yield from _batch_samples(reader, fields, path)
-    except pa.ArrowInvalid as exc:
-        raise InputError(f"{path} is not an Arrow stream written by save_to_disk ({str(exc).splitlines()[0]})") from None
+    except InputError:
+        raise
+    except (pa.lib.ArrowException, OSError, UnicodeDecodeError, ValueError, IndexError, KeyError, TypeError) as exc:
+        raise InputError(f"{path} is not an Arrow stream written by save_to_disk ({_unreadable(exc)})") from None
 
 
 def dataset_source(folder: Path, fields: Fields) -> SampleSource:
@@ -96,6 +111,10 @@ def dataset_source(folder: Path, fields: Fields) -> SampleSource:
         files = tuple(folder / entry["filename"] for entry in state["_data_files"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{folder} is not a folder written by save_to_disk (state.json: {exc})") from None
+    root = folder.resolve()
+    escaping = [str(path) for path in files if not path.resolve().is_relative_to(root)]
+    if escaping:  # state.json is data: it must not make the build read (and record) files elsewhere
+        raise InputError(f"saved dataset {folder} lists files outside its folder: {', '.join(escaping)}")
     missing = [str(path) for path in files if not path.is_file()]
     if missing:
         raise InputError(f"saved dataset {folder} lists files that are missing: {', '.join(missing)}")

@@ -48,9 +48,9 @@ def finetuned_classifier(train: LabelledSentences, cache: Path, progress: Progre
 
     torch.manual_seed(recipe.seed)
     base = default_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    tokenizer = AutoTokenizer.from_pretrained(str(base), trust_remote_code=False)
     model = AutoModelForSequenceClassification.from_pretrained(
-        str(base), num_labels=2, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1}
+        str(base), trust_remote_code=False, num_labels=2, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1}
     )
     order = torch.randperm(len(train.texts), generator=torch.Generator().manual_seed(recipe.seed)).tolist()
     steps = recipe.epochs * ((len(order) + recipe.batch_size - 1) // recipe.batch_size)

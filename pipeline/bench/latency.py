@@ -8,6 +8,7 @@ ratio of medians is what the comparison reports.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -18,6 +19,7 @@ import numpy as np
 
 from engines.onnxruntime_cpu import create_session
 from pipeline.errors import InputError
+from pipeline.onnx_io import check_onnx_file
 from pipeline.progress import Progress
 
 
@@ -49,8 +51,11 @@ def resolve_artifacts(paths: Sequence[str]) -> list[Artifact]:
             missing = [str(p) for _, p in pair if not p.is_file()]
             if missing:
                 raise InputError(f"{path} is not a finished build directory (missing {', '.join(missing)})")
+            for _, file in pair:
+                check_onnx_file(file)
             artifacts += [Artifact(f"{path.name}:{label}", file) for label, file in pair]
         elif path.is_file():
+            check_onnx_file(path)
             artifacts.append(Artifact(path.name, path))
         else:
             raise InputError(f"no such artifact: {path}")
@@ -91,7 +96,13 @@ def benchmark(
     warmup: int,
     progress: Progress,
 ) -> list[Measurement]:
-    sessions = [create_session(a.path, threads=threads) for a in artifacts]
+    sessions = []
+    for artifact in artifacts:
+        try:
+            sessions.append(create_session(artifact.path, threads=threads))
+        except Exception as exc:  # ONNX Runtime's Fail/InvalidGraph/NotImplemented: a graph it cannot run
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"ONNX Runtime cannot load {artifact.path}: {message}") from None
     input_names = [i.name for i in sessions[0].get_inputs()]
     results: list[Measurement] = []
     for batch in batches:
@@ -150,12 +161,19 @@ def machine() -> dict[str, Any]:
 
 def write_results(out: Path, results: Sequence[Measurement], speedups: dict[str, Any], baseline: str,
                   threads: int) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    from pipeline.manifest import write_text_atomic
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot write the benchmark results to {out}: {exc.strerror or exc}") from None
     payload = {"threads": threads, "baseline": baseline, "machine": machine(),
                "results": [asdict(m) for m in results], "speedup_p50": speedups}
-    (out / "bench.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    (out / "bench.md").write_text(render_table(results, speedups, baseline), encoding="utf-8")
-    plot(results, out / "bench.png")
+    write_text_atomic(out / "bench.json", json.dumps(payload, indent=2) + "\n")
+    write_text_atomic(out / "bench.md", render_table(results, speedups, baseline))
+    temporary = out / ".bench.png.tmp"
+    plot(results, temporary)
+    os.replace(temporary, out / "bench.png")
 
 
 def plot(results: Sequence[Measurement], path: Path) -> None:
@@ -177,5 +195,5 @@ def plot(results: Sequence[Measurement], path: Path) -> None:
     axis.set_ylabel("p50 latency (ms)")
     axis.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=100, format="png")
     plt.close(figure)

