@@ -63,6 +63,8 @@ def publish_build(
     passed: Optional[bool] = None if verify is None else bool(verify.metrics.get("passed"))
     artifacts: dict[str, str] = {}
     for name, (stage, file) in {**MODEL_ARTIFACTS, **REPORT_ARTIFACTS}.items():
+        if name == "model.fp32.onnx" and "optimize" not in outputs:
+            stage = "export"  # decoder LLM builds have no optimize stage: the export is the FP32 baseline
         target = build_dir / name
         is_report = name in REPORT_ARTIFACTS
         if stage in outputs and (is_report or passed):

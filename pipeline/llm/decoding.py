@@ -5,11 +5,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from engines.onnxruntime_cpu import create_session
+from pipeline.errors import InputError
 from pipeline.llm.kv_export import LOGITS
 
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
@@ -22,6 +23,8 @@ class KVDecoder:
         self.session = create_session(model_path, threads)
         inputs = {item.name: item for item in self.session.get_inputs()}
         self.past_names = [name for name in inputs if name.startswith(PAST_PREFIX)]
+        if not self.past_names:
+            raise InputError(f"{model_path} has no past_key_values inputs: not a decoder LLM exported with a KV cache")
         first = inputs[self.past_names[0]].shape
         self.kv_heads, self.head_dim = int(first[1]), int(first[3])
         self.output_names = [LOGITS] + [PRESENT_PREFIX + name[len(PAST_PREFIX):] for name in self.past_names]
@@ -125,14 +128,3 @@ def perplexity(decoder: KVDecoder, sequences: Sequence[np.ndarray]) -> float:
     return float(np.exp(-total / max(count, 1)))
 
 
-def stream_text(tokenizer: object, tokens: Iterator[int]) -> Iterator[str]:
-    """Decode incrementally: yield only the new characters each token adds (multi-byte pieces stay whole)."""
-    seen: list[int] = []
-    printed = ""
-    for token in tokens:
-        seen.append(token)
-        text = tokenizer.decode(seen, skip_special_tokens=True)  # type: ignore[attr-defined]
-        if text.endswith("\ufffd"):
-            continue
-        yield text[len(printed):]
-        printed = text
