@@ -77,8 +77,8 @@ def _inc_quantize(fp32: Path, algorithm: Algorithm, block_size: int, symmetric: 
     else:
         quant_config = config.AWQConfig(**common)
         entry = algorithm_entry.awq_quantize_entry
-    if exclude:
-        quant_config.set_local(list(exclude), type(quant_config)(weight_dtype="fp32"))
+    for name in exclude:  # set_local takes one operator name at a time
+        quant_config.set_local(name, type(quant_config)(weight_dtype="fp32"))
     result = entry(str(fp32), quant_config, reader)
     return result.model if hasattr(result, "model") else result
 

@@ -47,11 +47,19 @@ class CacheLayout:
 INPUT_NAMES = ["input_ids", "attention_mask", "position_ids"]
 
 
+def cache_keyword(model: Any) -> str:
+    """transformers 5.24 renamed `past_key_values` to `cache` (the old name warns until 5.40)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def build_kv_module(model: Any) -> Any:
     import torch
     from transformers import DynamicCache
 
     layers = model.config.num_hidden_layers
+    keyword = cache_keyword(model)
 
     class CausalLMWithCache(torch.nn.Module):
         def __init__(self) -> None:
@@ -64,8 +72,8 @@ def build_kv_module(model: Any) -> Any:
             for layer in range(layers):
                 cache.update(past[2 * layer], past[2 * layer + 1], layer)
             result = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                past_key_values=cache, use_cache=True)
-            present = result.past_key_values
+                                use_cache=True, **{keyword: cache})
+            present = cache
             flat: list[torch.Tensor] = []
             for layer in range(layers):
                 flat += [present.layers[layer].keys, present.layers[layer].values]

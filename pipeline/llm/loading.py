@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +49,11 @@ def load_llm(path: Path) -> Any:
 
     location, extra = _from_pretrained_arguments(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            location, attn_implementation="eager", dtype="float32", trust_remote_code=False, **extra
-        )
+        # The GGUF de-quantizer draws a tqdm bar of its own on stderr, outside transformers' logging switch.
+        with contextlib.redirect_stderr(io.StringIO()):
+            model = AutoModelForCausalLM.from_pretrained(
+                location, attn_implementation="eager", dtype="float32", trust_remote_code=False, **extra
+            )
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise InputError(f"cannot load the language model {path}: {str(exc).splitlines()[0]}") from None
     return model.eval()

@@ -40,18 +40,21 @@ def torch_reference(model: Any, prompt_ids: list[int], steps: int) -> tuple[list
     import torch
     from transformers import DynamicCache
 
+    from pipeline.llm.kv_export import cache_keyword
+
     cache = DynamicCache()
+    keyword = {cache_keyword(model): cache}
     ids = torch.tensor([prompt_ids])
     logits_per_step, tokens = [], []
     with torch.inference_mode():
         mask = torch.ones_like(ids)
-        result = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        result = model(input_ids=ids, attention_mask=mask, use_cache=True, **keyword)
         logits_per_step.append(result.logits[0].numpy())
         for _ in range(steps):
             token = int(result.logits[0, -1].argmax())
             tokens.append(token)
             mask = torch.cat([mask, torch.ones((1, 1), dtype=mask.dtype)], dim=1)
-            result = model(input_ids=torch.tensor([[token]]), attention_mask=mask, past_key_values=cache, use_cache=True)
+            result = model(input_ids=torch.tensor([[token]]), attention_mask=mask, use_cache=True, **keyword)
             logits_per_step.append(result.logits[0].numpy())
     return logits_per_step, tokens
 
