@@ -13,6 +13,7 @@ from pipeline.stages.base import Stage, StageContext
 
 class LlmQuantizeStage(Stage):
     name = "quantize"
+    version = 2  # MatMulNBits accuracy_level 4
     outputs = ("model.onnx",)
 
     def depends_on(self, config: BuildConfig) -> tuple[str, ...]:
