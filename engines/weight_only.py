@@ -20,6 +20,7 @@ import onnx
 from onnx import numpy_helper
 
 from pipeline.errors import InputError
+from engines.neural_compressor import name_all_nodes
 from pipeline.onnx_io import save_model
 
 Algorithm = Literal["rtn", "gptq", "awq"]
@@ -84,7 +85,15 @@ def _inc_quantize(fp32: Path, algorithm: Algorithm, block_size: int, symmetric: 
         entry = algorithm_entry.awq_quantize_entry
     for name in exclude:  # set_local takes one operator name at a time
         quant_config.set_local(name, type(quant_config)(weight_dtype="fp32"))
-    result = entry(str(fp32), quant_config, reader)
+    # Its graph info is keyed by node name: the unnamed Constants of onnx's version converter would collide
+    # and be dropped (their outputs then dangle), so name every node first.
+    with tempfile.TemporaryDirectory(prefix="quantpipe-inc-") as scratch:
+        named = onnx.load(str(fp32))
+        name_all_nodes(named)
+        prepared = Path(scratch) / "named.onnx"
+        save_model(named, prepared)
+        del named
+        result = entry(str(prepared), quant_config, reader)
     return result.model if hasattr(result, "model") else result
 
 

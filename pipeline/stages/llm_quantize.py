@@ -13,7 +13,7 @@ from pipeline.stages.base import Stage, StageContext
 
 class LlmQuantizeStage(Stage):
     name = "quantize"
-    version = 2  # MatMulNBits accuracy_level 4
+    version = 3  # nodes named before Neural Compressor
     outputs = ("model.onnx",)
 
     def depends_on(self, config: BuildConfig) -> tuple[str, ...]:
