@@ -91,8 +91,6 @@ def test_llm_parity_perplexity_and_greedy_agreement_on_held_out_text(llm_stages)
     prompts = [tokenizer(p).input_ids for p in json.loads(calibrate.path("prompts.json").read_text())[:3]]
     heldout = load_chunks(calibrate.path("heldout.safetensors"))[:4]
     fp32 = llm_stages["export"].path("model.onnx")
-    same = llm_parity(fp32, fp32, heldout[:1], prompts[:1])["metrics"]
-    assert same["perplexity_increase"] == 0.0 and same["greedy_token_agreement"] == 1.0
     metrics = llm_parity(fp32, llm_stages["quantize"].path("model.onnx"), heldout, prompts)["metrics"]
     assert 1.0 < metrics["perplexity_reference"] < 100.0
     assert metrics["perplexity_candidate"] != metrics["perplexity_reference"]  # 4-bit weights do change the model
