@@ -24,7 +24,7 @@ from engines.neural_compressor import name_all_nodes
 from pipeline.onnx_io import save_model
 
 Algorithm = Literal["rtn", "gptq", "awq"]
-Precision = Literal["fp32", "int8", "int4"]
+Precision = Literal["fp32", "int8", "int4"]  # embeddings: fp32 or int4 (ORT 1.32 quantizes Gather to 4 bits only)
 BITS = {"int8": 8, "int4": 4}
 # MatMulNBits accuracy_level 4: int8 activations in the kernel. Measured on 2 cores, RTN 4-bit decode was
 # 2.5x slower than FP32 at level 0 (FP32 compute, weights de-quantized per call) and 2.7x faster at level 4.
@@ -65,6 +65,9 @@ def _ort_quantize(model: onnx.ModelProto, bits: int, block_size: int, symmetric:
     )
     quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=list(exclude), nodes_to_include=list(include) if include else None,
                                      algo_config=config)
+    # It logs an ERROR for every non-constant Gather it is offered and cannot quantize (the shape Gathers).
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.CRITICAL)
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.CRITICAL)
     quantizer.process()
     return quantizer.model.model
 

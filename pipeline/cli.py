@@ -97,7 +97,7 @@ def cli() -> None:
               help="LLM weight-only bits (8: rtn only). [default: 4]")
 @click.option("--block-size", type=int, help="LLM weight-only block size (power of two). [default: 32]")
 @click.option("--lm-head", type=click.Choice(["fp32", "int8", "int4"]), help="LLM lm_head precision. [default: int8]")
-@click.option("--embeddings", type=click.Choice(["fp32", "int8", "int4"]),
+@click.option("--embeddings", type=click.Choice(["fp32", "int4"]),
               help="LLM token-embedding precision. [default: int4]")
 @click.option("--max-perplexity-increase", type=float, help="LLM parity gate: relative perplexity increase. [default: 0.08]")
 @click.option("--min-token-agreement", type=float, help="LLM parity gate: greedy token agreement. [default: not gated]")

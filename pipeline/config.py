@@ -100,8 +100,9 @@ class QuantizationConfig(_Strict):
     block_size: int = Field(32, ge=16, le=256, description="Weight-only: weights per quantization block (power of two).")
     symmetric: bool = Field(True, description="Weight-only: symmetric blocks (no zero points).")
     lm_head: WeightPrecision = Field("int8", description="Weight-only: precision of the lm_head MatMul.")
-    embeddings: WeightPrecision = Field(
-        "int4", description="Weight-only: precision of the token embedding (int4/int8: GatherBlockQuantized)."
+    embeddings: Literal["fp32", "int4"] = Field(
+        "int4", description="Weight-only: precision of the token embedding (int4: GatherBlockQuantized; "
+        "ONNX Runtime 1.32's quantizer has no 8-bit Gather)."
     )
     per_channel: bool = Field(True, description="Per-output-channel weight scales.")
     exclude: list[str] = Field(
