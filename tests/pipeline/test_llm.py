@@ -62,19 +62,27 @@ def test_decoding_with_the_cache_gives_the_same_tokens_as_without(llm_stages) ->
 
     tokenizer = AutoTokenizer.from_pretrained(str(llm_stages["export"].path("tokenizer")))
     prompts = json.loads(llm_stages["calibrate"].path("prompts.json").read_text())[:2]
-    # FP32: the logits agree too. 4-bit: MatMulNBits quantizes activations to int8 inside its kernel, and
-    # its one-row (decode) and many-row (whole text) kernels round differently (measured up to 0.88).
-    for model, logits_tolerance in ((llm_stages["export"].path("model.onnx"), 1e-3),
-                                    (llm_stages["quantize"].path("model.onnx"), 2.0)):
-        with KVDecoder(model) as decoder:
-            for prompt in prompts:
-                ids = tokenizer(prompt).input_ids
-                cached = generate(decoder, ids, 16, keep_logits=True)
-                uncached = generate(decoder, ids, 16, use_cache=False, keep_logits=True)
-                assert cached.tokens == uncached.tokens
-                assert len(cached.tokens) == 16
-                difference = max(np.abs(a - b).max() for a, b in zip(cached.step_logits, uncached.step_logits))
-                assert difference < logits_tolerance
+    with KVDecoder(llm_stages["export"].path("model.onnx")) as decoder:
+        for prompt in prompts:
+            ids = tokenizer(prompt).input_ids
+            cached = generate(decoder, ids, 16, keep_logits=True)
+            uncached = generate(decoder, ids, 16, use_cache=False, keep_logits=True)
+            assert cached.tokens == uncached.tokens and len(cached.tokens) == 16
+            assert max(np.abs(a - b).max() for a, b in zip(cached.step_logits, uncached.step_logits)) < 1e-3
+    # 4-bit: MatMulNBits quantizes activations to int8 inside its kernel, and its one-row (decode) and
+    # many-row (whole text) kernels round differently (measured 0.4-0.9 on the logits), so a near tie
+    # can flip. Where the two paths part, the cached path's choice must have been a near tie.
+    with KVDecoder(llm_stages["quantize"].path("model.onnx")) as decoder:
+        for prompt in prompts:
+            ids = tokenizer(prompt).input_ids
+            cached = generate(decoder, ids, 16, keep_logits=True)
+            uncached = generate(decoder, ids, 16, use_cache=False, keep_logits=True)
+            for step, (a, b) in enumerate(zip(cached.tokens, uncached.tokens)):
+                if a != b:
+                    logits = cached.step_logits[step]
+                    assert logits[a] - logits[b] < 2.0, (step, logits[a] - logits[b])
+                    break
+                assert np.abs(cached.step_logits[step] - uncached.step_logits[step]).max() < 2.0
 
 
 def test_rtn_4bit_file_is_at_most_a_fifth_of_fp32(llm_stages) -> None:
