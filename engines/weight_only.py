@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, StageError
 from engines.neural_compressor import name_all_nodes
 from pipeline.onnx_io import save_model
 
@@ -97,7 +97,24 @@ def _inc_quantize(fp32: Path, algorithm: Algorithm, block_size: int, symmetric: 
         save_model(named, prepared)
         del named
         result = entry(str(prepared), quant_config, reader)
-    return result.model if hasattr(result, "model") else result
+        quantized = result.model if hasattr(result, "model") else result
+        restore_dropped_constants(quantized, onnx.load(str(prepared), load_external_data=False))
+    return quantized
+
+
+def restore_dropped_constants(model: onnx.ModelProto, original: onnx.ModelProto) -> int:
+    """Neural Compressor's GPTQ/AWQ drop a few Constant nodes (their consumers' inputs then dangle, seen
+    on the SmolLM2 export even with every node named): put the original Constants back."""
+    available = ({o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+                 | {i.name for i in model.graph.initializer})
+    missing = {name for node in model.graph.node for name in node.input if name and name not in available}
+    producers = {o: n for n in original.graph.node for o in n.output}
+    lost = [name for name in missing if name not in producers or producers[name].op_type != "Constant"]
+    if lost:
+        raise StageError("quantize", f"the quantized graph lost the producers of {', '.join(sorted(lost)[:3])}")
+    for position, name in enumerate(sorted(missing)):
+        model.graph.node.insert(position, producers[name])
+    return len(missing)
 
 
 def quantize_weight_only(fp32: Path, target: Path, algorithm: Algorithm, bits: int, block_size: int,

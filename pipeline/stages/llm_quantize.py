@@ -13,7 +13,7 @@ from pipeline.stages.base import Stage, StageContext
 
 class LlmQuantizeStage(Stage):
     name = "quantize"
-    version = 3  # nodes named before Neural Compressor
+    version = 4  # Constants dropped by Neural Compressor restored
     outputs = ("model.onnx",)
 
     def depends_on(self, config: BuildConfig) -> tuple[str, ...]:
