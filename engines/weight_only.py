@@ -103,8 +103,8 @@ def _inc_quantize(fp32: Path, algorithm: Algorithm, block_size: int, symmetric: 
 
 
 def restore_dropped_constants(model: onnx.ModelProto, original: onnx.ModelProto) -> int:
-    """Neural Compressor's GPTQ/AWQ drop a few Constant nodes (their consumers' inputs then dangle, seen
-    on the SmolLM2 export even with every node named): put the original Constants back."""
+    """Neural Compressor's weight-only algorithms (RTN, GPTQ, AWQ alike) drop a few Constant nodes (their
+    consumers' inputs then dangle; 8 on the SmolLM2 export, even with every node named): put them back."""
     available = ({o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
                  | {i.name for i in model.graph.initializer})
     missing = {name for node in model.graph.node for name in node.input if name and name not in available}
