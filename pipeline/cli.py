@@ -158,6 +158,11 @@ def build(config_file: Optional[Path], stop_after: Optional[str], force: bool, p
 
         effective = config.to_dict()
         effective["model"]["path"] = effective["model"]["path"] or str(default_model_path())
+        if config.model.path is None and (config.model.task == "text-generation"
+                                          or config.quantization.mode in ("rtn", "gptq", "awq")):
+            from pipeline.llm.loading import smollm2_gguf
+
+            effective["model"]["path"] = str(smollm2_gguf())
         click.echo(yaml.safe_dump(effective, sort_keys=False), nl=False)
         return
     _quiet_libraries()
