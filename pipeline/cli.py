@@ -62,6 +62,12 @@ FLAG_KEYS = {
     "precision": "trt.precision",
     "require_engine": "trt.require_engine",
     "trust_remote_code": "model.trust_remote_code",
+    "weight_bits": "quantization.weight_bits",
+    "block_size": "quantization.block_size",
+    "lm_head": "quantization.lm_head",
+    "embeddings": "quantization.embeddings",
+    "max_perplexity_increase": "verify.max_perplexity_increase",
+    "min_token_agreement": "verify.min_token_agreement",
 }
 
 
@@ -85,11 +91,20 @@ def cli() -> None:
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Build file (YAML or TOML). Flags given on the command line override it.")
 @click.option("--target", type=click.Choice(["cpu", "trt"]), help="Deployment target. [default: cpu]")
-@click.option("--model", type=str, help="Local Hugging Face model folder. [default: bundled all-MiniLM-L6-v2]")
-@click.option("--task", type=click.Choice(["feature-extraction", "text-classification"]),
+@click.option("--model", type=str, help="Local Hugging Face model folder, or a GGUF file (decoder LLMs). [default: bundled all-MiniLM-L6-v2]")
+@click.option("--task", type=click.Choice(["feature-extraction", "text-classification", "text-generation"]),
               help="What the graph computes. [default: from the checkpoint]")
 @click.option("--output", "-o", type=str, help="Build directory. [default: build/<model>-<target>]")
-@click.option("--quant", type=click.Choice(["static", "dynamic"]), help="INT8 scheme. [default: dynamic]")
+@click.option("--quant", type=click.Choice(["static", "dynamic", "rtn", "gptq", "awq"]),
+              help="INT8 scheme (encoders), or weight-only rtn/gptq/awq (decoder LLMs). [default: dynamic]")
+@click.option("--weight-bits", type=click.Choice(["4", "8"]), callback=lambda c, p, v: int(v) if v else None,
+              help="LLM weight-only bits (8: rtn only). [default: 4]")
+@click.option("--block-size", type=int, help="LLM weight-only block size (power of two). [default: 32]")
+@click.option("--lm-head", type=click.Choice(["fp32", "int8", "int4"]), help="LLM lm_head precision. [default: int8]")
+@click.option("--embeddings", type=click.Choice(["fp32", "int4"]),
+              help="LLM token-embedding precision. [default: int4]")
+@click.option("--max-perplexity-increase", type=float, help="LLM parity gate: relative perplexity increase. [default: 0.08]")
+@click.option("--min-token-agreement", type=float, help="LLM parity gate: greedy token agreement. [default: not gated]")
 @click.option("--per-channel/--per-tensor", default=None, help="Weight scales per output channel. [default: per-channel]")
 @click.option("--exclude", multiple=True, help="Op type or node name to keep in FP32 (repeatable).")
 @click.option("--format", "quant_format", type=click.Choice(["qdq", "qoperator"]),
@@ -157,6 +172,11 @@ def build(config_file: Optional[Path], stop_after: Optional[str], force: bool, p
 
         effective = config.to_dict()
         effective["model"]["path"] = effective["model"]["path"] or str(default_model_path())
+        if config.model.path is None and (config.model.task == "text-generation"
+                                          or config.quantization.mode in ("rtn", "gptq", "awq")):
+            from pipeline.llm.loading import smollm2_gguf
+
+            effective["model"]["path"] = str(smollm2_gguf())
         click.echo(yaml.safe_dump(effective, sort_keys=False), nl=False)
         return
     _quiet_libraries()
@@ -243,6 +263,30 @@ cli.add_command(report)
 cli.add_command(export_triton)
 cli.add_command(serve)
 cli.add_command(bench_serve)
+
+
+@cli.command()
+@click.argument("build_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("prompt")
+@click.option("--max-new-tokens", default=64, show_default=True, help="Tokens to generate.")
+@click.option("--temperature", default=0.0, show_default=True, help="0: greedy; above 0: sampling.")
+@click.option("--top-k", default=0, show_default=True, help="Sampling: keep the k most likely tokens (0: all).")
+@click.option("--seed", default=0, show_default=True, help="Sampling seed.")
+@click.option("--fp32", is_flag=True, help="Use the build's FP32 graph (model.fp32.onnx) instead of model.onnx.")
+@click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores).")
+@click.option("--chat/--raw", default=False, help="Wrap the prompt in the tokenizer's chat template.")
+def generate(build_dir: Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int,
+             fp32: bool, threads: int, chat: bool) -> None:
+    """Generate text with a built decoder LLM and its KV cache, streaming tokens, with tokens per second.
+
+    \b
+    Example:
+      pipeline generate build/SmolLM2-135M-Instruct-cpu "The government said" --max-new-tokens 48
+    """
+    _quiet_libraries()
+    from pipeline.llm.generate_cli import run_generation
+
+    run_generation(build_dir, prompt, max_new_tokens, temperature, top_k, seed, fp32, threads, chat)
 
 
 @cli.command(context_settings={"help_option_names": ["-h", "--help"]})

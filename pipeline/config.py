@@ -22,8 +22,10 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 Target = Literal["cpu", "trt"]
-Task = Literal["feature-extraction", "text-classification"]
-QuantMode = Literal["static", "dynamic"]
+Task = Literal["feature-extraction", "text-classification", "text-generation"]
+QuantMode = Literal["static", "dynamic", "rtn", "gptq", "awq"]
+WEIGHT_ONLY_MODES = ("rtn", "gptq", "awq")  # decoder LLMs (task text-generation)
+WeightPrecision = Literal["fp32", "int8", "int4"]
 STAGE_NAMES = ("export", "optimize", "calibrate", "quantize", "precision", "verify", "bundle")
 StageName = Literal["export", "optimize", "calibrate", "quantize", "precision", "verify", "bundle"]
 TrtPrecision = Literal["int8", "fp8", "fp16", "best"]
@@ -99,7 +101,16 @@ class CalibrationConfig(_Strict):
 class QuantizationConfig(_Strict):
     mode: QuantMode = Field(
         "dynamic",
-        description="static: activation ranges from calibration (QDQ); dynamic: activation ranges at run time.",
+        description="static: activation ranges from calibration (QDQ); dynamic: activation ranges at run time; "
+        "rtn, gptq, awq: weight-only MatMulNBits for decoder LLMs (task text-generation).",
+    )
+    weight_bits: Literal[4, 8] = Field(4, description="Weight-only (rtn/gptq/awq): bits per weight (8: rtn only).")
+    block_size: int = Field(32, ge=16, le=256, description="Weight-only: weights per quantization block (power of two).")
+    symmetric: bool = Field(True, description="Weight-only: symmetric blocks (no zero points).")
+    lm_head: WeightPrecision = Field("int8", description="Weight-only: precision of the lm_head MatMul.")
+    embeddings: Literal["fp32", "int4"] = Field(
+        "int4", description="Weight-only: precision of the token embedding (int4: GatherBlockQuantized; "
+        "ONNX Runtime 1.32's quantizer has no 8-bit Gather)."
     )
     per_channel: bool = Field(True, description="Per-output-channel weight scales.")
     exclude: list[str] = Field(
@@ -130,6 +141,10 @@ class QuantizationConfig(_Strict):
             raise ValueError("smoothquant needs static quantization (--quant static)")
         if self.mode == "dynamic" and self.format != "qdq":
             raise ValueError("format applies to static quantization only (--quant static)")
+        if self.mode in ("gptq", "awq") and self.weight_bits != 4:
+            raise ValueError(f"{self.mode} is 4-bit only; use --quant rtn for 8-bit weights")
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         return self
 
 
@@ -158,6 +173,12 @@ class VerifyConfig(_Strict):
     )
     localize: Literal["on-failure", "always", "never"] = Field(
         "on-failure", description="Layer localization: find the layers where the candidate diverges."
+    )
+    max_perplexity_increase: Optional[float] = Field(
+        None, ge=0.0, description="LLMs: maximum relative perplexity increase over FP32. Empty: the task default (0.08)."
+    )
+    min_token_agreement: Optional[float] = Field(
+        None, ge=0.0, le=1.0, description="LLMs: minimum greedy-decoding token agreement. Empty: not gated."
     )
     localize_batches: int = Field(
         2, ge=1, le=64, description="Held-out batches the layer localization runs (every tensor is kept per batch)."
@@ -229,6 +250,15 @@ class BuildConfig(_Strict):
                            ("calibration.source", self.calibration.source), ("verify.eval_file", self.verify.eval_file)):
             if value is not None and ("\x00" in value or not value.strip()):
                 raise ValueError(f"{key} {value!r} is not a usable path (empty or holding a NUL byte)")
+        return self
+
+    @model_validator(mode="after")
+    def _weight_only_is_for_decoders(self) -> "BuildConfig":
+        weight_only = self.quantization.mode in WEIGHT_ONLY_MODES
+        if weight_only and self.model.task not in (None, "text-generation"):
+            raise ValueError(f"--quant {self.quantization.mode} is weight-only for decoder LLMs (--task text-generation)")
+        if weight_only and self.target == "trt":
+            raise ValueError(f"--quant {self.quantization.mode} is a CPU scheme; --target trt takes --precision")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 # Metrics where larger is better; a threshold on them is a lower bound. Every other metric is an upper bound.
 LOWER_BOUNDS = frozenset({
     "cosine_mean", "cosine_min", "top1_agreement", "snr_db", "accuracy_candidate",
+    "greedy_token_agreement", "greedy_prefix_agreement", "decode_speedup",
 })
 
 

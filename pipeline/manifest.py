@@ -95,6 +95,8 @@ def publish_build(
     artifacts: dict[str, str] = {}
     models = TRT_MODEL_ARTIFACTS if config.target == "trt" else MODEL_ARTIFACTS
     for name, (stage, file) in {**models, **REPORT_ARTIFACTS}.items():
+        if name == "model.fp32.onnx" and "optimize" not in outputs:
+            stage = "export"  # TensorRT and decoder LLM builds have no optimize stage: the export is the FP32 baseline
         target = build_dir / name
         is_report = name in REPORT_ARTIFACTS
         if stage in outputs and (is_report or passed):

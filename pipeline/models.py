@@ -10,7 +10,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from pipeline.errors import InputError
 
@@ -31,8 +31,11 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("roberta", ("input_ids", "attention_mask"), "bert"),
         Architecture("xlm-roberta", ("input_ids", "attention_mask"), "bert"),
         Architecture("distilbert", ("input_ids", "attention_mask"), "bert"),
+        # Decoder LLMs: the KV-cache inputs (past_key_values.N.key/value) follow from the layer count.
+        Architecture("llama", ("input_ids", "attention_mask", "position_ids"), "gpt2"),
     )
 }
+DECODER_MODEL_TYPES = frozenset({"llama"})
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,8 @@ TASKS: dict[str, TaskSpec] = {
         "feature-extraction", ("sentence_embedding", "last_hidden_state"), "sentence_embedding"
     ),
     "text-classification": TaskSpec("text-classification", ("logits",), "logits"),
+    # Also present.N.key/value per layer (see pipeline/llm/kv_export.py); parity is gated on logits.
+    "text-generation": TaskSpec("text-generation", ("logits",), "logits"),
 }
 
 
@@ -81,6 +86,8 @@ def default_model_path() -> Path:
 
 def inspect_model(path: str | None, task: str | None, trust_remote_code: bool = False) -> ModelInfo:
     """Check a local Hugging Face model folder and decide what to export, without loading weights."""
+    if (path and Path(path).suffix == ".gguf") or (not path and task == "text-generation"):
+        return _inspect_decoder(Path(path) if path else None)
     folder = Path(path) if path else default_model_path()
     if not folder.exists():
         raise InputError(f"model folder not found: {folder}")
@@ -101,6 +108,8 @@ def inspect_model(path: str | None, task: str | None, trust_remote_code: bool = 
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         raise InputError(f"{folder} holds no weights (*.safetensors or *.bin)")
     model_type = config.get("model_type")
+    if model_type in DECODER_MODEL_TYPES and task in (None, "text-generation"):
+        return _inspect_decoder(folder)
     if model_type not in ARCHITECTURES:
         known = ", ".join(sorted(ARCHITECTURES))
         raise InputError(f"model_type '{model_type}' of {folder} is not supported (supported: {known})")
@@ -120,6 +129,34 @@ def inspect_model(path: str | None, task: str | None, trust_remote_code: bool = 
         normalize_embeddings=_has_normalize_module(folder),
         trust_remote_code=trust_remote_code,
     )
+
+
+def _inspect_decoder(path: Optional[Path]) -> ModelInfo:
+    """A decoder LLM: a GGUF file (de-quantized by transformers) or a Hugging Face folder. Default: SmolLM2-135M."""
+    from pipeline.llm.loading import load_llm_config, smollm2_gguf
+
+    location = path or smollm2_gguf()
+    if not location.exists():
+        raise InputError(f"model not found: {location}")
+    config = load_llm_config(location)
+    model_type = config.get("model_type")
+    if model_type not in DECODER_MODEL_TYPES:
+        known = ", ".join(sorted(DECODER_MODEL_TYPES))
+        raise InputError(f"model_type '{model_type}' of {location} is not a supported decoder (supported: {known})")
+    name = location.stem.split(".")[0] if location.suffix == ".gguf" else location.name
+    return ModelInfo(path=location, name=name, config=config, architecture=ARCHITECTURES[model_type],
+                     task=TASKS["text-generation"], normalize_embeddings=False)
+
+
+def model_fingerprint(path: Path) -> str:
+    """A model folder's fingerprint, or a single model file's (GGUF) sha256."""
+    if path.is_file():
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
+    return folder_fingerprint(path)
 
 
 def _model_name(folder: Path, config: dict[str, Any]) -> str:

@@ -1,0 +1,130 @@
+"""export (decoder LLMs): PyTorch -> one ONNX graph with a KV cache, checked against PyTorch's own cache.
+
+The check runs a real BBC News prompt through prefill and then DECODE_STEPS single-token steps, in
+PyTorch (transformers' DynamicCache) and in ONNX Runtime (the graph's present keys/values fed back),
+with the same greedy tokens, and gates on the max absolute logits difference of both phases.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from pipeline.config import BuildConfig
+from pipeline.errors import StageError
+from pipeline.models import ModelInfo, model_fingerprint
+from pipeline.stages.base import Stage, StageContext
+
+DECODE_STEPS = 16
+EXPORT_MAX_ABS = 1e-3
+# GatherBlockQuantized (the 4-bit embedding) is only valid beside opset-21 default-domain ops.
+LLM_OPSET = 21
+PROBE_PROMPT_WORDS = 24
+
+
+def probe_prompt() -> str:
+    from calibration.sources import default_source
+
+    for sample in default_source():
+        if len(sample.text.split()) >= PROBE_PROMPT_WORDS:
+            return sample.text
+    raise StageError("export", "the default corpus holds no sentence long enough for the export check")
+
+
+def torch_reference(model: Any, prompt_ids: list[int], steps: int) -> tuple[list[np.ndarray], list[int]]:
+    """Logits of prefill and each greedy decode step, from transformers with its own DynamicCache."""
+    import torch
+    from transformers import DynamicCache
+
+    from pipeline.llm.kv_export import cache_keyword
+
+    cache = DynamicCache()
+    keyword = {cache_keyword(model): cache}
+    ids = torch.tensor([prompt_ids])
+    logits_per_step, tokens = [], []
+    with torch.inference_mode():
+        mask = torch.ones_like(ids)
+        result = model(input_ids=ids, attention_mask=mask, use_cache=True, **keyword)
+        logits_per_step.append(result.logits[0].numpy())
+        for _ in range(steps):
+            token = int(result.logits[0, -1].argmax())
+            tokens.append(token)
+            mask = torch.cat([mask, torch.ones((1, 1), dtype=mask.dtype)], dim=1)
+            result = model(input_ids=torch.tensor([[token]]), attention_mask=mask, use_cache=True, **keyword)
+            logits_per_step.append(result.logits[0].numpy())
+    return logits_per_step, tokens
+
+
+def onnx_logits(model_path: Path, prompt_ids: list[int], tokens: list[int]) -> list[np.ndarray]:
+    """The same prefill and decode steps in ONNX Runtime, feeding the graph's own cache back."""
+    from pipeline.llm.decoding import KVDecoder
+
+    with KVDecoder(model_path) as decoder:
+        ids = np.array([prompt_ids], dtype=np.int64)
+        logits, past = decoder.step(ids, np.ones_like(ids), decoder.empty_past(1))
+        outputs = [logits[0]]
+        for token in tokens:
+            ids = np.concatenate([ids, [[token]]], axis=1)
+            logits, past = decoder.step(ids[:, -1:], np.ones_like(ids), past)
+            outputs.append(logits[0])
+    return outputs
+
+
+class LlmExportStage(Stage):
+    name = "export"
+    outputs = ("model.onnx", "tokenizer")
+
+    def config_slice(self, config: BuildConfig, model: ModelInfo) -> dict[str, Any]:
+        return {"task": model.task.name, "opset": LLM_OPSET, "decode_steps": DECODE_STEPS}
+
+    def external_inputs(self, config: BuildConfig, model: ModelInfo) -> dict[str, str]:
+        return {"model": model_fingerprint(model.path)}
+
+    def run(self, context: StageContext, out: Path) -> dict[str, Any]:
+        from onnx import version_converter
+
+        from pipeline.llm.kv_export import export_kv_model
+        from pipeline.llm.loading import load_llm, load_llm_tokenizer
+        from pipeline.onnx_io import save_model
+
+        info = context.model
+        context.progress.info(f"loading {info.path.name} (FP32)")
+        tokenizer = load_llm_tokenizer(info.path)
+        model = load_llm(info.path)
+        context.progress.info(f"exporting {info.name} with a KV cache ({model.config.num_hidden_layers} layers)")
+        with tempfile.TemporaryDirectory(prefix="quantpipe-llm-export-", dir=out.parent) as scratch:
+            traced = Path(scratch) / "traced.onnx"
+            layout = export_kv_model(model, traced, opset=min(context.config.model.opset, 20))
+            converted = version_converter.convert_version(onnx.load(str(traced)), LLM_OPSET)
+        save_model(converted, out / "model.onnx")
+        del converted
+        onnx.checker.check_model(str(out / "model.onnx"))
+        tokenizer.save_pretrained(str(out / "tokenizer"))
+
+        prompt_ids = list(tokenizer(probe_prompt()).input_ids)
+        context.progress.info(f"checking ONNX Runtime against PyTorch: prefill of {len(prompt_ids)} tokens "
+                              f"and {DECODE_STEPS} decode steps with the cache")
+        expected, tokens = torch_reference(model, prompt_ids, DECODE_STEPS)
+        actual = onnx_logits(out / "model.onnx", prompt_ids, tokens)
+        prefill = float(np.abs(expected[0] - actual[0]).max())
+        decode = float(max(np.abs(e - a).max() for e, a in zip(expected[1:], actual[1:])))
+        differences = {"logits_prefill": prefill, "logits_decode": decode}
+        broken = {name: value for name, value in differences.items() if not value <= EXPORT_MAX_ABS}
+        if broken:
+            detail = ", ".join(f"{name} max |diff| {value:.3g}" for name, value in broken.items())
+            raise StageError(self.name, f"ONNX graph disagrees with PyTorch (limit {EXPORT_MAX_ABS}): {detail}")
+        return {
+            "opset": LLM_OPSET,
+            "parameters": int(sum(p.numel() for p in model.parameters())),
+            "layers": layout.layers,
+            "kv_heads": layout.kv_heads,
+            "head_dim": layout.head_dim,
+            "onnx_bytes": (out / "model.onnx").stat().st_size,
+            "torch_parity_max_abs": differences,
+            "decode_steps": DECODE_STEPS,
+            "prompt_tokens": len(prompt_ids),
+        }

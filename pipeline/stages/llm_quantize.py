@@ -1,0 +1,56 @@
+"""quantize (decoder LLMs): weight-only MatMulNBits (RTN, GPTQ or AWQ) with the lm_head/embedding policy."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import BuildConfig
+from pipeline.models import ModelInfo
+from pipeline.stages.base import Stage, StageContext
+
+
+class LlmQuantizeStage(Stage):
+    name = "quantize"
+    version = 4  # Constants dropped by Neural Compressor restored
+    outputs = ("model.onnx",)
+
+    def depends_on(self, config: BuildConfig) -> tuple[str, ...]:
+        # RTN reads no text, so new calibration samples must not re-run it.
+        return ("export",) if config.quantization.mode == "rtn" else ("export", "calibrate")
+
+    def config_slice(self, config: BuildConfig, model: ModelInfo) -> dict[str, Any]:
+        q = config.quantization
+        return {"mode": q.mode, "weight_bits": q.weight_bits, "block_size": q.block_size, "symmetric": q.symmetric,
+                "lm_head": q.lm_head, "embeddings": q.embeddings, "exclude": q.exclude}
+
+    def run(self, context: StageContext, out: Path) -> dict[str, Any]:
+        from calibration.readers import BatchReader
+        from engines.weight_only import quantize_weight_only
+        from pipeline.stages.llm_calibrate import calibration_feeds, load_chunks
+
+        logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+        q = context.config.quantization
+        export = context.input("export")
+        fp32 = export.path("model.onnx")
+        reader = None
+        if q.mode != "rtn":
+            chunks = load_chunks(context.input("calibrate").path("calibration.safetensors"))
+            m = export.metrics
+            reader = BatchReader(calibration_feeds(chunks, m["layers"], m["kv_heads"], m["head_dim"]))
+            context.progress.info(f"{q.mode.upper()} calibrated on {len(chunks)} chunks of real text")
+        context.progress.info(f"{q.mode} {q.weight_bits}-bit weights, block {q.block_size}; "
+                              f"lm_head {q.lm_head}, embeddings {q.embeddings}")
+        summary = quantize_weight_only(fp32, out / "model.onnx", q.mode, q.weight_bits, q.block_size, q.symmetric,
+                                       q.lm_head, q.embeddings, reader, q.exclude)
+        fp32_bytes = fp32.stat().st_size
+        quantized_bytes = (out / "model.onnx").stat().st_size
+        return {
+            **summary,
+            "fp32_bytes": fp32_bytes,
+            "quantized_bytes": quantized_bytes,
+            "size_ratio": round(quantized_bytes / fp32_bytes, 4),
+            # The FP32 file holds the tied embedding twice (Gather table and transposed lm_head weight).
+            "size_ratio_vs_fp32_parameters": round(quantized_bytes / (4 * export.metrics["parameters"]), 4),
+        }

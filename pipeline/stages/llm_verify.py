@@ -1,0 +1,84 @@
+"""verify (decoder LLMs): perplexity, greedy agreement, logits statistics and decode speed; the parity reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import BuildConfig
+from pipeline.gates import evaluate_values, relation
+from pipeline.models import ModelInfo
+from pipeline.reports import REPORT_FILES, write_reports
+from pipeline.stages.base import Stage, StageContext
+
+DEFAULT_MAX_PERPLEXITY_INCREASE = 0.08
+
+
+def llm_thresholds(config: BuildConfig) -> dict[tuple[str, str], float]:
+    verify = config.verify
+    thresholds = {("logits", "perplexity_increase"): verify.max_perplexity_increase
+                  if verify.max_perplexity_increase is not None else DEFAULT_MAX_PERPLEXITY_INCREASE}
+    if verify.min_token_agreement is not None:
+        thresholds[("logits", "greedy_token_agreement")] = verify.min_token_agreement
+    if verify.min_cosine is not None:
+        thresholds[("logits", "cosine_mean")] = verify.min_cosine
+    return thresholds
+
+
+class LlmVerifyStage(Stage):
+    name = "verify"
+    outputs = REPORT_FILES
+
+    def depends_on(self, config: BuildConfig) -> tuple[str, ...]:
+        return ("export", "calibrate", "quantize")
+
+    def config_slice(self, config: BuildConfig, model: ModelInfo) -> dict[str, Any]:
+        return {"verify": config.verify.model_dump(mode="json"), "task": model.task.name}
+
+    def run(self, context: StageContext, out: Path) -> dict[str, Any]:
+        from transformers import AutoTokenizer
+
+        from pipeline.llm.parity import llm_parity
+        from pipeline.stages.llm_calibrate import load_chunks
+
+        export, calibrate, quantize = context.input("export"), context.input("calibrate"), context.input("quantize")
+        tokenizer = AutoTokenizer.from_pretrained(str(export.path("tokenizer")))
+        prompts = [tokenizer(text).input_ids for text in json.loads(calibrate.path("prompts.json").read_text())]
+        heldout = load_chunks(calibrate.path("heldout.safetensors"))
+        result = llm_parity(export.path("model.onnx"), quantize.path("model.onnx"), heldout, prompts,
+                            threads=0, on_progress=context.progress.info)
+        metrics = {**result["metrics"], "histogram": result["histogram"]}
+        thresholds = llm_thresholds(context.config)
+        checks = evaluate_values({"logits": metrics}, thresholds)
+        failures = [check.description for check in checks if not check.passed]
+        q = quantize.metrics
+        report = {
+            "schema_version": 1,
+            "status": "fail" if failures else "pass",
+            "task": context.model.task.name,
+            "primary_output": "logits",
+            "reference": {"description": "FP32 ONNX (KV cache)", "sha256": export.files["model.onnx"]},
+            "candidate": {"description": f"{q['algorithm'].upper()} {q['bits']}-bit weight-only ONNX "
+                                         f"(block {q['block_size']}, lm_head {q['lm_head']}, embeddings {q['embeddings']})",
+                          "sha256": quantize.files["model.onnx"]},
+            "heldout": {"source": calibrate.metrics["source"], "samples": calibrate.metrics["heldout_samples"],
+                        "batches": len(heldout)},
+            "thresholds": [{"output": o, "metric": m, "threshold": v, "relation": relation(m)}
+                           for (o, m), v in sorted(thresholds.items())],
+            "outputs": {"logits": metrics},
+            "checks": [vars(check) for check in checks],
+            "failures": failures,
+            "export_parity": dict(sorted(export.metrics["torch_parity_max_abs"].items())),
+            "size": {"fp32_bytes": q["fp32_bytes"], "quantized_bytes": q["quantized_bytes"], "ratio": q["size_ratio"]},
+            "evaluation": None,
+            "localization": None,
+        }
+        write_reports(report, out)
+        m = result["metrics"]
+        context.progress.info(
+            f"perplexity {m['perplexity_reference']:.3f} -> {m['perplexity_candidate']:.3f} "
+            f"({100 * m['perplexity_increase']:+.2f}%), greedy agreement {m['greedy_token_agreement']:.3f}, "
+            f"decode {m['decode_tokens_per_s_reference']:.1f} -> {m['decode_tokens_per_s_candidate']:.1f} tok/s"
+            + (f"; FAILED: {'; '.join(failures)}" if failures else "; passed"))
+        return {"passed": not failures, "failures": failures, "primary": m}
