@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Optional
@@ -10,6 +9,7 @@ from typing import Any, Optional
 from pipeline.config import BuildConfig
 from pipeline.errors import InputError, ParityError
 from pipeline.hashing import directory_hashes, file_sha256
+from pipeline.manifest import read_manifest
 from pipeline.onnx_io import check_onnx_file
 from pipeline.progress import Progress
 from pipeline.reports import append_step_summary, write_reports
@@ -18,18 +18,6 @@ from pipeline.stages.base import STAGE_RECORD, StageOutput
 NEEDED_STAGES = ("export", "optimize", "calibrate", "quantize")
 _STAGE_DIRECTORY = re.compile(r"[a-z]+-[0-9a-f]{16}")
 
-
-def read_manifest(build_dir: Path) -> dict[str, Any]:
-    path = build_dir / "manifest.json"
-    if not path.is_file():
-        raise InputError(f"{build_dir} is not a build directory (no manifest.json); run `pipeline build` first")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("stages", []), list):
-        raise InputError(f"{path} is not a Quantpipe manifest (a JSON object with a list of stages)")
-    return manifest
 
 
 def stage_outputs(build_dir: Path, manifest: dict[str, Any], needed: tuple[str, ...]) -> dict[str, StageOutput]:

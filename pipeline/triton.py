@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.errors import InputError
+from pipeline.manifest import read_manifest
 
 DEFAULT_MAX_BATCH_SIZE = 32
 TEXT_INPUT = "TEXT"
@@ -57,13 +58,7 @@ class ModelSource:
 
 
 def _manifest(build_dir: Path) -> dict[str, Any]:
-    path = build_dir / "manifest.json"
-    if not path.is_file():
-        raise InputError(f"{build_dir} is not a build directory (no manifest.json); run `pipeline build` first")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    manifest = read_manifest(build_dir)
     if manifest.get("status") != "passed":
         raise InputError(f"build {build_dir} has status '{manifest.get('status')}'; only a build whose parity "
                          "passed can be deployed")
