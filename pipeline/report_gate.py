@@ -5,12 +5,11 @@ No model, no ONNX Runtime, no numpy: CI steps that only read artifacts import th
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, read_json_input
 from pipeline.gates import Check, evaluate_values
 
 SUPPORTED_SCHEMAS = (1, 2)
@@ -19,10 +18,7 @@ SUPPORTED_SCHEMAS = (1, 2)
 def load_report(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise InputError(f"parity report not found: {path}")
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path} is not valid JSON: {exc}") from None
+    report = read_json_input(path)
     if not isinstance(report, dict) or "outputs" not in report or "schema_version" not in report:
         raise InputError(f"{path} is not a parity report (no 'schema_version' and 'outputs')")
     if report["schema_version"] not in SUPPORTED_SCHEMAS:
