@@ -17,6 +17,9 @@ OPTIMIZATION_LEVELS = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
 
+# Keeps Add + LayerNormalization unfused: see pipeline.stages.optimize.FUSE_SKIP_LAYER_NORM for the numbers.
+DISABLED_OPTIMIZERS = ["SkipLayerNormFusion"]
+
 
 def create_session(
     model_path: Path | bytes,
@@ -36,7 +39,8 @@ def create_session(
     if external_initializers is not None and external_initializers[0]:
         options.add_external_initializers(list(external_initializers[0]), list(external_initializers[1]))
     model = model_path if isinstance(model_path, bytes) else str(model_path)
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=DISABLED_OPTIMIZERS)
 
 
 class OrtRunner:

@@ -49,8 +49,9 @@ class BuildModel:
     """A finished CPU build: its INT8 graph in ONNX Runtime and its tokenizer."""
 
     def __init__(self, build_dir: Path, threads: int = 0, padding_slack: float = 0.25) -> None:
-        import onnxruntime as ort
         from transformers import AutoTokenizer
+
+        from engines.onnxruntime_cpu import create_session
 
         manifest_path = build_dir / "manifest.json"
         if not manifest_path.is_file() or not (build_dir / "model.onnx").is_file():
@@ -63,10 +64,7 @@ class BuildModel:
         self.task = manifest["model"]["task"]
         self.max_length = int(manifest["config"]["calibration"]["max_length"])
         self.labels = self._labels(Path(manifest["model"]["path"]))
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(build_dir / "model.onnx"), options,
-                                            providers=["CPUExecutionProvider"])
+        self.session = create_session(build_dir / "model.onnx", threads=threads)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.tokenizer = AutoTokenizer.from_pretrained(str(build_dir / "tokenizer"))
         self.output = "logits" if self.task == "text-classification" else "sentence_embedding"

@@ -1,7 +1,7 @@
 """`pipeline bench`: latency and throughput of ONNX artifacts, measured side by side in one run.
 
-Every artifact runs in its own ONNX Runtime session with the same thread count; runs are
-interleaved (A, B, A, B, ...) so that load on the machine hits every artifact alike, and the
+Every artifact runs in its own ONNX Runtime session with the same thread count; runs take turns in
+short blocks (see `timed_blocks`) so that load on the machine hits every artifact alike, and the
 ratio of medians is what the comparison reports.
 """
 
@@ -21,6 +21,9 @@ from engines.onnxruntime_cpu import create_session
 from pipeline.errors import InputError
 from pipeline.onnx_io import check_onnx_file
 from pipeline.progress import Progress
+
+
+BLOCK_RUNS = 5
 
 
 @dataclass
@@ -108,13 +111,10 @@ def benchmark(
     for batch in batches:
         for sequence in sequences:
             feed = text_inputs(tokenizer, input_names, batch, sequence)
-            timings: list[list[float]] = [[] for _ in artifacts]
-            for round_ in range(warmup + runs):
-                for index, session in enumerate(sessions):
-                    started = time.perf_counter()
+            for session in sessions:
+                for _ in range(warmup):
                     session.run(None, feed)
-                    if round_ >= warmup:
-                        timings[index].append(time.perf_counter() - started)
+            timings = timed_blocks(sessions, feed, runs)
             for artifact, seconds in zip(artifacts, timings):
                 ms = np.array(seconds) * 1000
                 results.append(Measurement(
@@ -124,6 +124,29 @@ def benchmark(
             progress.info(f"batch {batch} x {sequence} tokens: " + ", ".join(
                 f"{m.artifact} p50 {m.p50_ms:.1f} ms" for m in results[-len(artifacts):]))
     return results
+
+
+def timed_blocks(sessions: Sequence[Any], feed: dict[str, np.ndarray], runs: int) -> list[list[float]]:
+    """`runs` timings per session, taken in blocks of BLOCK_RUNS that take turns (A B, B A, A B, ...).
+
+    Blocks, not single runs: an ONNX Runtime session's worker threads keep spinning for a while after
+    its run returns, and on a 2-core host that spinning took 30 ms from every run of the other session
+    when runs alternated one by one (measured: FP32 70 ms alone, 101 ms alternated). The first run of
+    each block, while the other session's threads settle, is not timed. Taking turns still spreads
+    drift in the host's load over every artifact alike.
+    """
+    timings: list[list[float]] = [[] for _ in sessions]
+    order = list(range(len(sessions)))
+    while len(timings[0]) < runs:
+        count = min(BLOCK_RUNS, runs - len(timings[0]))
+        for index in order:
+            sessions[index].run(None, feed)
+            for _ in range(count):
+                started = time.perf_counter()
+                sessions[index].run(None, feed)
+                timings[index].append(time.perf_counter() - started)
+        order.reverse()
+    return timings
 
 
 def ratios(results: Sequence[Measurement], baseline: str) -> dict[str, dict[str, float]]:

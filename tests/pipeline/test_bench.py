@@ -28,3 +28,22 @@ def test_bench_refuses_a_missing_artifact(tmp_path: Path) -> None:
     result = run_cli("bench", str(tmp_path / "nothing.onnx"), str(tmp_path / "other.onnx"))
     assert result.returncode == ExitCode.BAD_INPUT
     assert "no such artifact" in result.stderr and "Traceback" not in result.stderr
+
+
+class _RecordingSession:
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name, self.log = name, log
+
+    def run(self, outputs: object, feed: object) -> None:
+        self.log.append(self.name)
+
+
+def test_timed_blocks_take_turns_and_settle_before_timing() -> None:
+    from pipeline.bench.latency import BLOCK_RUNS, timed_blocks
+
+    log: list[str] = []
+    timings = timed_blocks([_RecordingSession("a", log), _RecordingSession("b", log)], {}, runs=12)
+    assert [len(t) for t in timings] == [12, 12]
+    # blocks of 1 untimed + BLOCK_RUNS timed runs; the order flips every round: a b | b a | a b
+    assert BLOCK_RUNS == 5
+    assert log == ["a"] * 6 + ["b"] * 6 + ["b"] * 6 + ["a"] * 6 + ["a"] * 3 + ["b"] * 3

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 from transformers import AutoTokenizer
 
+from engines.onnxruntime_cpu import create_session
 from pipeline.bench.serve_load import ServerProcess, load_test, request, sentences
 
 
@@ -35,7 +35,7 @@ def test_served_embedding_is_the_models(default_build) -> None:
     # A lone request runs as a batch of one, exactly what a direct ONNX Runtime run of the build computes.
     encoded = AutoTokenizer.from_pretrained(str(build / "tokenizer"))([text], truncation=True, max_length=128,
                                                                       return_tensors="np")
-    session = ort.InferenceSession(str(build / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = create_session(build / "model.onnx")  # the product's session settings, as the server's
     direct = session.run(["sentence_embedding"], {i.name: np.asarray(encoded[i.name], np.int64)
                                                   for i in session.get_inputs()})[0]
     np.testing.assert_allclose(served, direct, atol=1e-5)

@@ -8,7 +8,7 @@ import onnx
 def test_transformer_fusions_match(default_build) -> None:
     optimize = default_build.outputs["optimize"]
     assert optimize.metrics["fusions"] == {
-        "EmbedLayerNormalization": 1, "Attention": 6, "BiasGelu": 6, "SkipLayerNormalization": 12,
+        "EmbedLayerNormalization": 1, "Attention": 6, "BiasGelu": 6, "LayerNormalization": 12,
     }
     model = onnx.load(str(optimize.path("model.onnx")))
     ops = Counter(node.op_type for node in model.graph.node)
@@ -16,3 +16,14 @@ def test_transformer_fusions_match(default_build) -> None:
     names = [node.name for node in model.graph.node]
     assert all(names) and len(names) == len(set(names)), "every node needs a unique name"
     assert max(optimize.metrics["export_parity_max_abs"].values()) < 1e-3
+
+
+def test_sessions_keep_the_residual_adds_unfused(default_build, tmp_path) -> None:
+    """ONNX Runtime's slow SkipLayerNormalization kernel stays out of the graph and out of our sessions."""
+    from engines.onnxruntime_cpu import create_session
+
+    for artifact in (default_build.build_dir / "model.fp32.onnx", default_build.build_dir / "model.onnx"):
+        saved = tmp_path / f"{artifact.stem}.session.onnx"
+        create_session(artifact, threads=1, optimization="extended", optimized_model_path=saved)
+        ops = Counter(node.op_type for node in onnx.load(str(saved)).graph.node)
+        assert ops["SkipLayerNormalization"] == 0 and ops["LayerNormalization"] == 12, (artifact.name, ops)
