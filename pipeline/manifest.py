@@ -130,8 +130,21 @@ def publish_build(
         "stages": [_stage_entry(output) for output in outputs.values()],
         "artifacts": artifacts,
     }
+    if config.target == "cpu":
+        manifest["runtime"] = cpu_runtime()
     write_json_atomic(build_dir / "manifest.json", manifest)
     return passed
+
+
+def cpu_runtime() -> dict[str, Any]:
+    """The ONNX Runtime session settings the CPU artifacts were measured with (and `pipeline serve` uses)."""
+    import onnxruntime
+
+    from engines.onnxruntime_cpu import DISABLED_OPTIMIZERS
+
+    return {"engine": "onnxruntime", "onnxruntime_version": onnxruntime.__version__,
+            "execution_provider": "CPUExecutionProvider", "graph_optimization_level": "ORT_ENABLE_ALL",
+            "disabled_optimizers": list(DISABLED_OPTIMIZERS)}
 
 
 def _stage_entry(output: StageOutput) -> dict[str, Any]:

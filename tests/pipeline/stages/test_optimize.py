@@ -20,7 +20,12 @@ def test_transformer_fusions_match(default_build) -> None:
 
 def test_sessions_keep_the_residual_adds_unfused(default_build, tmp_path) -> None:
     """ONNX Runtime's slow SkipLayerNormalization kernel stays out of the graph and out of our sessions."""
+    import json
+
     from engines.onnxruntime_cpu import create_session
+
+    runtime = json.loads((default_build.build_dir / "manifest.json").read_text())["runtime"]
+    assert runtime["disabled_optimizers"] == ["SkipLayerNormFusion"]
 
     for artifact in (default_build.build_dir / "model.fp32.onnx", default_build.build_dir / "model.onnx"):
         saved = tmp_path / f"{artifact.stem}.session.onnx"
