@@ -186,26 +186,35 @@ def _sensitivity(base: onnx.ModelProto, nodes: Sequence[QuantizableNode], amax: 
     return sorted(losses, key=lambda item: item[1], reverse=True)
 
 
-def _relative_error(values: np.ndarray, scale: np.ndarray, quant: str) -> float:
-    """Noise-to-signal power of quantize-dequantize (per-tensor or broadcast per-channel scale)."""
-    error = quantize_dequantize(values, scale, quant == "fp8") - values
-    return float(np.sum(error.astype(np.float64) ** 2) / max(np.sum(values.astype(np.float64) ** 2), 1e-30))
+def _relative_error(values: np.ndarray, scale: np.ndarray, quant: str, outlier: Optional[float] = None) -> float:
+    """Noise-to-signal power of quantize-dequantize (per-tensor or broadcast per-channel scale).
+
+    `outlier` (an activation's exact maximum) adds its own error to the noise but not to the signal:
+    a range set by one huge value zeroes every ordinary value, and a clipped outlier is lost; both count.
+    """
+    signal = max(float(np.mean(values.astype(np.float64) ** 2)), 1e-30)
+    noise = (quantize_dequantize(values, scale, quant == "fp8") - values).astype(np.float64) ** 2
+    total = float(np.sum(noise))
+    if outlier is not None:
+        value = np.array([outlier], np.float32)
+        total += float((quantize_dequantize(value, scale, quant == "fp8")[0] - outlier) ** 2)
+    return total / (noise.size + (outlier is not None)) / signal
 
 
 def _local_errors(base: onnx.ModelProto, nodes: Sequence[QuantizableNode], stats: dict[str, TensorStats],
                   amax: dict[str, float], quant: str, log: Log) -> list[tuple[str, float]]:
     """Nodes by the summed noise-to-signal ratio of their own quantized inputs, worst first.
 
-    Activations: the calibration sample of |values| plus the exact maximum (a rare outlier that the
-    range clips, such as an LLM's first-token activation, is then counted); weights: per-channel.
+    Activations: the calibration sample of |values| and the exact maximum (a rare outlier, such as an
+    LLM's first-token activation, is then counted); weights: per-channel.
     """
     log(f"ranking {len(nodes)} nodes by the quantization error of their inputs on the calibration samples")
     initializers = {tensor.name: tensor for tensor in base.graph.initializer}
     top = 448.0 if quant == "fp8" else 127.0
     activation_error = {}
     for name in {a for node in nodes for a in node.activations}:
-        values = np.append(stats[name].sample(), np.float32(stats[name].absmax))
-        activation_error[name] = _relative_error(values, np.float32(max(amax[name], 1e-12) / top), quant)
+        scale = np.float32(max(amax[name], 1e-12) / top)
+        activation_error[name] = _relative_error(stats[name].sample(), scale, quant, stats[name].absmax)
     errors = []
     for node in nodes:
         error = sum(activation_error[name] for name in node.activations)

@@ -183,6 +183,10 @@ class VerifyConfig(_Strict):
     localize_batches: int = Field(
         2, ge=1, le=64, description="Held-out batches the layer localization runs (every tensor is kept per batch)."
     )
+    greedy_prompts: Optional[int] = Field(
+        None, ge=1, le=20,
+        description="LLMs: held-out prompts both graphs decode greedily (32 new tokens each). Empty: all 20.",
+    )
 
 
 class TrtConfig(_Strict):

@@ -26,8 +26,8 @@ from pipeline.models import ModelInfo
 
 PRECISION_CHUNKS = 8  # calibration chunks the precision stage measures on (the fallback search keeps their logits)
 ENGINE_CHECK_CHUNKS = 4  # held-out chunks the engine is compared on (GPU hosts)
-# The calibration chunks are few and in-sample: the search aims at this share of the held-out perplexity gate.
-FALLBACK_GATE_SHARE = 0.5
+# The calibration chunks are in-sample: the search aims this far below the held-out perplexity gate.
+FALLBACK_MARGIN = 0.01
 
 
 def is_decoder(model: ModelInfo) -> bool:
@@ -56,13 +56,13 @@ PERPLEXITY_RATIO = Score("perplexity_ratio", perplexity_ratio)
 
 
 def fallback_target(config: BuildConfig) -> float:
-    """The perplexity ratio the calibration chunks must keep: 1 / (1 + share x the perplexity gate)."""
+    """The perplexity ratio the calibration chunks must keep: 1 / (1 + the perplexity gate - margin)."""
     from pipeline.stages.llm_verify import llm_thresholds
 
     if config.trt.fallback_target is not None:
         return config.trt.fallback_target
     gate = llm_thresholds(config)[("logits", "perplexity_increase")]
-    return round(1.0 / (1.0 + FALLBACK_GATE_SHARE * gate), 6)
+    return round(1.0 / (1.0 + max(gate - FALLBACK_MARGIN, 0.0)), 6)
 
 
 def _round_up(value: float, multiple: int = 8) -> int:

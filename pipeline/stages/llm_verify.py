@@ -52,7 +52,8 @@ class LlmVerifyStage(Stage):
         export, calibrate = context.input("export"), context.input("calibrate")
         candidate = context.input(self.depends_on(context.config)[-1])
         tokenizer = AutoTokenizer.from_pretrained(str(export.path("tokenizer")))
-        prompts = [tokenizer(text).input_ids for text in json.loads(calibrate.path("prompts.json").read_text())]
+        texts = json.loads(calibrate.path("prompts.json").read_text())[: context.config.verify.greedy_prompts]
+        prompts = [tokenizer(text).input_ids for text in texts]
         heldout = load_chunks(calibrate.path("heldout.safetensors"))
         result = llm_parity(export.path("model.onnx"), candidate.path("model.onnx"), heldout, prompts,
                             threads=0, on_progress=context.progress.info)
