@@ -1,8 +1,8 @@
 """The TensorRT target for decoder LLMs on the real SmolLM2-135M (no GPU: the KV-cache graph carrying its precision,
 parity simulated in ONNX Runtime on the CPU, the bundle with prefill and decode profiles, no engine).
 
-One FP16 and one INT8 build share a build directory seeded with the session's export; few held-out chunks
-and greedy prompts keep them fast (the default build decodes 20 prompts).
+The builds start from the session's export (tests/conftest.py); few held-out chunks and greedy prompts keep
+them fast (the default build decodes 20 prompts).
 """
 
 from __future__ import annotations
@@ -23,29 +23,33 @@ pytest.importorskip("gguf")
 LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64
 MATMULS = LAYERS * 9 + 1  # q, k, v, o, gate, up, down, two attention MatMuls per layer; the lm_head
 GREEDY_PROMPTS = 4
+CALIBRATION = {"samples": 16, "heldout_samples": 24}  # 4 calibration and 5 held-out chunks of 128 tokens
 PERPLEXITY_GATE = 0.08  # the CPU LLM path's default gate
 
 
 @pytest.fixture(scope="module")
 def trt_llm_build(llm_base_stages, tmp_path_factory: pytest.TempPathFactory):
-    """`trt_llm_build(precision)`: the real `--task text-generation --target trt` build, run once per precision."""
-    from tests.conftest import LLM_TEST_CALIBRATION
+    """`trt_llm_build(precision)`: the real `--task text-generation --target trt` build, once per precision.
 
+    fp16 runs every stage; int8 stops after precision with one fallback step (its simulated decode is slow
+    in ONNX Runtime, and its parity is measured in the README): Q/DQ placement and the ranking are tested.
+    """
     from pipeline.progress import Progress
     from pipeline.runner import run_build
 
-    build_dir = tmp_path_factory.mktemp("trt-llm-build")
-    seed_stage_cache(build_dir, llm_base_stages, ("export", "calibrate"))
     results = {}
 
     def build(precision: str):
         if precision not in results:
+            build_dir = tmp_path_factory.mktemp(f"trt-llm-{precision}")
+            seed_stage_cache(build_dir, llm_base_stages, ("export",))
+            trt = {"precision": precision} if precision == "fp16" else {"precision": precision, "max_fallback_nodes": 1}
             config = load_config(None, {
                 "target": "trt", "output_dir": str(build_dir), "model": {"task": "text-generation"},
-                "calibration": LLM_TEST_CALIBRATION, "trt": {"precision": precision},
-                "verify": {"greedy_prompts": GREEDY_PROMPTS},
+                "calibration": CALIBRATION, "trt": trt, "verify": {"greedy_prompts": GREEDY_PROMPTS},
             })
-            results[precision] = run_build(config, Progress(quiet=True))
+            stop = None if precision == "fp16" else "precision"
+            results[precision] = run_build(config, Progress(quiet=True), stop_after=stop)
         return results[precision]
 
     return build
@@ -73,8 +77,9 @@ def test_fp16_graph_keeps_norm_statistics_and_softmax_in_fp32(trt_llm_build) -> 
     sensitive = [node for node in model.graph.node if node.op_type in ("Pow", "ReduceMean", "Softmax")]
     assert len([n for n in sensitive if n.op_type == "Softmax"]) == LAYERS
     assert len([n for n in sensitive if n.op_type == "Pow"]) == 2 * LAYERS + 1  # RMSNorms (2 per layer, final)
-    for node in sensitive:
-        assert {types[name] for name in [*node.input, *node.output] if name} == {onnx.TensorProto.FLOAT}, node.name
+    for node in sensitive:  # (ReduceMean's axes input is INT64)
+        floats = {types[name] for name in [*node.input, *node.output] if name} - {onnx.TensorProto.INT64}
+        assert floats == {onnx.TensorProto.FLOAT}, node.name
     matmuls = [node for node in model.graph.node if node.op_type == "MatMul"]
     assert len(matmuls) == MATMULS
     assert all(types[node.output[0]] == onnx.TensorProto.FLOAT16 for node in matmuls)
@@ -120,26 +125,34 @@ def test_int8_qdq_sits_on_matmul_inputs_only(trt_llm_build) -> None:
     assert {node.domain for node in model.graph.node} <= {"", "ai.onnx"}
 
 
-@pytest.mark.parametrize("precision", ["fp16", "int8"])
-def test_simulated_parity_meets_the_llm_gates(trt_llm_build, precision: str) -> None:
-    result = trt_llm_build(precision)
+def test_simulated_fp16_parity_meets_the_llm_gates(trt_llm_build) -> None:
+    result = trt_llm_build("fp16")
     report = json.loads(result.outputs["verify"].path("parity.json").read_text())
     logits = report["outputs"]["logits"]
     assert report["status"] == "pass", report["failures"]
     assert report["reference"]["sha256"] == result.outputs["export"].files["model.onnx"]
     assert report["candidate"]["sha256"] == result.outputs["precision"].files["model.onnx"]
-    assert "simulated in ONNX Runtime" in report["candidate"]["description"]
+    assert report["candidate"]["description"] == "TensorRT FP16 ONNX, simulated in ONNX Runtime (CPU)"
     gate = next(c for c in report["checks"] if c["metric"] == "perplexity_increase")
     assert gate["threshold"] == PERPLEXITY_GATE and gate["passed"]
-    assert logits["perplexity_increase"] <= PERPLEXITY_GATE
     assert logits["perplexity_candidate"] != logits["perplexity_reference"], "a different graph, not the reference"
+    assert abs(logits["perplexity_increase"]) < 0.01  # measured +0.01%: the norm statistics stay FP32
+    assert logits["cosine_mean"] > 0.999 and logits["greedy_token_agreement"] >= 0.95
     assert logits["greedy_prompts"] == GREEDY_PROMPTS and logits["greedy_new_tokens"] == 32
-    if precision == "fp16":  # FP16 with the FP32 norm statistics is close to exact
-        assert abs(logits["perplexity_increase"]) < 0.01
-        assert logits["cosine_mean"] > 0.999 and logits["greedy_token_agreement"] >= 0.95
-    else:
-        assert logits["cosine_mean"] > 0.9 and logits["greedy_token_agreement"] >= 0.6
-    assert report["size"]["quantized_bytes"] < 0.6 * report["size"]["fp32_bytes"]
+    assert logits["rows"] == 4 * 128  # logits statistics over every token of the first held-out chunks
+    assert 0.45 < report["size"]["ratio"] < 0.55
+
+
+def test_int8_fallback_ranks_the_outlier_matmuls_first(trt_llm_build) -> None:
+    """271 MatMuls are too many to probe one by one: nodes are ranked by their own quantization error, which puts
+    the down_proj MatMuls fed by SmolLM2's massive activations (|x| ~ 3000 against a p99.9 of ~1.4) first."""
+    summary = json.loads(trt_llm_build("int8").outputs["precision"].path("precision.json").read_text())
+    assert summary["sensitivity_ranked_by"] == "local quantization error"
+    ranked = [name for name, _ in summary["sensitivity_top"]]
+    assert all("/mlp/down_proj/" in name for name in ranked[:5]), ranked[:5]
+    assert {"/model/model/layers.11/mlp/down_proj/MatMul", "/model/model/layers.28/mlp/down_proj/MatMul"} <= set(ranked[:3])
+    assert summary["kept_higher_precision"] == ranked[:1]
+    assert 0.0 < summary["calibration_perplexity_ratio"] < 1.0 and summary["target_perplexity_ratio"] == round(1 / 1.07, 6)
 
 
 def test_bundle_profiles_cover_batch_sequence_and_past_axes(trt_llm_build) -> None:
@@ -199,7 +212,7 @@ def test_published_build_holds_the_bundle(trt_llm_build) -> None:
 @pytest.mark.gpu
 def test_engine_build_and_polygraphy_parity_on_a_gpu_host(trt_llm_build) -> None:
     """With TensorRT 11 and a GPU the bundle stage builds the two-profile engine and gates its prefill logits."""
-    bundle = trt_llm_build("int8").outputs["bundle"]
+    bundle = trt_llm_build("fp16").outputs["bundle"]
     assert bundle.metrics["engine"] == "built"
     report = json.loads((bundle.directory / "engine_parity.json").read_text())
     assert report["status"] == "pass" and np.isfinite(report["outputs"]["logits"]["cosine_mean"])
