@@ -216,3 +216,18 @@ def test_engine_build_and_polygraphy_parity_on_a_gpu_host(trt_llm_build) -> None
     assert bundle.metrics["engine"] == "built"
     report = json.loads((bundle.directory / "engine_parity.json").read_text())
     assert report["status"] == "pass" and np.isfinite(report["outputs"]["logits"]["cosine_mean"])
+
+
+def test_explicit_profile_and_gate_shape_the_decoder_profiles() -> None:
+    from pipeline.llm.trt import decoder_profiles, fallback_target
+
+    config = load_config(None, {"target": "trt", "model": {"task": "text-generation"},
+                                "trt": {"batch": [1, 2, 4], "sequence": [4, 64, 256]},
+                                "verify": {"max_perplexity_increase": 0.05}})
+    profiles = decoder_profiles(config, {"layers": 2, "kv_heads": 3, "head_dim": 64}, [10, 20, 30])
+    prefill, decode = (p["shapes"] for p in profiles["profiles"])
+    assert prefill["input_ids"] == {"min": "1x4", "opt": "2x64", "max": "4x256"}
+    assert prefill["past_key_values.1.value"] == {"min": "1x3x0x64", "opt": "2x3x0x64", "max": "4x3x0x64"}
+    assert decode["attention_mask"] == {"min": "1x2", "opt": "2x129", "max": "4x256"}
+    assert decode["past_key_values.0.key"]["max"] == "4x3x255x64" and profiles["derived_from_prompts"] is False
+    assert fallback_target(config) == round(1 / 1.04, 6)
