@@ -60,7 +60,7 @@ def _cast_to(node: onnx.NodeProto) -> int:
 
 
 def drop_fp16_round_trips(graph: onnx.GraphProto) -> int:
-    """Readers of Cast(FLOAT)(Cast(FLOAT16)(x)) with x FP32 read x itself; the unused Casts go. Returns readers rewired."""
+    """Readers of Cast(FLOAT)(Cast(FLOAT16)(x)) with x FP32 read x itself; unused Casts go. Returns readers rewired."""
     fp32 = {value.name for value in [*graph.value_info, *graph.input]
             if value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
     producers = {name: node for node in graph.node for name in node.output}

@@ -5,8 +5,8 @@ score on the calibration samples (the primary output's mean cosine; for decoder 
 perplexity ratio), each node's sensitivity is measured (the score lost when only that node is
 quantized) and the most sensitive nodes are left unquantized, one at a time, until the target is
 met. A graph of more than PROBE_LIMIT nodes (an LLM: 271 MatMuls, ~5 s per probe) is ranked by
-each node's own quantization error on the calibration samples instead. `best` does the same with INT8 and puts the whole graph in FP16 (the
-unquantized nodes then run in FP16, the sensitive ops in FP32).
+each node's own quantization error on the calibration samples instead. `best` does the same with
+INT8 and puts the whole graph in FP16 (the unquantized nodes then run in FP16, the sensitive ops in FP32).
 """
 
 from __future__ import annotations
