@@ -54,10 +54,13 @@ def build_engine(config: dict[str, Any], base_dir: Path) -> dict[str, Any]:
     builder_config = builder.create_builder_config()
     builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(config["workspace_bytes"]))
     builder_config.builder_optimization_level = int(config["builder_optimization_level"])
-    profile = builder.create_optimization_profile()
-    for name, shapes in config["profile"].items():
-        profile.set_shape(name, _dims(shapes["min"]), _dims(shapes["opt"]), _dims(shapes["max"]))
-    builder_config.add_optimization_profile(profile)
+    # Decoder LLMs: several profiles (prefill, decode); the runtime selects one per execution context.
+    profiles = [entry["shapes"] for entry in config["profiles"]] if "profiles" in config else [config["profile"]]
+    for shapes_by_input in profiles:
+        profile = builder.create_optimization_profile()
+        for name, shapes in shapes_by_input.items():
+            profile.set_shape(name, _dims(shapes["min"]), _dims(shapes["opt"]), _dims(shapes["max"]))
+        builder_config.add_optimization_profile(profile)
 
     cache_bytes = cache_path.read_bytes() if cache_path.is_file() else b""
     timing_cache = builder_config.create_timing_cache(cache_bytes)

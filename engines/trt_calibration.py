@@ -81,7 +81,7 @@ def collect_activation_stats(
     return stats
 
 
-def _quantize_dequantize(values: np.ndarray, scale: float, fp8: bool) -> np.ndarray:
+def quantize_dequantize(values: np.ndarray, scale: float, fp8: bool) -> np.ndarray:
     if fp8:
         import ml_dtypes
 
@@ -104,6 +104,6 @@ def activation_amax(stats: TensorStats, method: str, percentile: float = 99.99, 
         if sample.size > MSE_SAMPLE:
             sample = sample[np.random.default_rng(0).integers(0, sample.size, MSE_SAMPLE)]
         candidates = stats.absmax * np.linspace(1.0 / MSE_CANDIDATES, 1.0, MSE_CANDIDATES)
-        errors = [float(np.mean((_quantize_dequantize(sample, c / top, fp8) - sample) ** 2)) for c in candidates]
+        errors = [float(np.mean((quantize_dequantize(sample, c / top, fp8) - sample) ** 2)) for c in candidates]
         return float(candidates[int(np.argmin(errors))])
     raise ValueError(f"unknown calibration method '{method}' (max, percentile, mse)")

@@ -183,6 +183,10 @@ class VerifyConfig(_Strict):
     localize_batches: int = Field(
         2, ge=1, le=64, description="Held-out batches the layer localization runs (every tensor is kept per batch)."
     )
+    greedy_prompts: Optional[int] = Field(
+        None, ge=1, le=20,
+        description="LLMs: held-out prompts both graphs decode greedily (32 new tokens each). Empty: all 20.",
+    )
 
 
 class TrtConfig(_Strict):
@@ -198,7 +202,8 @@ class TrtConfig(_Strict):
     fallback_target: Optional[float] = Field(
         None, ge=-1.0, le=1.0,
         description="Mean cosine of the primary output, on the calibration samples, that the quantized graph must "
-        "reach; the most sensitive MatMuls are kept in higher precision until it does. Empty: the parity gate + 0.003.",
+        "reach; the most sensitive MatMuls are kept in higher precision until it does. Empty: the parity gate + 0.003. "
+        "Decoder LLMs: the perplexity ratio FP32 / candidate instead. Empty: 1 / (1 + perplexity gate - 0.01).",
     )
     max_fallback_nodes: int = Field(12, ge=0, description="At most this many MatMul/Gemm/Conv nodes kept in higher precision.")
     batch: Optional[tuple[int, int, int]] = Field(

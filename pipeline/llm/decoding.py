@@ -114,13 +114,18 @@ def token_log_likelihood(decoder: KVDecoder, sequences: Sequence[np.ndarray]) ->
     """Summed log-probability of every next token of the sequences, and how many tokens were scored."""
     total, count = 0.0, 0
     for ids in sequences:
-        logits = decoder.logits(ids[None, :].astype(np.int64))[0, :-1].astype(np.float64)
-        targets = ids[1:]
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-        total += float(log_probs[np.arange(len(targets)), targets].sum())
-        count += len(targets)
+        total += next_token_log_likelihood(decoder.logits(ids[None, :].astype(np.int64))[0], ids)
+        count += len(ids) - 1
     return total, count
+
+
+def next_token_log_likelihood(logits: np.ndarray, ids: np.ndarray) -> float:
+    """Summed log-probability of ids[1:] under the logits [sequence, vocab] of one sequence."""
+    shifted = logits[:-1].astype(np.float64)
+    shifted -= shifted.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    targets = ids[1:]
+    return float(log_probs[np.arange(len(targets)), targets].sum())
 
 
 def perplexity(decoder: KVDecoder, sequences: Sequence[np.ndarray]) -> float:

@@ -3,6 +3,7 @@
 cpu: export -> optimize -> calibrate -> quantize -> verify
 cpu, decoder LLMs: export (with KV cache) -> calibrate -> quantize (weight-only) -> verify
 trt: export -> calibrate -> precision -> verify -> bundle
+trt, decoder LLMs: export (with KV cache) -> calibrate -> precision -> verify (LLM parity) -> bundle
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ def stages_for(config: BuildConfig) -> list[Stage]:
     if config.target == "trt":
         path = config.model.path or ""
         if config.model.task == "text-generation" or path.endswith(".gguf") or _is_decoder_folder(path):
-            from pipeline.errors import ConfigError
+            from pipeline.stages.llm_calibrate import LlmCalibrateStage
+            from pipeline.stages.llm_export import LlmExportStage
+            from pipeline.stages.llm_verify import LlmVerifyStage
 
-            raise ConfigError("--target trt does not take decoder LLMs yet; build them with --target cpu")
+            return _trt_stages(config, LlmExportStage(), LlmCalibrateStage(), LlmVerifyStage())
         return _trt_stages(config, ExportStage(), CalibrateStage(), VerifyStage())
     if is_decoder_build(config):
         from pipeline.stages.llm_calibrate import LlmCalibrateStage

@@ -20,6 +20,9 @@ from typing import Any
 from engines import tensorrt as trt_engine
 from pipeline.config import BuildConfig
 from pipeline.hashing import file_sha256
+from pipeline.llm.trt import (
+    ENGINE_CHECK_CHUNKS, decoder_profiles, is_decoder, perplexity_ratio, prefill_feeds, prompt_token_counts,
+)
 from pipeline.models import ModelInfo
 from pipeline.stages.base import Stage, StageContext
 
@@ -55,15 +58,18 @@ def optimization_profile(config: BuildConfig, model: ModelInfo, lengths: dict[st
 
 
 def trtexec_command(build_config: dict[str, Any]) -> list[str]:
-    """trtexec 11: no --int8/--fp16/--best (the graph carries its precision)."""
-    shapes = build_config["profile"]
+    """trtexec 11: no --int8/--fp16/--best (the graph carries its precision); `--profile=N` before each of several profiles."""
+    profiles = [p["shapes"] for p in build_config["profiles"]] if "profiles" in build_config else [build_config["profile"]]
 
-    def joined(kind: str) -> str:
+    def joined(shapes: dict[str, dict[str, str]], kind: str) -> str:
         return ",".join(f"{name}:{dims[kind]}" for name, dims in shapes.items())
 
+    shape_flags = []
+    for index, shapes in enumerate(profiles):
+        shape_flags += [f"--profile={index}"] if len(profiles) > 1 else []
+        shape_flags += [f"--{kind}Shapes={joined(shapes, kind)}" for kind in ("min", "opt", "max")]
     return [
-        "trtexec", f"--onnx={build_config['onnx']}", f"--saveEngine={build_config['engine']}",
-        f"--minShapes={joined('min')}", f"--optShapes={joined('opt')}", f"--maxShapes={joined('max')}",
+        "trtexec", f"--onnx={build_config['onnx']}", f"--saveEngine={build_config['engine']}", *shape_flags,
         f"--memPoolSize=workspace:{build_config['workspace_bytes'] // (1024 * 1024)}M",
         f"--builderOptimizationLevel={build_config['builder_optimization_level']}",
         f"--timingCacheFile={build_config['timing_cache']}",
@@ -104,7 +110,7 @@ class BundleStage(Stage):
             _link_or_copy(precision.path(name), out / name)
         for name in ("parity.json", "parity.md"):
             _link_or_copy(verify.path(name), out / name)
-        profile = optimization_profile(config, model, context.input("calibrate").metrics["calibration_tokens"])
+        profiles = self._profiles(context)
         build_config = {
             "format": "quantpipe-trt-bundle/1",
             "tensorrt": ">=11,<12",
@@ -114,9 +120,7 @@ class BundleStage(Stage):
             "timing_cache": TIMING_CACHE,
             "workspace_bytes": config.trt.workspace_mib * 1024 * 1024,
             "builder_optimization_level": config.trt.builder_optimization_level,
-            "profile": profile["shapes"],
-            "profile_ranges": {"batch": profile["batch"], "sequence": profile["sequence"],
-                               "derived_from_calibration": profile["derived_from_calibration"]},
+            **profiles["build_config"],
             "outputs": list(model.task.output_names),
         }
         (out / "build_config.json").write_text(json.dumps(build_config, indent=2) + "\n", encoding="utf-8")
@@ -126,7 +130,7 @@ class BundleStage(Stage):
             f'cd "$(dirname "$0")" && {command}\n', encoding="utf-8")
         (out / TRTEXEC_FILE).chmod(0o755)
         shutil.copyfile(trt_engine.__file__, out / BUILD_SCRIPT)
-        metrics: dict[str, Any] = {"trtexec": command, "profile": profile, "precision": config.trt.precision}
+        metrics: dict[str, Any] = {"trtexec": command, "profile": profiles["metrics"], "precision": config.trt.precision}
         missing = trt_engine.tensorrt_missing_reason()
         if missing:
             metrics["engine"] = f"not built: {missing}"
@@ -139,6 +143,22 @@ class BundleStage(Stage):
         else:
             metrics.update(self._build_engine(context, out, build_config))
         return metrics
+
+    def _profiles(self, context: StageContext) -> dict[str, Any]:
+        """Encoders: one profile from the calibration lengths. Decoder LLMs: a prefill and a decode profile."""
+        config, model = context.config, context.model
+        if is_decoder(model):
+            export, calibrate = context.input("export"), context.input("calibrate")
+            prompts = prompt_token_counts(calibrate.path("prompts.json"), export.path("tokenizer"))
+            profiles = decoder_profiles(config, export.metrics, prompts)
+            ranges = {k: v for k, v in profiles.items() if k != "profiles"}
+            return {"build_config": {"profiles": profiles["profiles"], "profile_ranges": ranges}, "metrics": ranges}
+        profile = optimization_profile(config, model, context.input("calibrate").metrics["calibration_tokens"])
+        return {"build_config": {
+            "profile": profile["shapes"],
+            "profile_ranges": {"batch": profile["batch"], "sequence": profile["sequence"],
+                               "derived_from_calibration": profile["derived_from_calibration"]},
+        }, "metrics": profile}
 
     def _build_engine(self, context: StageContext, out: Path, build_config: dict[str, Any]) -> dict[str, Any]:
         """Build the engine, then compare it with the FP32 graph through Polygraphy's TensorRT runner."""
@@ -155,14 +175,25 @@ class BundleStage(Stage):
         result = trt_engine.build_engine(build_config, out)
         task = context.model.task
         outputs = list(task.output_names)
-        batches = load_batches(context.input("calibrate").path("heldout.safetensors"))
+        heldout = context.input("calibrate").path("heldout.safetensors")
+        decoder = is_decoder(context.model)  # prefill feeds (profile 0) of held-out text, logits only
+        batches = (prefill_feeds(heldout, context.input("export").metrics, ENGINE_CHECK_CHUNKS) if decoder
+                   else load_batches(heldout))
         with OrtRunner(context.input("export").path("model.onnx"), output_names=outputs) as runner:
             reference = [runner.infer(batch) for batch in batches]
         engine = engine_outputs(out / ENGINE_FILE, batches, outputs)
         masks = [batch["attention_mask"] for batch in batches]
         metrics = {name: compare_output(name, [r[name] for r in reference], [e[name] for e in engine], masks,
                                         name == "logits") for name in outputs}
-        checks = evaluate(metrics, trt_thresholds_for(task, context.config.verify, context.config.trt.precision))
+        if decoder:
+            from pipeline.gates import evaluate_values
+            from pipeline.stages.llm_verify import llm_thresholds
+
+            ratio = perplexity_ratio([r["logits"] for r in reference], [e["logits"] for e in engine], batches)
+            values = {"logits": {**metrics["logits"].to_dict(), "perplexity_increase": 1.0 / ratio - 1.0}}
+            checks = evaluate_values(values, llm_thresholds(context.config))
+        else:
+            checks = evaluate(metrics, trt_thresholds_for(task, context.config.verify, context.config.trt.precision))
         failures = [check.description for check in checks if not check.passed]
         report = {"reference": "FP32 ONNX (exported), ONNX Runtime", "candidate": "TensorRT engine (Polygraphy TrtRunner)",
                   "outputs": {name: m.to_dict() for name, m in metrics.items()}, "checks": [vars(c) for c in checks],

@@ -1,4 +1,7 @@
-"""verify (decoder LLMs): perplexity, greedy agreement, logits statistics and decode speed; the parity reports."""
+"""verify (decoder LLMs): perplexity, greedy agreement, logits statistics and decode speed; the parity reports.
+
+The candidate is the weight-only graph (cpu) or the graph carrying its TensorRT precision, run in ONNX Runtime (trt).
+"""
 
 from __future__ import annotations
 
@@ -31,10 +34,14 @@ class LlmVerifyStage(Stage):
     outputs = REPORT_FILES
 
     def depends_on(self, config: BuildConfig) -> tuple[str, ...]:
-        return ("export", "calibrate", "quantize")
+        # TensorRT: the graph that carries its precision, simulated in ONNX Runtime on the CPU
+        return ("export", "calibrate", "precision" if config.target == "trt" else "quantize")
 
     def config_slice(self, config: BuildConfig, model: ModelInfo) -> dict[str, Any]:
-        return {"verify": config.verify.model_dump(mode="json"), "task": model.task.name}
+        slice_ = {"verify": config.verify.model_dump(mode="json"), "task": model.task.name}
+        if config.target == "trt":
+            slice_["trt_precision"] = config.trt.precision
+        return slice_
 
     def run(self, context: StageContext, out: Path) -> dict[str, Any]:
         from transformers import AutoTokenizer
@@ -42,26 +49,27 @@ class LlmVerifyStage(Stage):
         from pipeline.llm.parity import llm_parity
         from pipeline.stages.llm_calibrate import load_chunks
 
-        export, calibrate, quantize = context.input("export"), context.input("calibrate"), context.input("quantize")
+        export, calibrate = context.input("export"), context.input("calibrate")
+        candidate = context.input(self.depends_on(context.config)[-1])
         tokenizer = AutoTokenizer.from_pretrained(str(export.path("tokenizer")))
-        prompts = [tokenizer(text).input_ids for text in json.loads(calibrate.path("prompts.json").read_text())]
+        texts = json.loads(calibrate.path("prompts.json").read_text())[: context.config.verify.greedy_prompts]
+        prompts = [tokenizer(text).input_ids for text in texts]
         heldout = load_chunks(calibrate.path("heldout.safetensors"))
-        result = llm_parity(export.path("model.onnx"), quantize.path("model.onnx"), heldout, prompts,
+        result = llm_parity(export.path("model.onnx"), candidate.path("model.onnx"), heldout, prompts,
                             threads=0, on_progress=context.progress.info)
         metrics = {**result["metrics"], "histogram": result["histogram"]}
         thresholds = llm_thresholds(context.config)
         checks = evaluate_values({"logits": metrics}, thresholds)
         failures = [check.description for check in checks if not check.passed]
-        q = quantize.metrics
+        size = _sizes(export.path("model.onnx"), candidate.path("model.onnx"))
         report = {
             "schema_version": 1,
             "status": "fail" if failures else "pass",
             "task": context.model.task.name,
             "primary_output": "logits",
             "reference": {"description": "FP32 ONNX (KV cache)", "sha256": export.files["model.onnx"]},
-            "candidate": {"description": f"{q['algorithm'].upper()} {q['bits']}-bit weight-only ONNX "
-                                         f"(block {q['block_size']}, lm_head {q['lm_head']}, embeddings {q['embeddings']})",
-                          "sha256": quantize.files["model.onnx"]},
+            "candidate": {"description": _describe_candidate(context.config, candidate.metrics),
+                          "sha256": candidate.files["model.onnx"]},
             "heldout": {"source": calibrate.metrics["source"], "samples": calibrate.metrics["heldout_samples"],
                         "batches": len(heldout)},
             "thresholds": [{"output": o, "metric": m, "threshold": v, "relation": relation(m)}
@@ -70,7 +78,7 @@ class LlmVerifyStage(Stage):
             "checks": [vars(check) for check in checks],
             "failures": failures,
             "export_parity": dict(sorted(export.metrics["torch_parity_max_abs"].items())),
-            "size": {"fp32_bytes": q["fp32_bytes"], "quantized_bytes": q["quantized_bytes"], "ratio": q["size_ratio"]},
+            "size": size,
             "evaluation": None,
             "localization": None,
         }
@@ -82,3 +90,19 @@ class LlmVerifyStage(Stage):
             f"decode {m['decode_tokens_per_s_reference']:.1f} -> {m['decode_tokens_per_s_candidate']:.1f} tok/s"
             + (f"; FAILED: {'; '.join(failures)}" if failures else "; passed"))
         return {"passed": not failures, "failures": failures, "primary": m}
+
+
+def _describe_candidate(config: BuildConfig, metrics: dict[str, Any]) -> str:
+    if config.target == "trt":
+        from pipeline.stages.verify import TRT_KINDS
+
+        kept = metrics.get("kept_higher_precision") or []
+        fallback = f", {len(kept)} MatMul(s) kept in {metrics.get('kept_precision')}" if kept else ""
+        return f"TensorRT {TRT_KINDS[config.trt.precision]} ONNX{fallback}, simulated in ONNX Runtime (CPU)"
+    return (f"{metrics['algorithm'].upper()} {metrics['bits']}-bit weight-only ONNX "
+            f"(block {metrics['block_size']}, lm_head {metrics['lm_head']}, embeddings {metrics['embeddings']})")
+
+
+def _sizes(reference: Path, candidate: Path) -> dict[str, Any]:
+    fp32_bytes, quantized_bytes = reference.stat().st_size, candidate.stat().st_size
+    return {"fp32_bytes": fp32_bytes, "quantized_bytes": quantized_bytes, "ratio": round(quantized_bytes / fp32_bytes, 4)}

@@ -14,6 +14,8 @@ from typing import Any
 from calibration.batches import load_batches
 from engines.trt_precision import build_precision_graph
 from pipeline.config import BuildConfig
+from pipeline.llm.trt import PERPLEXITY_RATIO, PRECISION_CHUNKS, is_decoder, prefill_feeds
+from pipeline.llm.trt import fallback_target as llm_fallback_target
 from pipeline.models import ModelInfo
 from pipeline.parity import trt_min_cosine
 from pipeline.stages.base import Stage, StageContext
@@ -22,6 +24,8 @@ FALLBACK_MARGIN = 0.003  # calibration-set cosine is in-sample: aim this much ab
 
 
 def fallback_target(config: BuildConfig, model: ModelInfo) -> float:
+    if is_decoder(model):
+        return llm_fallback_target(config)
     if config.trt.fallback_target is not None:
         return config.trt.fallback_target
     return min(trt_min_cosine(config, model.task) + FALLBACK_MARGIN, 1.0)
@@ -29,7 +33,7 @@ def fallback_target(config: BuildConfig, model: ModelInfo) -> float:
 
 class PrecisionStage(Stage):
     name = "precision"
-    version = 2
+    version = 3  # 3: decoder LLMs; the summary names how nodes were ranked
     outputs = ("model.onnx", "precision.json")
 
     def depends_on(self, config: BuildConfig) -> tuple[str, ...]:
@@ -48,17 +52,24 @@ class PrecisionStage(Stage):
 
     def run(self, context: StageContext, out: Path) -> dict[str, Any]:
         settings = context.config.trt
+        calibration = context.input("calibrate").path("calibration.safetensors")
+        if is_decoder(context.model):  # prefill feeds of real text; held to the perplexity gate
+            batches = prefill_feeds(calibration, context.input("export").metrics, PRECISION_CHUNKS)
+            extra: dict[str, Any] = {"score": PERPLEXITY_RATIO}
+        else:
+            batches, extra = load_batches(calibration), {}
         summary = build_precision_graph(
             context.input("export").path("model.onnx"),
             out / "model.onnx",
             settings.precision,
-            load_batches(context.input("calibrate").path("calibration.safetensors")),
+            batches,
             context.model.task.primary_output,
             fallback_target(context.config, context.model),
             method=settings.calibration_method,
             percentile=settings.percentile,
             max_fallback_nodes=settings.max_fallback_nodes,
             log=context.progress.info,
+            **extra,
         )
         (out / "precision.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         summary.pop("activation_amax", None)  # in precision.json; too long for the manifest

@@ -61,6 +61,33 @@ def test_small_graph_keeps_normalization_statistics_and_softmax_in_fp32(tmp_path
         np.testing.assert_allclose(fp16.infer({"x": x})["y"], fp32.infer({"x": x})["y"], atol=2e-3)
 
 
+def test_rmsnorm_statistics_of_outliers_stay_finite(tmp_path) -> None:
+    """x^2 of an LLM's outlier activation (|x| ~ 1000) exceeds FP16's 65504: Pow -> ReduceMean must stay FP32
+    in between (the converter's FP32 -> FP16 -> FP32 round trip made it inf; SmolLM2's perplexity 69 -> 41,800)."""
+    from engines.onnxruntime_cpu import OrtRunner
+
+    two = numpy_helper.from_array(np.array(2.0, np.float32), "two")
+    eps = numpy_helper.from_array(np.array(1e-5, np.float32), "eps")
+    nodes = [helper.make_node("Pow", ["x", "two"], ["squared"], name="pow"),
+             helper.make_node("ReduceMean", ["squared"], ["variance"], axes=[-1], name="variance"),
+             helper.make_node("Add", ["variance", "eps"], ["shifted"], name="add"),
+             helper.make_node("Sqrt", ["shifted"], ["rms"], name="sqrt"),
+             helper.make_node("Div", ["x", "rms"], ["y"], name="normalize")]
+    graph = helper.make_graph(nodes, "rmsnorm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [two, eps])
+    original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    converted = convert_to_fp16(original)
+    onnx.checker.check_model(converted, full_check=True)
+    assert not [n for n in converted.graph.node if n.op_type == "Cast" and n.output[0] == "squared"]
+    onnx.save(original, str(tmp_path / "fp32.onnx"))
+    onnx.save(converted, str(tmp_path / "fp16.onnx"))
+    x = np.array([[1200.0, -3.0, 0.5, 2.0], [0.1, -0.2, 0.3, 0.4]], np.float32)
+    with OrtRunner(tmp_path / "fp32.onnx") as fp32, OrtRunner(tmp_path / "fp16.onnx") as fp16:
+        expected, actual = fp32.infer({"x": x})["y"], fp16.infer({"x": x})["y"]
+    assert np.isfinite(actual).all() and np.abs(actual).max() > 1.0
+    np.testing.assert_allclose(actual, expected, rtol=5e-3, atol=2e-3)
+
+
 @pytest.fixture(scope="module")
 def fp16_model(trt_build) -> onnx.ModelProto:
     return onnx.load(str(trt_build("fp16").outputs["precision"].path("model.onnx")))

@@ -15,12 +15,14 @@ pytest.importorskip("gguf")
 
 
 @pytest.fixture(scope="module")
-def llm_stages(tmp_path_factory: pytest.TempPathFactory):
+def llm_stages(llm_base_stages, tmp_path_factory: pytest.TempPathFactory):
     from pipeline.config import load_config
     from pipeline.progress import Progress
     from pipeline.runner import run_build
+    from tests.helpers import seed_stage_cache
 
     build_dir = tmp_path_factory.mktemp("llm-build")
+    seed_stage_cache(build_dir, llm_base_stages, ("export", "calibrate"))  # the session's export, built once
     config = load_config(None, {
         "output_dir": str(build_dir),
         "model": {"task": "text-generation"},
