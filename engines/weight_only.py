@@ -65,7 +65,10 @@ def _ort_quantize(model: onnx.ModelProto, bits: int, block_size: int, symmetric:
         accuracy_level=ACCURACY_LEVEL,
         quant_axes=(("MatMul", 0), ("Gather", 1)),
     )
-    quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=list(exclude), nodes_to_include=list(include) if include else None,
+    excluded = list(exclude)
+    if include is not None:  # its nodes_to_include adds to op_types_to_quantize, it does not restrict them
+        excluded += [node.name for node in model.graph.node if node.op_type in op_types and node.name not in include]
+    quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=excluded, nodes_to_include=list(include) if include else None,
                                      algo_config=config)
     # It logs an ERROR for every non-constant Gather it is offered and cannot quantize (the shape Gathers).
     logging.getLogger("onnxruntime.quantization").setLevel(logging.CRITICAL)
