@@ -60,7 +60,8 @@ class LlmVerifyStage(Stage):
             "primary_output": "logits",
             "reference": {"description": "FP32 ONNX (KV cache)", "sha256": export.files["model.onnx"]},
             "candidate": {"description": f"{q['algorithm'].upper()} {q['bits']}-bit weight-only ONNX "
-                                         f"(block {q['block_size']}, lm_head {q['lm_head']}, embeddings {q['embeddings']})",
+                                         f"(block {q['block_size']}, zero points {q.get('zero_point', 'int')}, "
+                                         f"lm_head {q['lm_head']}, embeddings {q['embeddings']})",
                           "sha256": quantize.files["model.onnx"]},
             "heldout": {"source": calibrate.metrics["source"], "samples": calibrate.metrics["heldout_samples"],
                         "batches": len(heldout)},
