@@ -21,9 +21,13 @@ class LlmQuantizeStage(Stage):
         return ("export",) if config.quantization.mode == "rtn" else ("export", "calibrate")
 
     def config_slice(self, config: BuildConfig, model: ModelInfo) -> dict[str, Any]:
+        from engines.weight_only import uses_float_offsets
+
         q = config.quantization
+        # The zero-point option only changes 4-bit asymmetric RTN: GPTQ/AWQ must not re-run for it.
+        zero_point = "float" if uses_float_offsets(q.mode, q.weight_bits, q.symmetric, q.zero_point) else "int"
         return {"mode": q.mode, "weight_bits": q.weight_bits, "block_size": q.block_size, "symmetric": q.symmetric,
-                "zero_point": q.zero_point, "lm_head": q.lm_head, "embeddings": q.embeddings, "exclude": q.exclude}
+                "zero_point": zero_point, "lm_head": q.lm_head, "embeddings": q.embeddings, "exclude": q.exclude}
 
     def run(self, context: StageContext, out: Path) -> dict[str, Any]:
         from calibration.readers import BatchReader

@@ -137,6 +137,10 @@ def test_config_refuses_what_decoders_cannot_do() -> None:
 
     with pytest.raises(ConfigError, match="4-bit only"):
         load_config(None, {"quantization": {"mode": "gptq", "weight_bits": 8}})
+    with pytest.raises(ConfigError, match="zero_point float is for 4-bit asymmetric rtn only"):
+        load_config(None, {"quantization": {"mode": "awq", "zero_point": "float"}})
+    defaults = load_config(None, {"quantization": {"mode": "gptq"}}).quantization
+    assert not defaults.symmetric and defaults.zero_point == "float"  # GPTQ then uses integer zero points
     with pytest.raises(ConfigError, match="text-generation"):
         load_config(None, {"model": {"task": "feature-extraction"}, "quantization": {"mode": "awq"}})
     with pytest.raises(ConfigError, match="rtn, gptq or awq"):
