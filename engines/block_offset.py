@@ -96,20 +96,26 @@ def replace_matmuls(model: onnx.ModelProto, node_names: set[str], block_size: in
     sum_matrices: dict[int, str] = {}
     new_nodes: list[onnx.NodeProto] = []
     replaced: list[str] = []
+    packed: set[str] = set()
     for node in model.graph.node:
         weight = constants.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        if node.name not in node_names or weight is None or len(weight.dims) != 2 or weight.dims[0] % block_size:
+        if (node.name not in node_names or weight is None or weight.data_type != TensorProto.FLOAT
+                or len(weight.dims) != 2 or weight.dims[0] % block_size):
             new_nodes.append(node)
             continue
         k, n = (int(d) for d in weight.dims)
-        blocks = quantize_offset_blocks(numpy_helper.to_array(weight), block_size)
         base = weight.name
-        model.graph.initializer.extend([
-            numpy_helper.from_array(blocks.packed, f"{base}_Q4"),
-            numpy_helper.from_array(blocks.scales, f"{base}_scales"),
-            numpy_helper.from_array(blocks.zero_points, f"{base}_zero_points"),
-            numpy_helper.from_array(blocks.residuals, f"{base}_residuals_fp16"),
-        ])
+        if base not in packed:  # a weight shared by several MatMuls is packed once
+            packed.add(base)
+            blocks = quantize_offset_blocks(numpy_helper.to_array(weight), block_size)
+            model.graph.initializer.extend([
+                numpy_helper.from_array(blocks.packed, f"{base}_Q4"),
+                numpy_helper.from_array(blocks.scales, f"{base}_scales"),
+                numpy_helper.from_array(blocks.zero_points, f"{base}_zero_points"),
+                numpy_helper.from_array(blocks.residuals, f"{base}_residuals_fp16"),
+            ])
+            new_nodes.append(helper.make_node("Cast", [f"{base}_residuals_fp16"], [f"{base}_residuals"],
+                                              name=f"{base}_ResidualCast", to=TensorProto.FLOAT))
         if k not in sum_matrices:
             sum_matrices[k] = f"block_sum_{k}x{k // block_size}"
             model.graph.initializer.append(numpy_helper.from_array(block_sum_matrix(k, block_size), sum_matrices[k]))
@@ -123,8 +129,6 @@ def replace_matmuls(model: onnx.ModelProto, node_names: set[str], block_size: in
             helper.make_node("MatMulNBits", [activation, f"{base}_Q4", f"{base}_scales", f"{base}_zero_points"],
                              [f"{output}_scaled"], name=f"{node.name}_Q4", domain="com.microsoft",
                              K=k, N=n, bits=BITS, block_size=block_size, accuracy_level=accuracy_level),
-            helper.make_node("Cast", [f"{base}_residuals_fp16"], [f"{base}_residuals"],
-                             name=f"{node.name}_ResidualCast", to=TensorProto.FLOAT),
             helper.make_node("MatMul", [block_sums[key], f"{base}_residuals"], [f"{output}_offset"],
                              name=f"{node.name}_Offset"),
             helper.make_node("Add", [f"{output}_scaled", f"{output}_offset"], [output], name=f"{node.name}_AddOffset"),

@@ -86,3 +86,22 @@ def test_a_weight_whose_rows_are_not_whole_blocks_is_left_alone() -> None:
     model = matmul_graph({"w": np.ones((48, 4), np.float32)}, 48)
     assert replace_matmuls(model, {"mm_w"}, BLOCK, 4) == []
     assert [node.op_type for node in model.graph.node] == ["MatMul"]
+
+
+def test_a_weight_shared_by_two_matmuls_is_packed_once() -> None:
+    weight = q4_1_weight(64, 8, seed=5)
+    nodes = [helper.make_node("MatMul", [name, "w"], [f"y_{name}"], name=f"mm_{name}") for name in ("a", "b")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 64]) for name in ("a", "b")],
+        [helper.make_tensor_value_info(f"y_{name}", TensorProto.FLOAT, [1, 8]) for name in ("a", "b")],
+        [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    assert len(replace_matmuls(model, {"mm_a", "mm_b"}, BLOCK, 0)) == 2
+    assert sorted(tensor.name for tensor in model.graph.initializer) == [
+        "block_sum_64x2", "w_Q4", "w_residuals_fp16", "w_scales", "w_zero_points"]
+    onnx.checker.check_model(model)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    a, b = (np.random.default_rng(seed).standard_normal((1, 64)).astype(np.float32) for seed in (6, 7))
+    y_a, y_b = session.run(None, {"a": a, "b": b})
+    np.testing.assert_allclose(y_a, a @ weight, atol=1e-4)
+    np.testing.assert_allclose(y_b, b @ weight, atol=1e-4)
