@@ -1,6 +1,8 @@
 """Weight-only quantization of decoder LLMs on the CPU (MatMulNBits / GatherBlockQuantized).
 
-- rtn (4 or 8 bits): ONNX Runtime's own `MatMulNBitsQuantizer` (round-to-nearest, block-wise).
+- rtn (4 or 8 bits): ONNX Runtime's own `MatMulNBitsQuantizer` (round-to-nearest, block-wise), except
+  4-bit asymmetric blocks with float zero points (the default): engines/block_offset.py, min-max blocks
+  whose minimum is kept as a float (GGUF Q4_1's grid), which ONNX Runtime's quantizer cannot write.
 - gptq / awq (4 bits): Intel Neural Compressor's ONNX algorithms (onnx-neural-compressor 1.0), calibrated
   on real text; they emit MatMulNBits only at 4 bits (other widths would be de-quantized FP32 weights).
 - lm_head and the token embedding have their own policy (fp32, int8 or int4): with tied embeddings the
@@ -18,14 +20,17 @@ from typing import Any, Literal, Optional, Sequence
 import onnx
 
 from pipeline.errors import InputError, StageError
+from engines.block_offset import replace_matmuls
 from engines.neural_compressor import name_all_nodes
 from pipeline.onnx_io import save_model
 
 Algorithm = Literal["rtn", "gptq", "awq"]
+ZeroPoint = Literal["int", "float"]
 Precision = Literal["fp32", "int8", "int4"]  # embeddings: fp32 or int4 (ORT 1.32 quantizes Gather to 4 bits only)
 BITS = {"int8": 8, "int4": 4}
-# MatMulNBits accuracy_level 4: int8 activations in the kernel. Measured on 2 cores, RTN 4-bit decode was
-# 2.5x slower than FP32 at level 0 (FP32 compute, weights de-quantized per call) and 2.7x faster at level 4.
+# MatMulNBits accuracy_level 4: int8 activations in the kernel. Measured on 2 cores with the default
+# float-offset blocks (README): decode 2.2x FP32 at level 4, 0.36x at level 0 (the 8-bit lm_head then
+# de-quantizes per call); perplexity +0.23% at level 4, +0.15% at level 0.
 ACCURACY_LEVEL = 4
 
 
@@ -61,7 +66,10 @@ def _ort_quantize(model: onnx.ModelProto, bits: int, block_size: int, symmetric:
         accuracy_level=ACCURACY_LEVEL,
         quant_axes=(("MatMul", 0), ("Gather", 1)),
     )
-    quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=list(exclude), nodes_to_include=list(include) if include else None,
+    excluded = list(exclude)
+    if include is not None:  # its nodes_to_include adds to op_types_to_quantize, it does not restrict them
+        excluded += [node.name for node in model.graph.node if node.op_type in op_types and node.name not in include]
+    quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=excluded, nodes_to_include=list(include) if include else None,
                                      algo_config=config)
     # It logs an ERROR for every non-constant Gather it is offered and cannot quantize (the shape Gathers).
     logging.getLogger("onnxruntime.quantization").setLevel(logging.CRITICAL)
@@ -115,9 +123,24 @@ def restore_dropped_constants(model: onnx.ModelProto, original: onnx.ModelProto)
     return len(missing)
 
 
+def uses_float_offsets(algorithm: Algorithm, bits: int, symmetric: bool, zero_point: ZeroPoint) -> bool:
+    """Float zero points exist for 4-bit asymmetric RTN only: Neural Compressor's GPTQ/AWQ and ONNX Runtime's
+    8-bit quantizer write integer zero points."""
+    return algorithm == "rtn" and bits == 4 and not symmetric and zero_point == "float"
+
+
+def _rtn_float_offsets(model: onnx.ModelProto, block_size: int, keep: Sequence[str]) -> onnx.ModelProto:
+    constants = _initializers(model)
+    body = {node.name for node in model.graph.node if node.op_type == "MatMul" and node.name not in keep
+            and len(node.input) == 2 and node.input[1] in constants}
+    replaced = set(replace_matmuls(model, body, block_size, ACCURACY_LEVEL))
+    rest = sorted(body - replaced)  # K not a multiple of the block: ONNX Runtime's integer zero points
+    return _ort_quantize(model, 4, block_size, False, rest, [], ("MatMul",)) if rest else model
+
+
 def quantize_weight_only(fp32: Path, target: Path, algorithm: Algorithm, bits: int, block_size: int,
                          symmetric: bool, lm_head: Precision, embeddings: Precision, reader: Any = None,
-                         exclude: Sequence[str] = ()) -> dict[str, Any]:
+                         exclude: Sequence[str] = (), zero_point: ZeroPoint = "int") -> dict[str, Any]:
     """Quantize the MatMul weights of the body with `algorithm`, then lm_head and embeddings by their policy."""
     if algorithm != "rtn" and bits != 4:
         raise InputError(f"{algorithm} is 4-bit only here (Neural Compressor emits MatMulNBits only at 4 bits); "
@@ -126,16 +149,21 @@ def quantize_weight_only(fp32: Path, target: Path, algorithm: Algorithm, bits: i
     head = find_lm_head(original)
     embedding_nodes = find_embeddings(original)
     keep = [head, *exclude]
-    if algorithm == "rtn":
+    float_offsets = uses_float_offsets(algorithm, bits, symmetric, zero_point)
+    if float_offsets:
+        model = _rtn_float_offsets(original, block_size, keep)
+    elif algorithm == "rtn":
         model = _ort_quantize(original, bits, block_size, symmetric, None, keep, ("MatMul",))
     else:
         if reader is None:
             raise InputError(f"{algorithm} needs calibration data")
         model = _inc_quantize(fp32, algorithm, block_size, symmetric, keep, reader)
+    # Symmetric blocks for the vocabulary matrices whatever the body uses: GGUF stores them as Q8_0
+    # (symmetric), and ONNX Runtime's asymmetric blocks would force 0 into each range.
     if lm_head != "fp32":
-        model = _ort_quantize(model, BITS[lm_head], block_size, symmetric, [head], [], ("MatMul",))
+        model = _ort_quantize(model, BITS[lm_head], block_size, True, [head], [], ("MatMul",))
     if embeddings != "fp32" and embedding_nodes:
-        model = _ort_quantize(model, BITS[embeddings], block_size, symmetric, embedding_nodes, [], ("Gather",))
+        model = _ort_quantize(model, BITS[embeddings], block_size, True, embedding_nodes, [], ("Gather",))
     with tempfile.TemporaryDirectory(prefix="quantpipe-woq-", dir=target.parent) as scratch:
         staged = Path(scratch) / target.name
         save_model(model, staged)
@@ -148,6 +176,7 @@ def quantize_weight_only(fp32: Path, target: Path, algorithm: Algorithm, bits: i
         "bits": bits,
         "block_size": block_size,
         "symmetric": symmetric,
+        "zero_point": "none" if symmetric else ("float" if float_offsets else "int"),
         "lm_head": lm_head,
         "embeddings": embeddings,
         "lm_head_node": head,

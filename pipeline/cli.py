@@ -65,6 +65,8 @@ FLAG_KEYS = {
     "weight_bits": "quantization.weight_bits",
     "block_size": "quantization.block_size",
     "lm_head": "quantization.lm_head",
+    "symmetric": "quantization.symmetric",
+    "zero_point": "quantization.zero_point",
     "embeddings": "quantization.embeddings",
     "max_perplexity_increase": "verify.max_perplexity_increase",
     "min_token_agreement": "verify.min_token_agreement",
@@ -101,6 +103,9 @@ def cli() -> None:
               help="LLM weight-only bits (8: rtn only). [default: 4]")
 @click.option("--block-size", type=int, help="LLM weight-only block size (power of two). [default: 32]")
 @click.option("--lm-head", type=click.Choice(["fp32", "int8", "int4"]), help="LLM lm_head precision. [default: int8]")
+@click.option("--symmetric/--asymmetric", default=None, help="LLM weight-only blocks with or without zero points. [default: asymmetric]")
+@click.option("--zero-point", type=click.Choice(["int", "float"]),
+              help="LLM asymmetric 4-bit rtn: float block minimums (GGUF Q4_1 grid) or integer zero points. [default: float]")
 @click.option("--embeddings", type=click.Choice(["fp32", "int4"]),
               help="LLM token-embedding precision. [default: int4]")
 @click.option("--max-perplexity-increase", type=float, help="LLM parity gate: relative perplexity increase. [default: 0.08]")

@@ -106,7 +106,14 @@ class QuantizationConfig(_Strict):
     )
     weight_bits: Literal[4, 8] = Field(4, description="Weight-only (rtn/gptq/awq): bits per weight (8: rtn only).")
     block_size: int = Field(32, ge=16, le=256, description="Weight-only: weights per quantization block (power of two).")
-    symmetric: bool = Field(True, description="Weight-only: symmetric blocks (no zero points).")
+    symmetric: bool = Field(
+        False, description="Weight-only: symmetric blocks (no zero points); false: asymmetric blocks (min-max)."
+    )
+    zero_point: Literal["int", "float"] = Field(
+        "float", description="Weight-only asymmetric blocks: float: keep each block's minimum as a float offset "
+        "(value = scale * q + min, GGUF Q4_1's grid; rtn 4-bit only, exact on weights de-quantized from Q4_1); "
+        "int: integer zero points (ONNX Runtime's quantizer; what GPTQ/AWQ and 8-bit rtn always use)."
+    )
     lm_head: WeightPrecision = Field("int8", description="Weight-only: precision of the lm_head MatMul.")
     embeddings: Literal["fp32", "int4"] = Field(
         "int4", description="Weight-only: precision of the token embedding (int4: GatherBlockQuantized; "
@@ -143,6 +150,10 @@ class QuantizationConfig(_Strict):
             raise ValueError("format applies to static quantization only (--quant static)")
         if self.mode in ("gptq", "awq") and self.weight_bits != 4:
             raise ValueError(f"{self.mode} is 4-bit only; use --quant rtn for 8-bit weights")
+        if "zero_point" in self.model_fields_set and self.zero_point == "float" and (
+                self.mode in ("gptq", "awq") or self.weight_bits != 4 or self.symmetric):
+            raise ValueError("zero_point float is for 4-bit asymmetric rtn only (GPTQ/AWQ and 8-bit weights "
+                             "use integer zero points)")
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         return self

@@ -13,7 +13,7 @@ from pipeline.stages.base import Stage, StageContext
 
 class LlmQuantizeStage(Stage):
     name = "quantize"
-    version = 4  # Constants dropped by Neural Compressor restored
+    version = 5  # float-offset 4-bit RTN blocks (zero_point)
     outputs = ("model.onnx",)
 
     def depends_on(self, config: BuildConfig) -> tuple[str, ...]:
@@ -21,13 +21,17 @@ class LlmQuantizeStage(Stage):
         return ("export",) if config.quantization.mode == "rtn" else ("export", "calibrate")
 
     def config_slice(self, config: BuildConfig, model: ModelInfo) -> dict[str, Any]:
+        from engines.weight_only import uses_float_offsets
+
         q = config.quantization
+        # The zero-point option only changes 4-bit asymmetric RTN: GPTQ/AWQ must not re-run for it.
+        zero_point = "float" if uses_float_offsets(q.mode, q.weight_bits, q.symmetric, q.zero_point) else "int"
         return {"mode": q.mode, "weight_bits": q.weight_bits, "block_size": q.block_size, "symmetric": q.symmetric,
-                "lm_head": q.lm_head, "embeddings": q.embeddings, "exclude": q.exclude}
+                "zero_point": zero_point, "lm_head": q.lm_head, "embeddings": q.embeddings, "exclude": q.exclude}
 
     def run(self, context: StageContext, out: Path) -> dict[str, Any]:
         from calibration.readers import BatchReader
-        from engines.weight_only import quantize_weight_only
+        from engines.weight_only import quantize_weight_only, uses_float_offsets
         from pipeline.stages.llm_calibrate import calibration_feeds, load_chunks
 
         logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
@@ -40,10 +44,12 @@ class LlmQuantizeStage(Stage):
             m = export.metrics
             reader = BatchReader(calibration_feeds(chunks, m["layers"], m["kv_heads"], m["head_dim"]))
             context.progress.info(f"{q.mode.upper()} calibrated on {len(chunks)} chunks of real text")
-        context.progress.info(f"{q.mode} {q.weight_bits}-bit weights, block {q.block_size}; "
+        float_offsets = uses_float_offsets(q.mode, q.weight_bits, q.symmetric, q.zero_point)
+        scheme = "symmetric" if q.symmetric else "asymmetric, " + ("float offsets" if float_offsets else "integer zero points")
+        context.progress.info(f"{q.mode} {q.weight_bits}-bit weights, block {q.block_size} ({scheme}); "
                               f"lm_head {q.lm_head}, embeddings {q.embeddings}")
         summary = quantize_weight_only(fp32, out / "model.onnx", q.mode, q.weight_bits, q.block_size, q.symmetric,
-                                       q.lm_head, q.embeddings, reader, q.exclude)
+                                       q.lm_head, q.embeddings, reader, q.exclude, q.zero_point)
         fp32_bytes = fp32.stat().st_size
         quantized_bytes = (out / "model.onnx").stat().st_size
         return {

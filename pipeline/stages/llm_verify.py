@@ -100,7 +100,8 @@ def _describe_candidate(config: BuildConfig, metrics: dict[str, Any]) -> str:
         fallback = f", {len(kept)} MatMul(s) kept in {metrics.get('kept_precision')}" if kept else ""
         return f"TensorRT {TRT_KINDS[config.trt.precision]} ONNX{fallback}, simulated in ONNX Runtime (CPU)"
     return (f"{metrics['algorithm'].upper()} {metrics['bits']}-bit weight-only ONNX "
-            f"(block {metrics['block_size']}, lm_head {metrics['lm_head']}, embeddings {metrics['embeddings']})")
+            f"(block {metrics['block_size']}, zero points {metrics.get('zero_point', 'int')}, "
+            f"lm_head {metrics['lm_head']}, embeddings {metrics['embeddings']})")
 
 
 def _sizes(reference: Path, candidate: Path) -> dict[str, Any]:

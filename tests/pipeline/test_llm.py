@@ -89,9 +89,12 @@ def test_decoding_with_the_cache_gives_the_same_tokens_as_without(llm_stages) ->
 
 def test_rtn_4bit_file_is_at_most_a_fifth_of_fp32(llm_stages) -> None:
     quantize = llm_stages["quantize"].metrics
-    assert quantize["size_ratio"] <= 0.20, quantize
+    assert quantize["size_ratio"] <= 0.20, quantize  # float offsets included (measured 0.194)
+    assert quantize["zero_point"] == "float" and not quantize["symmetric"]  # the default: GGUF Q4_1's grid
     assert quantize["quantized_ops"]["GatherBlockQuantized"] == 1  # the 4-bit embedding
     assert quantize["quantized_ops"]["MatMulNBits"] == 30 * 7 + 1  # every linear layer and the lm_head
+    # Per layer 7 offset corrections and 4 block sums (q/k/v and gate/up share theirs), 2 attention MatMuls.
+    assert quantize["quantized_ops"]["MatMul"] == 30 * (7 + 4 + 2)
 
 
 def test_llm_parity_perplexity_and_greedy_agreement_on_held_out_text(llm_stages) -> None:
@@ -108,9 +111,11 @@ def test_llm_parity_perplexity_and_greedy_agreement_on_held_out_text(llm_stages)
     metrics = llm_parity(fp32, llm_stages["quantize"].path("model.onnx"), heldout, prompts)["metrics"]
     assert 1.0 < metrics["perplexity_reference"] < 100.0
     assert metrics["perplexity_candidate"] != metrics["perplexity_reference"]  # 4-bit weights do change the model
-    assert metrics["perplexity_increase"] < 0.30
+    # The default 4-bit RTN (float-offset blocks, lm_head int8, embeddings int4) within the default 8% gate on
+    # real held-out text; ONNX Runtime's symmetric blocks measured +15% here.
+    assert metrics["perplexity_increase"] < 0.08
     assert 0.5 < metrics["greedy_token_agreement"] <= 1.0
-    assert 0.85 < metrics["cosine_mean"] < 1.0  # measured 0.898 per token over the vocabulary
+    assert 0.85 < metrics["cosine_mean"] < 1.0
 
 
 def test_generate_streams_tokens_with_speed(llm_stages, tmp_path) -> None:
@@ -134,6 +139,10 @@ def test_config_refuses_what_decoders_cannot_do() -> None:
 
     with pytest.raises(ConfigError, match="4-bit only"):
         load_config(None, {"quantization": {"mode": "gptq", "weight_bits": 8}})
+    with pytest.raises(ConfigError, match="zero_point float is for 4-bit asymmetric rtn only"):
+        load_config(None, {"quantization": {"mode": "awq", "zero_point": "float"}})
+    defaults = load_config(None, {"quantization": {"mode": "gptq"}}).quantization
+    assert not defaults.symmetric and defaults.zero_point == "float"  # GPTQ then uses integer zero points
     with pytest.raises(ConfigError, match="text-generation"):
         load_config(None, {"model": {"task": "feature-extraction"}, "quantization": {"mode": "awq"}})
     with pytest.raises(ConfigError, match="rtn, gptq or awq"):

