@@ -93,6 +93,11 @@ def reverify(
         except (KeyError, TypeError, ValueError, AttributeError) as exc:  # pydantic's ValidationError is a ValueError
             problem = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise InputError(f"cannot read the configuration in {build_dir / 'manifest.json'}: {problem}") from None
+        stages = {entry.get("stage") for entry in manifest.get("stages", []) if isinstance(entry, dict)}
+        if "export" in stages and "optimize" not in stages:  # only CPU encoder builds have an optimize stage
+            kind = "a TensorRT" if config.target == "trt" else "a decoder LLM"
+            raise InputError(f"{build_dir} is {kind} build; `pipeline verify` re-checks CPU encoder builds. Run the "
+                             "same `pipeline build` with the new thresholds instead: only its verify stage re-runs")
         model = inspect_model(config.model.path, manifest_task, config.model.trust_remote_code)
         context = StageContext(config=config, model=model, progress=progress,
                                inputs=stage_outputs(build_dir, manifest, NEEDED_STAGES))

@@ -16,7 +16,7 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.stages import stages_for
-from tests.helpers import seed_stage_cache
+from tests.helpers import assert_one_line_error, run_cli, seed_stage_cache
 
 pytest.importorskip("gguf")
 
@@ -206,6 +206,8 @@ def test_published_build_holds_the_bundle(trt_llm_build) -> None:
     assert [stage["stage"] for stage in manifest["stages"]] == ["export", "calibrate", "precision", "verify", "bundle"]
     assert (result.build_dir / "trt" / "build_config.json").is_file()
     assert (result.build_dir / "model.fp32.onnx").stat().st_size == result.outputs["export"].path("model.onnx").stat().st_size
+    # `pipeline verify` re-checks CPU encoder builds only: it says so in one line instead of failing half-way
+    assert_one_line_error(run_cli("verify", str(result.build_dir)), 2, "is a TensorRT build")
 
 
 @pytest.mark.tensorrt
