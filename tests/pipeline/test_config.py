@@ -17,6 +17,17 @@ def test_defaults() -> None:
     assert config.calibration.heldout_samples >= 200
 
 
+def test_decoder_llms_default_to_rtn_and_an_explicit_encoder_scheme_is_refused() -> None:
+    from pipeline.stages import stages_for
+
+    assert load_config(None, {"model": {"task": "text-generation"}}).quantization.mode == "rtn"
+    assert load_config(None, {"model": {"path": "/models/x.gguf"}}).quantization.mode == "rtn"
+    assert load_config(None, {"model": {"task": "text-generation"}, "target": "trt"}).quantization.mode == "dynamic"
+    explicit = load_config(None, {"model": {"task": "text-generation"}, "quantization": {"mode": "dynamic"}})
+    with pytest.raises(ConfigError, match="decoder LLMs take --quant rtn, gptq or awq"):
+        stages_for(explicit)
+
+
 def test_unknown_key_in_yaml_is_refused(tmp_path: Path) -> None:
     build_file = tmp_path / "build.yaml"
     build_file.write_text("quantization:\n  mode: static\n  per_chanel: false\n")

@@ -146,6 +146,6 @@ def test_config_refuses_what_decoders_cannot_do() -> None:
     with pytest.raises(ConfigError, match="text-generation"):
         load_config(None, {"model": {"task": "feature-extraction"}, "quantization": {"mode": "awq"}})
     with pytest.raises(ConfigError, match="rtn, gptq or awq"):
-        stages_for(load_config(None, {"model": {"task": "text-generation"}}))
+        stages_for(load_config(None, {"model": {"task": "text-generation"}, "quantization": {"mode": "static"}}))
     names = [stage.name for stage in stages_for(load_config(None, {"quantization": {"mode": "rtn"}}))]
     assert names == ["export", "calibrate", "quantize", "verify"]
