@@ -33,3 +33,14 @@ def seed_stage_cache(build_dir, outputs, stages) -> None:
     for stage in stages:
         source = outputs[stage].directory
         shutil.copytree(source, cache / source.name, copy_function=os.link)
+
+
+def tensor_types(model: "onnx.ModelProto") -> dict[str, int]:
+    """Element type of every tensor in a graph (shape inference for intermediates, initializers as stored)."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    return types

@@ -38,10 +38,9 @@ class LlmVerifyStage(Stage):
         return ("export", "calibrate", "precision" if config.target == "trt" else "quantize")
 
     def config_slice(self, config: BuildConfig, model: ModelInfo) -> dict[str, Any]:
-        slice_ = {"verify": config.verify.model_dump(mode="json"), "task": model.task.name}
-        if config.target == "trt":
-            slice_["trt_precision"] = config.trt.precision
-        return slice_
+        from pipeline.stages.verify import verify_config_slice
+
+        return verify_config_slice(config, model)
 
     def run(self, context: StageContext, out: Path) -> dict[str, Any]:
         from transformers import AutoTokenizer

@@ -70,10 +70,7 @@ class VerifyStage(Stage):
         return ("export", "optimize", "calibrate", "quantize")
 
     def config_slice(self, config: BuildConfig, model: ModelInfo) -> dict[str, Any]:
-        slice_ = {"verify": config.verify.model_dump(mode="json"), "task": model.task.name}
-        if config.target == "trt":
-            slice_["trt_precision"] = config.trt.precision
-        return slice_
+        return verify_config_slice(config, model)
 
     def external_inputs(self, config: BuildConfig, model: ModelInfo) -> dict[str, str]:
         eval_file = config.verify.eval_file
@@ -93,3 +90,11 @@ class VerifyStage(Stage):
         )
         primary = {k: v for k, v in primary.items() if k != "histogram"}
         return {"passed": not failures, "failures": failures, "primary": primary}
+
+
+def verify_config_slice(config: BuildConfig, model: ModelInfo) -> dict[str, Any]:
+    """What a verify stage reads of the configuration (encoders and decoder LLMs alike)."""
+    slice_ = {"verify": config.verify.model_dump(mode="json"), "task": model.task.name}
+    if config.target == "trt":
+        slice_["trt_precision"] = config.trt.precision
+    return slice_

@@ -8,14 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from engines.trt_fp16 import FP32_OPS, convert_to_fp16, topological_sort
-
-
-def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
-    inferred = onnx.shape_inference.infer_shapes(model)
-    types = {v.name: v.type.tensor_type.elem_type
-             for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
-    types.update({t.name: t.data_type for t in model.graph.initializer})
-    return types
+from tests.helpers import tensor_types
 
 
 def test_topological_sort_orders_appended_nodes() -> None:

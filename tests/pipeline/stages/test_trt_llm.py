@@ -16,7 +16,7 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.stages import stages_for
-from tests.helpers import assert_one_line_error, run_cli, seed_stage_cache
+from tests.helpers import assert_one_line_error, run_cli, seed_stage_cache, tensor_types
 
 pytest.importorskip("gguf")
 
@@ -63,17 +63,9 @@ def test_trt_target_takes_decoder_llms() -> None:
         "LlmExportStage", "LlmCalibrateStage", "PrecisionStage", "LlmVerifyStage", "BundleStage"]
 
 
-def _types(model: onnx.ModelProto) -> dict[str, int]:
-    inferred = onnx.shape_inference.infer_shapes(model)
-    types = {v.name: v.type.tensor_type.elem_type
-             for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
-    types.update({t.name: t.data_type for t in model.graph.initializer})
-    return types
-
-
 def test_fp16_graph_keeps_norm_statistics_and_softmax_in_fp32(trt_llm_build) -> None:
     model = onnx.load(str(trt_llm_build("fp16").outputs["precision"].path("model.onnx")))
-    types = _types(model)
+    types = tensor_types(model)
     sensitive = [node for node in model.graph.node if node.op_type in ("Pow", "ReduceMean", "Softmax")]
     assert len([n for n in sensitive if n.op_type == "Softmax"]) == LAYERS
     assert len([n for n in sensitive if n.op_type == "Pow"]) == 2 * LAYERS + 1  # RMSNorms (2 per layer, final)
