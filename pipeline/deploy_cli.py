@@ -37,13 +37,11 @@ def export_triton(build_dir: Path, repo_dir: Path, model_name: Optional[str], ba
       pipeline export-triton build/all-MiniLM-L6-v2-cpu triton-repo --with-tokenizer
       tritonserver --model-repository triton-repo
     """
-    import json
-
+    from pipeline.manifest import read_manifest
     from pipeline.triton import export_triton as export
 
     if model_name is None:
-        manifest = json.loads((build_dir / "manifest.json").read_text(encoding="utf-8")) \
-            if (build_dir / "manifest.json").is_file() else {}
+        manifest = read_manifest(build_dir) if (build_dir / "manifest.json").is_file() else {}
         model_name = manifest.get("model", {}).get("name", build_dir.name).replace("/", "_")
     written = export(build_dir, repo_dir, model_name, backend, max_batch_size, instances, intra_op_threads,
                      inter_op_threads, max_queue_delay_us, with_tokenizer)

@@ -52,12 +52,13 @@ class BuildModel:
         from transformers import AutoTokenizer
 
         from engines.onnxruntime_cpu import create_session
+        from pipeline.manifest import read_manifest
 
         manifest_path = build_dir / "manifest.json"
         if not manifest_path.is_file() or not (build_dir / "model.onnx").is_file():
             raise InputError(f"{build_dir} holds no finished build (manifest.json and model.onnx); "
                              "run `pipeline build --target cpu` first")
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        manifest = read_manifest(build_dir)
         if manifest.get("config", {}).get("target", "cpu") != "cpu":
             raise InputError(f"{build_dir} is a '{manifest['config']['target']}' build; `pipeline serve` serves "
                              "CPU builds (use `pipeline export-triton` for TensorRT)")
