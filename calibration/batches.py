@@ -16,7 +16,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from calibration.sources import Sample
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 
 Batch = dict[str, np.ndarray]
 Padding = Literal["bucket", "max_length"]

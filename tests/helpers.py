@@ -26,7 +26,7 @@ def seed_stage_cache(build_dir, outputs, stages) -> None:
     import os
     import shutil
 
-    from pipeline.runner import CACHE_DIR
+    from pipeline.build.runner import CACHE_DIR
 
     cache = build_dir / CACHE_DIR
     cache.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 
 FORMATS = ("auto", "text", "jsonl", "csv", "parquet", "dataset", "directory")
 RECORD_FORMATS = ("jsonl", "csv", "parquet", "dataset")

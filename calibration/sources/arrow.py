@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator
 
 from calibration.sources import Fields, Sample, SampleSource, describe_fields, missing_field_error
 from calibration.sources.records import record_sample
-from pipeline.errors import InputError, MissingDependencyError
+from pipeline.core.errors import InputError, MissingDependencyError
 
 ROWS_PER_BATCH = 1024
 

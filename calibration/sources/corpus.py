@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Iterator
 
 from calibration.sources import Sample, SampleSource
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 MIN_WORDS = 5

@@ -10,7 +10,7 @@ from typing import Any, Iterator, Mapping, Optional
 
 from calibration.sources import Fields, Sample, SampleSource, describe_fields, missing_field_error
 from calibration.sources.text import utf8_lines
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 
 
 def record_sample(record: Mapping[str, Any], fields: Fields) -> Optional[Sample]:

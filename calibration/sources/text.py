@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Iterator
 
 from calibration.sources import Sample, SampleSource
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 
 
 def utf8_lines(path: Path) -> Iterator[tuple[int, str]]:

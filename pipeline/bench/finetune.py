@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from calibration.rotten_tomatoes import LabelledSentences
-from pipeline.models import default_model_path
-from pipeline.progress import Progress
+from pipeline.core.progress import Progress
+from pipeline.models.registry import default_model_path
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from engines.onnxruntime_cpu import create_session
-from pipeline.errors import InputError
-from pipeline.onnx_io import check_onnx_file
-from pipeline.progress import Progress
-
+from engines.onnx_io import check_onnx_file
+from engines.ort_session import create_session
+from pipeline.core.errors import InputError
+from pipeline.core.progress import Progress
 
 BLOCK_RUNS = 5
 
@@ -184,7 +183,7 @@ def machine() -> dict[str, Any]:
 
 def write_results(out: Path, results: Sequence[Measurement], speedups: dict[str, Any], baseline: str,
                   threads: int) -> None:
-    from pipeline.manifest import write_text_atomic
+    from pipeline.build.manifest import write_text_atomic
 
     try:
         out.mkdir(parents=True, exist_ok=True)

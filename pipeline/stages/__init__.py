@@ -44,7 +44,7 @@ def stages_for(config: BuildConfig) -> list[Stage]:
 def is_decoder_build(config: BuildConfig) -> bool:
     """Decoder LLM builds: task text-generation, a weight-only scheme, a GGUF file or a decoder folder."""
     from pipeline.config import WEIGHT_ONLY_MODES
-    from pipeline.errors import ConfigError
+    from pipeline.core.errors import ConfigError
 
     path = config.model.path or ""
     decoder = (config.model.task == "text-generation" or path.endswith(".gguf")
@@ -58,7 +58,7 @@ def _is_decoder_folder(path: str) -> bool:
     import json
     from pathlib import Path
 
-    from pipeline.models import DECODER_MODEL_TYPES
+    from pipeline.models.registry import DECODER_MODEL_TYPES
 
     config_file = Path(path) / "config.json" if path else None
     if config_file is None or not config_file.is_file():
@@ -70,8 +70,8 @@ def _is_decoder_folder(path: str) -> bool:
 
 
 def _trt_stages(config: BuildConfig, export: Stage, calibrate: Stage, verify: Stage) -> list[Stage]:
-    from engines.tensorrt import tensorrt_missing_reason
-    from pipeline.errors import MissingDependencyError
+    from engines.trt.builder import tensorrt_missing_reason
+    from pipeline.core.errors import MissingDependencyError
     from pipeline.stages.bundle import BundleStage
     from pipeline.stages.precision import PrecisionStage
 

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from pipeline.config import BuildConfig
-from pipeline.errors import StageError
-from pipeline.models import ModelInfo
-from pipeline.progress import Progress
+from pipeline.core.errors import StageError
+from pipeline.core.progress import Progress
+from pipeline.models.registry import ModelInfo
 
 STAGE_RECORD = "stage.json"
 
@@ -39,7 +39,7 @@ class StageOutput:
 
     @property
     def content_hash(self) -> str:
-        from pipeline.hashing import combined_hash
+        from pipeline.core.hashing import combined_hash
 
         return combined_hash(self.files)
 

@@ -2,7 +2,7 @@
 
 The bundle holds the graph that carries its own precision, build_config.json (profile,
 workspace, optimization level, timing cache), a ready `trtexec` command line, the build
-script (engines/tensorrt.py itself, which imports nothing of Quantpipe), the precision
+script (engines/trt/builder.py itself, which imports nothing of Quantpipe), the precision
 decisions and the parity report. Where TensorRT loads, the engine is built here too
 and compared with the FP32 graph through Polygraphy's TensorRT runner.
 """
@@ -17,14 +17,19 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from engines import tensorrt as trt_engine
+from engines.trt import builder as trt_engine
 from pipeline.config import BuildConfig
-from pipeline.hashing import file_sha256
-from pipeline.llm.trt import (
-    ENGINE_CHECK_CHUNKS, decoder_profiles, is_decoder, perplexity_ratio, prefill_feeds, prompt_token_counts,
-)
-from pipeline.models import ModelInfo
+from pipeline.core.hashing import file_sha256
+from pipeline.models.registry import ModelInfo
 from pipeline.stages.base import Stage, StageContext
+from pipeline.stages.llm_trt import (
+    ENGINE_CHECK_CHUNKS,
+    decoder_profiles,
+    is_decoder,
+    perplexity_ratio,
+    prefill_feeds,
+    prompt_token_counts,
+)
 
 TRTEXEC_FILE = "trtexec.sh"
 BUILD_SCRIPT = "build_engine.py"
@@ -163,10 +168,10 @@ class BundleStage(Stage):
     def _build_engine(self, context: StageContext, out: Path, build_config: dict[str, Any]) -> dict[str, Any]:
         """Build the engine, then compare it with the FP32 graph through Polygraphy's TensorRT runner."""
         from calibration.batches import load_batches
-        from engines.onnxruntime_cpu import OrtRunner
-        from engines.trt_parity import engine_outputs
-        from pipeline.errors import ParityError
-        from pipeline.parity import compare_output, evaluate, trt_thresholds_for
+        from engines.ort_session import OrtRunner
+        from engines.trt.parity import engine_outputs
+        from pipeline.core.errors import ParityError
+        from pipeline.parity.metrics import compare_output, evaluate, trt_thresholds_for
 
         previous = out.parent.parent / "trt" / TIMING_CACHE  # the last published bundle's cache: reuse its timings
         if previous.is_file():
@@ -186,7 +191,7 @@ class BundleStage(Stage):
         metrics = {name: compare_output(name, [r[name] for r in reference], [e[name] for e in engine], masks,
                                         name == "logits") for name in outputs}
         if decoder:
-            from pipeline.gates import evaluate_values
+            from pipeline.parity.gates import evaluate_values
             from pipeline.stages.llm_verify import llm_thresholds
 
             ratio = perplexity_ratio([r["logits"] for r in reference], [e["logits"] for e in engine], batches)

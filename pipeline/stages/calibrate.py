@@ -17,11 +17,11 @@ from calibration.ranges import RangeCache, compute_ranges
 from calibration.readers import length_distribution
 from calibration.selection import select_samples, strata_counts
 from calibration.sources import Fields, SampleSource, open_source
-from engines import neural_compressor
-from pipeline.hashing import file_sha256
+from engines.cpu import neural_compressor
 from pipeline.config import BuildConfig, CalibrationConfig
-from pipeline.errors import StageError, InputError
-from pipeline.models import ModelInfo, folder_fingerprint, load_tokenizer
+from pipeline.core.errors import InputError, StageError
+from pipeline.core.hashing import file_sha256
+from pipeline.models.registry import ModelInfo, folder_fingerprint, load_tokenizer
 from pipeline.stages.base import Stage, StageContext
 
 CACHE_FILE = "calibration_cache.json"

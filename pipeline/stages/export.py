@@ -12,8 +12,8 @@ import onnx
 from calibration.batches import to_batches
 from calibration.sources import default_source
 from pipeline.config import BuildConfig
-from pipeline.errors import InputError, StageError
-from pipeline.models import ModelInfo, check_pickled_weights, folder_fingerprint, load_tokenizer
+from pipeline.core.errors import InputError, StageError
+from pipeline.models.registry import ModelInfo, check_pickled_weights, folder_fingerprint, load_tokenizer
 from pipeline.stages.base import Stage, StageContext
 
 PROBE_SENTENCES = 16
@@ -107,7 +107,7 @@ class ExportStage(Stage):
     def run(self, context: StageContext, out: Path) -> dict[str, Any]:
         import torch
 
-        from engines.onnxruntime_cpu import OrtRunner
+        from engines.ort_session import OrtRunner
 
         info = context.model
         tokenizer = load_tokenizer(info)

@@ -16,8 +16,8 @@ from safetensors.numpy import load_file, save_file
 
 from calibration.selection import select_samples
 from pipeline.config import BuildConfig
-from pipeline.errors import InputError
-from pipeline.models import ModelInfo
+from pipeline.core.errors import InputError
+from pipeline.models.registry import ModelInfo
 from pipeline.stages.base import Stage, StageContext
 from pipeline.stages.calibrate import source_for
 

@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 
 from pipeline.config import BuildConfig
-from pipeline.errors import StageError
-from pipeline.models import ModelInfo, model_fingerprint
+from pipeline.core.errors import StageError
+from pipeline.models.registry import ModelInfo, model_fingerprint
 from pipeline.stages.base import Stage, StageContext
 
 DECODE_STEPS = 16
@@ -40,7 +40,7 @@ def torch_reference(model: Any, prompt_ids: list[int], steps: int) -> tuple[list
     import torch
     from transformers import DynamicCache
 
-    from pipeline.llm.kv_export import cache_keyword
+    from pipeline.models.kv_cache import cache_keyword
 
     cache = DynamicCache()
     keyword = {cache_keyword(model): cache}
@@ -61,7 +61,7 @@ def torch_reference(model: Any, prompt_ids: list[int], steps: int) -> tuple[list
 
 def onnx_logits(model_path: Path, prompt_ids: list[int], tokens: list[int]) -> list[np.ndarray]:
     """The same prefill and decode steps in ONNX Runtime, feeding the graph's own cache back."""
-    from pipeline.llm.decoding import KVDecoder
+    from pipeline.models.decoding import KVDecoder
 
     with KVDecoder(model_path) as decoder:
         ids = np.array([prompt_ids], dtype=np.int64)
@@ -87,9 +87,9 @@ class LlmExportStage(Stage):
     def run(self, context: StageContext, out: Path) -> dict[str, Any]:
         from onnx import version_converter
 
-        from pipeline.llm.kv_export import export_kv_model
-        from pipeline.llm.loading import load_llm, load_llm_tokenizer
-        from pipeline.onnx_io import save_model
+        from engines.onnx_io import save_model
+        from pipeline.models.kv_cache import export_kv_model
+        from pipeline.models.loading import load_llm, load_llm_tokenizer
 
         info = context.model
         context.progress.info(f"loading {info.path.name} (FP32)")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import BuildConfig
-from pipeline.models import ModelInfo
+from pipeline.models.registry import ModelInfo
 from pipeline.stages.base import Stage, StageContext
 
 
@@ -21,7 +21,7 @@ class LlmQuantizeStage(Stage):
         return ("export",) if config.quantization.mode == "rtn" else ("export", "calibrate")
 
     def config_slice(self, config: BuildConfig, model: ModelInfo) -> dict[str, Any]:
-        from engines.weight_only import uses_float_offsets
+        from engines.cpu.weight_only import uses_float_offsets
 
         q = config.quantization
         # The zero-point option only changes 4-bit asymmetric RTN: GPTQ/AWQ must not re-run for it.
@@ -31,7 +31,7 @@ class LlmQuantizeStage(Stage):
 
     def run(self, context: StageContext, out: Path) -> dict[str, Any]:
         from calibration.readers import BatchReader
-        from engines.weight_only import quantize_weight_only, uses_float_offsets
+        from engines.cpu.weight_only import quantize_weight_only, uses_float_offsets
         from pipeline.stages.llm_calibrate import calibration_feeds, load_chunks
 
         logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import BuildConfig
-from pipeline.gates import evaluate_values, relation
-from pipeline.models import ModelInfo
-from pipeline.reports import REPORT_FILES, write_reports
+from pipeline.models.registry import ModelInfo
+from pipeline.parity.gates import evaluate_values, relation
+from pipeline.reports.write import REPORT_FILES, write_reports
 from pipeline.stages.base import Stage, StageContext
 
 DEFAULT_MAX_PERPLEXITY_INCREASE = 0.08
@@ -45,7 +45,7 @@ class LlmVerifyStage(Stage):
     def run(self, context: StageContext, out: Path) -> dict[str, Any]:
         from transformers import AutoTokenizer
 
-        from pipeline.llm.parity import llm_parity
+        from pipeline.parity.llm import llm_parity
         from pipeline.stages.llm_calibrate import load_chunks
 
         export, calibrate = context.input("export"), context.input("calibrate")

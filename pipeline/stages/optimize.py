@@ -6,11 +6,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from engines.neural_compressor import name_all_nodes
+from engines.cpu.neural_compressor import name_all_nodes
+from engines.onnx_io import save_model
 from pipeline.config import BuildConfig
-from pipeline.errors import StageError
-from pipeline.models import ModelInfo, load_tokenizer
-from pipeline.onnx_io import save_model
+from pipeline.core.errors import StageError
+from pipeline.models.registry import ModelInfo, load_tokenizer
 from pipeline.stages.base import Stage, StageContext
 from pipeline.stages.export import max_abs_differences, probe_batches
 
@@ -19,7 +19,7 @@ OPTIMIZE_MAX_ABS = 1e-3
 # ONNX Runtime 1.32's CPU SkipLayerNormalization kernel is a scalar loop with a division per element:
 # measured 0.82 ms against 0.18 ms for Add + LayerNormalization on 1024 x 384 floats (2 threads), 7-8 ms
 # of a 70 ms MiniLM forward pass. The residual Adds stay unfused here, and sessions keep ONNX Runtime
-# from re-fusing them (engines.onnxruntime_cpu.DISABLED_OPTIMIZERS).
+# from re-fusing them (engines.ort_session.DISABLED_OPTIMIZERS).
 FUSE_SKIP_LAYER_NORM = False
 
 
@@ -42,7 +42,7 @@ class OptimizeStage(Stage):
         from onnxruntime.transformers.fusion_options import FusionOptions
         from onnxruntime.transformers.optimizer import optimize_model
 
-        from engines.onnxruntime_cpu import OrtRunner
+        from engines.ort_session import OrtRunner
 
         info = context.model
         exported = context.input("export").path("model.onnx")

@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from calibration.batches import load_batches
-from engines.trt_precision import build_precision_graph
+from engines.trt.precision import build_precision_graph
 from pipeline.config import BuildConfig
-from pipeline.llm.trt import PERPLEXITY_RATIO, PRECISION_CHUNKS, is_decoder, prefill_feeds
-from pipeline.llm.trt import fallback_target as llm_fallback_target
-from pipeline.models import ModelInfo
-from pipeline.parity import trt_min_cosine
+from pipeline.models.registry import ModelInfo
+from pipeline.parity.metrics import trt_min_cosine
 from pipeline.stages.base import Stage, StageContext
+from pipeline.stages.llm_trt import PERPLEXITY_RATIO, PRECISION_CHUNKS, is_decoder, prefill_feeds
+from pipeline.stages.llm_trt import fallback_target as llm_fallback_target
 
 FALLBACK_MARGIN = 0.003  # calibration-set cosine is in-sample: aim this much above the held-out gate
 

@@ -10,12 +10,13 @@ from typing import Any, Callable, Optional, Sequence
 
 from calibration.batches import Batch, load_batches
 from calibration.ranges import RangeCache
-from engines import cpu_fallback, neural_compressor
-from engines.onnxruntime_cpu import OrtRunner
+from engines import fallback as cpu_fallback
+from engines.cpu import neural_compressor
+from engines.ort_session import OrtRunner
 from pipeline.config import BuildConfig
-from pipeline.errors import StageError
-from pipeline.models import ModelInfo, TaskSpec
-from pipeline.parity import compare_output
+from pipeline.core.errors import StageError
+from pipeline.models.registry import ModelInfo, TaskSpec
+from pipeline.parity.metrics import compare_output
 from pipeline.stages.base import Stage, StageContext
 from pipeline.stages.calibrate import CACHE_FILE
 

@@ -6,12 +6,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import BuildConfig
-from pipeline.hashing import file_sha256
-from pipeline.models import ModelInfo
-from pipeline.reports import REPORT_FILES, write_reports
+from pipeline.core.hashing import file_sha256
+from pipeline.models.registry import ModelInfo
+from pipeline.parity.verification import ParityInputs, run_parity
+from pipeline.reports.write import REPORT_FILES, write_reports
 from pipeline.stages.base import Stage, StageContext
-from pipeline.verification import ParityInputs, run_parity
-
 
 TRT_KINDS = {"int8": "INT8 Q/DQ", "fp8": "FP8 E4M3 Q/DQ", "fp16": "FP16", "best": "INT8 Q/DQ + FP16"}
 

@@ -8,8 +8,8 @@ import pytest
 from calibration.batches import check_long_samples, load_batches, save_batches, to_batches, token_lengths
 from calibration.readers import BatchReader, feed, length_distribution, optimization_profile
 from calibration.sources import Sample, default_source
-from pipeline.errors import InputError
-from pipeline.models import inspect_model, load_tokenizer
+from pipeline.core.errors import InputError
+from pipeline.models.registry import inspect_model, load_tokenizer
 
 NAMES = ("input_ids", "attention_mask", "token_type_ids")
 

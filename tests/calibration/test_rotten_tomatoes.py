@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from calibration.rotten_tomatoes import fetch_sdist, read_sentences, split
-from pipeline.errors import MissingDependencyError
+from pipeline.core.errors import MissingDependencyError
 
 CACHE = Path.home() / ".cache" / "quantpipe"
 

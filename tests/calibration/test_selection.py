@@ -10,7 +10,7 @@ import pytest
 
 from calibration.selection import select_samples
 from calibration.sources import Fields, Sample, default_source, open_source
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 
 
 def test_stratified_by_label_follows_the_topics_shares() -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from calibration.selection import select_samples
 from calibration.sources import Fields, Sample, default_source, open_source
-from pipeline.errors import InputError
+from pipeline.core.errors import InputError
 from tests.calibration.conftest import (
     SAVED_DATASET,
     SAVED_DATASET_DICT,

@@ -14,9 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from calibration.sources import Fields, Sample, open_source
 from calibration.selection import select_samples
-from pipeline.errors import InputError
+from calibration.sources import Fields, Sample, open_source
+from pipeline.core.errors import InputError
 from tests.calibration.conftest import SAVED_DATASET
 
 FIELDS = Fields("text", None, None)

@@ -1,4 +1,4 @@
-"""Float-offset 4-bit blocks (engines/block_offset.py) on tiny graphs run by the real ONNX Runtime: weights on
+"""Float-offset 4-bit blocks (engines/cpu/block_offset.py) on tiny graphs run by the real ONNX Runtime: weights on
 GGUF's Q4_1 grid come back exactly, and the MatMulNBits + correction graph computes x @ W."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from engines.block_offset import block_sum_matrix, quantize_offset_blocks, replace_matmuls
+from engines.cpu.block_offset import block_sum_matrix, quantize_offset_blocks, replace_matmuls
 
 BLOCK = 32
 

@@ -12,12 +12,13 @@ import pytest
 
 from calibration.batches import load_batches
 from calibration.ranges import RangeCache
-from engines import cpu_fallback, neural_compressor
-from engines.onnxruntime_cpu import OrtRunner
+from engines import fallback as cpu_fallback
+from engines.cpu import neural_compressor
+from engines.ort_session import OrtRunner
+from pipeline.build.runner import run_build
 from pipeline.config import QuantizationConfig, load_config
-from pipeline.models import TASKS
-from pipeline.progress import Progress
-from pipeline.runner import run_build
+from pipeline.core.progress import Progress
+from pipeline.models.registry import TASKS
 from pipeline.stages.calibrate import CACHE_FILE
 from pipeline.stages.quantize import tuning_metric
 

@@ -1,8 +1,8 @@
-"""Every TensorRT call the code makes exists in the TensorRT 11 Python API (recorded in engines/tensorrt_api_11.json).
+"""Every TensorRT call the code makes exists in the TensorRT 11 Python API (recorded in engines/trt/tensorrt_api_11.json).
 
 The record was extracted from NVIDIA/TensorRT's pybind11 bindings and headers at the 11.1 release
 commit and cross-checked against the names in the tensorrt-cu12-bindings 11.4 binary
-(engines/extract_trt_api.py); see its "provenance".
+(engines/trt/extract_api.py); see its "provenance".
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from engines import tensorrt as trt_engine
+from engines.trt import builder as trt_engine
 from pipeline.stages.bundle import trtexec_command
 from tests.engines.trt_api_checker import check_source, load_api
 
 ROOT = Path(__file__).resolve().parents[2]
 ENGINE_SOURCE = Path(trt_engine.__file__).read_text(encoding="utf-8")
-# What engines/tensorrt.py must do to build a TensorRT 11 engine (the issue's list), as API names.
+# What engines/trt/builder.py must do to build a TensorRT 11 engine (the issue's list), as API names.
 REQUIRED_CALLS = {
     "Builder", "Builder.create_network", "OnnxParser", "OnnxParser.parse_from_file",
     "Builder.create_builder_config", "IBuilderConfig.set_memory_pool_limit", "MemoryPoolType.WORKSPACE",
@@ -94,7 +94,7 @@ def test_tensorrt_is_imported_only_lazily_in_the_engine_module() -> None:
                 [node.module] if isinstance(node, ast.ImportFrom) else []
             if any(name and name.split(".")[0] == "tensorrt" for name in names):
                 offenders.append((str(path.relative_to(ROOT)), node in tree.body))
-    assert offenders and all(path == "engines/tensorrt.py" and not top for path, top in offenders), offenders
+    assert offenders and all(path == "engines/trt/builder.py" and not top for path, top in offenders), offenders
 
 
 def test_trtexec_flags_exist_in_trtexec_11_and_set_no_precision() -> None:
@@ -109,7 +109,7 @@ def test_trtexec_flags_exist_in_trtexec_11_and_set_no_precision() -> None:
 
 
 def test_polygraphy_calls_fit_the_installed_polygraphy() -> None:
-    """engines/trt_parity.py against Polygraphy 0.53's real signatures (Polygraphy installs here)."""
+    """engines/trt/parity.py against Polygraphy 0.53's real signatures (Polygraphy installs here)."""
     from polygraphy.backend.common import BytesFromPath
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 

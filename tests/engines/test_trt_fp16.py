@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from engines.trt_fp16 import FP32_OPS, convert_to_fp16, topological_sort
+from engines.trt.fp16 import FP32_OPS, convert_to_fp16, topological_sort
 from tests.helpers import tensor_types
 
 
@@ -45,7 +45,7 @@ def test_small_graph_keeps_normalization_statistics_and_softmax_in_fp32(tmp_path
                                                            "Softmax"]
     for node in sensitive:
         assert {types[name] for name in [*node.input, *node.output] if name} == {TensorProto.FLOAT}, node.name
-    from engines.onnxruntime_cpu import OrtRunner
+    from engines.ort_session import OrtRunner
 
     onnx.save(original, str(tmp_path / "fp32.onnx"))
     onnx.save(converted, str(tmp_path / "fp16.onnx"))
@@ -57,7 +57,7 @@ def test_small_graph_keeps_normalization_statistics_and_softmax_in_fp32(tmp_path
 def test_rmsnorm_statistics_of_outliers_stay_finite(tmp_path) -> None:
     """x^2 of an LLM's outlier activation (|x| ~ 1000) exceeds FP16's 65504: Pow -> ReduceMean must stay FP32
     in between (the converter's FP32 -> FP16 -> FP32 round trip made it inf; SmolLM2's perplexity 69 -> 41,800)."""
-    from engines.onnxruntime_cpu import OrtRunner
+    from engines.ort_session import OrtRunner
 
     two = numpy_helper.from_array(np.array(2.0, np.float32), "two")
     eps = numpy_helper.from_array(np.array(1e-5, np.float32), "eps")

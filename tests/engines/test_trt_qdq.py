@@ -10,8 +10,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from engines.onnxruntime_cpu import OrtRunner
-from engines.trt_qdq import QUANTIZABLE_OPS, ensure_opset, insert_qdq, quantizable_nodes
+from engines.ort_session import OrtRunner
+from engines.trt.qdq import QUANTIZABLE_OPS, ensure_opset, insert_qdq, quantizable_nodes
 
 RNG = np.random.default_rng(0)
 

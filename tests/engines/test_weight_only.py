@@ -8,8 +8,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from engines.weight_only import restore_dropped_constants
-from pipeline.errors import StageError
+from engines.cpu.weight_only import restore_dropped_constants
+from pipeline.core.errors import StageError
 
 
 def _graph() -> onnx.ModelProto:

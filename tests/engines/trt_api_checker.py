@@ -1,4 +1,4 @@
-"""Static check of TensorRT calls against the recorded TensorRT 11 Python API (engines/tensorrt_api_11.json).
+"""Static check of TensorRT calls against the recorded TensorRT 11 Python API (engines/trt/tensorrt_api_11.json).
 
 Follows the objects a function gets from the `tensorrt` module (Builder -> create_network ->
 INetworkDefinition, ...) using the return types recorded from the TensorRT headers, and checks

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from calibration.batches import to_batches
-from pipeline.errors import ExitCode
+from pipeline.core.errors import ExitCode
 from tests.helpers import run_cli
 
 EVAL_LINES = [
@@ -28,7 +28,7 @@ def classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from transformers import AutoTokenizer, BertForSequenceClassification
 
-    from pipeline.models import default_model_path
+    from pipeline.models.registry import default_model_path
 
     folder = tmp_path_factory.mktemp("classifier")
     torch.manual_seed(0)

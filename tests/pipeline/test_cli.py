@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.errors import ExitCode
+from pipeline.core.errors import ExitCode
 from tests.helpers import assert_one_line_error, run_cli
 
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.build.runner import CACHE_DIR, LOCK_FILE, run_build
 from pipeline.config import load_config
-from pipeline.errors import ExitCode
-from pipeline.progress import Progress
-from pipeline.runner import CACHE_DIR, LOCK_FILE, run_build
+from pipeline.core.errors import ExitCode
+from pipeline.core.progress import Progress
 from tests.fault_injection import artifact_hashes, manifest_problems
 from tests.helpers import assert_one_line_error, run_cli
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import BuildConfig, _Strict, load_config
-from pipeline.errors import ConfigError, ExitCode
+from pipeline.core.errors import ConfigError, ExitCode
 from tests.helpers import assert_one_line_error, run_cli
 
 

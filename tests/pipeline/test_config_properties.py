@@ -11,9 +11,8 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.config import (BuildConfig, CalibrationConfig, ModelConfig, QuantizationConfig, VerifyConfig,
-                             load_config)
-from pipeline.errors import ConfigError
+from pipeline.config import BuildConfig, CalibrationConfig, ModelConfig, QuantizationConfig, VerifyConfig, load_config
+from pipeline.core.errors import ConfigError
 
 SECTIONS = {"model": ModelConfig, "calibration": CalibrationConfig, "quantization": QuantizationConfig,
             "verify": VerifyConfig}

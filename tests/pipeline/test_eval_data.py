@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.errors import InputError
-from pipeline.eval_data import read_labelled
-from pipeline.parity import label_accuracy
+from pipeline.core.errors import InputError
+from pipeline.parity.eval_data import read_labelled
+from pipeline.parity.metrics import label_accuracy
 
 CONFIG = {"id2label": {"0": "NEGATIVE", "1": "POSITIVE"}, "label2id": {"NEGATIVE": 0, "POSITIVE": 1}}
 

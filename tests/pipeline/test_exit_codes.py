@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import ExitCode
-from pipeline.models import default_model_path
-from pipeline.runner import CACHE_DIR
+from pipeline.build.runner import CACHE_DIR
+from pipeline.core.errors import ExitCode
+from pipeline.models.registry import default_model_path
 from tests.helpers import assert_one_line_error, run_cli
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -71,7 +71,7 @@ def case_internal(default_build, tmp_path: Path):
     # A bug stands in for itself: a command that raises an unexpected exception.
     result = _python(
         "import sys\n"
-        "from pipeline.cli import cli, main\n"
+        "from pipeline.cli.main import cli, main\n"
         "@cli.command('explode')\n"
         "def explode():\n"
         "    raise ZeroDivisionError('a bug')\n"
@@ -105,7 +105,7 @@ def case_missing_dependency(default_build, tmp_path: Path):
     result = _python(  # pyarrow made unimportable, as on a host without it
         "import sys\n"
         "sys.modules['pyarrow'] = None\n"
-        "from pipeline.cli import main\n"
+        "from pipeline.cli.main import main\n"
         f"sys.argv = ['pipeline', 'calibrate', '--calib-source', {str(data)!r}, '-o', {str(tmp_path / 'b')!r}]\n"
         "main()\n"
     )

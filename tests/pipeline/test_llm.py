@@ -16,9 +16,9 @@ pytest.importorskip("gguf")
 
 @pytest.fixture(scope="module")
 def llm_stages(llm_base_stages, tmp_path_factory: pytest.TempPathFactory):
+    from pipeline.build.runner import run_build
     from pipeline.config import load_config
-    from pipeline.progress import Progress
-    from pipeline.runner import run_build
+    from pipeline.core.progress import Progress
     from tests.helpers import seed_stage_cache
 
     build_dir = tmp_path_factory.mktemp("llm-build")
@@ -41,7 +41,7 @@ def test_onnx_logits_match_pytorch_for_prefill_and_16_cached_decode_steps(llm_st
 
 
 def test_graph_has_dynamic_batch_sequence_and_past_axes(llm_stages) -> None:
-    from pipeline.llm.decoding import KVDecoder
+    from pipeline.models.decoding import KVDecoder
 
     with KVDecoder(llm_stages["export"].path("model.onnx")) as decoder:
         inputs = {item.name: item.shape for item in decoder.session.get_inputs()}
@@ -60,7 +60,7 @@ def test_graph_has_dynamic_batch_sequence_and_past_axes(llm_stages) -> None:
 def test_decoding_with_the_cache_gives_the_same_tokens_as_without(llm_stages) -> None:
     from transformers import AutoTokenizer
 
-    from pipeline.llm.decoding import KVDecoder, generate
+    from pipeline.models.decoding import KVDecoder, generate
 
     tokenizer = AutoTokenizer.from_pretrained(str(llm_stages["export"].path("tokenizer")))
     prompts = json.loads(llm_stages["calibrate"].path("prompts.json").read_text())[:2]
@@ -100,7 +100,7 @@ def test_rtn_4bit_file_is_at_most_a_fifth_of_fp32(llm_stages) -> None:
 def test_llm_parity_perplexity_and_greedy_agreement_on_held_out_text(llm_stages) -> None:
     from transformers import AutoTokenizer
 
-    from pipeline.llm.parity import llm_parity
+    from pipeline.parity.llm import llm_parity
     from pipeline.stages.llm_calibrate import load_chunks
 
     calibrate = llm_stages["calibrate"]
@@ -134,7 +134,7 @@ def test_generate_refuses_a_folder_without_a_build(tmp_path) -> None:
 
 def test_config_refuses_what_decoders_cannot_do() -> None:
     from pipeline.config import load_config
-    from pipeline.errors import ConfigError
+    from pipeline.core.errors import ConfigError
     from pipeline.stages import stages_for
 
     with pytest.raises(ConfigError, match="4-bit only"):

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.localize import localize, match_tensors
+from pipeline.parity.localize import localize, match_tensors
 
 RNG = np.random.default_rng(0)
 W1 = RNG.normal(size=(16, 32)).astype(np.float32)

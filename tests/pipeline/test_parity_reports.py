@@ -16,7 +16,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from pipeline.errors import ExitCode
+from pipeline.core.errors import ExitCode
 from tests.helpers import assert_one_line_error, run_cli
 
 BROKEN_LAYER = "/model/encoder/layer.2/intermediate/dense/MatMul"
@@ -72,7 +72,7 @@ def test_same_build_verified_twice_gives_identical_numbers(default_build, tmp_pa
 
 def test_localization_on_request_is_deterministic(default_build) -> None:
     from calibration.batches import load_batches
-    from pipeline.localize import localize
+    from pipeline.parity.localize import localize
 
     batches = load_batches(default_build.outputs["calibrate"].path("heldout.safetensors"))[:1]
     fp32, int8 = default_build.build_dir / "model.fp32.onnx", default_build.build_dir / "model.onnx"
@@ -147,7 +147,7 @@ def test_report_check_regates_without_a_model(default_build) -> None:
     strict = run_cli("report", "check", parity, "--min-cosine", "0.9999", "--gate", "last_hidden_state.snr_db=40")
     assert_one_line_error(strict, ExitCode.PARITY_FAILED, "sentence_embedding cosine_mean", "last_hidden_state snr_db")
     probe = (
-        "import sys\nfrom pipeline.cli import cli\n"
+        "import sys\nfrom pipeline.cli.main import cli\n"
         f"cli.main(['report', 'check', {parity!r}], standalone_mode=False)\n"
         "heavy = [m for m in ('torch', 'onnxruntime', 'transformers', 'onnx', 'polygraphy', 'numpy') if m in sys.modules]\n"
         "print('HEAVY', heavy)\n"

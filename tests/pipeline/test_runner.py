@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.build.runner import CACHE_DIR, run_build
 from pipeline.config import load_config
-from pipeline.progress import Progress
-from pipeline.runner import CACHE_DIR, run_build
+from pipeline.core.progress import Progress
 from tests.helpers import run_cli
 
 

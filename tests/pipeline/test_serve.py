@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from engines.onnxruntime_cpu import create_session
+from engines.ort_session import create_session
 from pipeline.bench.serve_load import ServerProcess, load_test, request, sentences
 
 
@@ -44,7 +44,7 @@ def test_served_embedding_is_the_models(default_build) -> None:
 
 
 def test_length_groups_bound_padding_and_keep_every_text() -> None:
-    from pipeline.serve import length_groups
+    from pipeline.deploy.serve import length_groups
 
     lengths = [12, 50, 14, 13, 48, 30, 12, 52]
     groups = length_groups(lengths, slack=0.25)

@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 from google.protobuf import json_format, text_format
 
-from pipeline.triton import export_triton
+from pipeline.deploy.triton import export_triton
 from tests.helpers import assert_one_line_error, run_cli
 
 ORT_TO_TRITON = {"tensor(int64)": "TYPE_INT64", "tensor(int32)": "TYPE_INT32", "tensor(float)": "TYPE_FP32",

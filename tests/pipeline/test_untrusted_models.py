@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import ExitCode, InputError
-from pipeline.models import check_pickled_weights, default_model_path, inspect_model
+from pipeline.core.errors import ExitCode, InputError
+from pipeline.models.registry import check_pickled_weights, default_model_path, inspect_model
 from pipeline.stages.export import load_torch_model
 from tests.helpers import assert_one_line_error, run_cli
 
@@ -138,7 +138,7 @@ def test_folder_that_is_not_a_model_is_an_input_error(tmp_path: Path, problem: s
     with pytest.raises(InputError):
         info = inspect_model(str(folder), None)
         if problem == "garbage-tokenizer":
-            from pipeline.models import load_tokenizer
+            from pipeline.models.registry import load_tokenizer
 
             load_tokenizer(info)
         else:

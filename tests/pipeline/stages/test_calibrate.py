@@ -10,11 +10,11 @@ import pytest
 
 from calibration.batches import load_batches
 from calibration.ranges import RangeCache
+from pipeline.build.runner import CACHE_DIR, run_build
 from pipeline.config import load_config
-from pipeline.errors import InputError
-from pipeline.models import inspect_model
-from pipeline.progress import Progress
-from pipeline.runner import CACHE_DIR, run_build
+from pipeline.core.errors import InputError
+from pipeline.core.progress import Progress
+from pipeline.models.registry import inspect_model
 from pipeline.stages.base import StageContext
 from pipeline.stages.calibrate import CACHE_FILE, CalibrateStage
 from tests.calibration.conftest import SOURCE_KINDS, bbc_rows, write_source

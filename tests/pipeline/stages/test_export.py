@@ -9,10 +9,10 @@ import onnx
 import pytest
 import torch
 
-from engines.onnxruntime_cpu import OrtRunner
+from engines.ort_session import OrtRunner
 from pipeline.config import load_config
-from pipeline.models import inspect_model, load_tokenizer
-from pipeline.progress import Progress
+from pipeline.core.progress import Progress
+from pipeline.models.registry import inspect_model, load_tokenizer
 from pipeline.stages.base import StageContext
 from pipeline.stages.export import ExportStage, build_export_module, load_torch_model
 

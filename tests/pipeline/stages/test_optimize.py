@@ -22,7 +22,7 @@ def test_sessions_keep_the_residual_adds_unfused(default_build, tmp_path) -> Non
     """ONNX Runtime's slow SkipLayerNormalization kernel stays out of the graph and out of our sessions."""
     import json
 
-    from engines.onnxruntime_cpu import create_session
+    from engines.ort_session import create_session
 
     runtime = json.loads((default_build.build_dir / "manifest.json").read_text())["runtime"]
     assert runtime["disabled_optimizers"] == ["SkipLayerNormFusion"]

@@ -7,9 +7,9 @@ import onnx
 import pytest
 
 from calibration.ranges import RangeCache
-from engines import neural_compressor
+from engines.cpu import neural_compressor
 from pipeline.config import QuantizationConfig
-from pipeline.errors import StageError
+from pipeline.core.errors import StageError
 from pipeline.stages.calibrate import CACHE_FILE
 
 

@@ -34,8 +34,8 @@ def trt_llm_build(llm_base_stages, tmp_path_factory: pytest.TempPathFactory):
     fp16 runs every stage; int8 stops after precision with one fallback step (its simulated decode is slow
     in ONNX Runtime, and its parity is measured in the README): Q/DQ placement and the ranking are tested.
     """
-    from pipeline.progress import Progress
-    from pipeline.runner import run_build
+    from pipeline.build.runner import run_build
+    from pipeline.core.progress import Progress
 
     results = {}
 
@@ -148,7 +148,7 @@ def test_int8_fallback_ranks_the_outlier_matmuls_first(trt_llm_build) -> None:
 
 
 def test_bundle_profiles_cover_batch_sequence_and_past_axes(trt_llm_build) -> None:
-    from engines.onnxruntime_cpu import create_session
+    from engines.ort_session import create_session
     from tests.engines.trt_api_checker import load_api
 
     result = trt_llm_build("fp16")
@@ -213,7 +213,7 @@ def test_engine_build_and_polygraphy_parity_on_a_gpu_host(trt_llm_build) -> None
 
 
 def test_explicit_profile_and_gate_shape_the_decoder_profiles() -> None:
-    from pipeline.llm.trt import decoder_profiles, fallback_target
+    from pipeline.stages.llm_trt import decoder_profiles, fallback_target
 
     config = load_config(None, {"target": "trt", "model": {"task": "text-generation"},
                                 "trt": {"batch": [1, 2, 4], "sequence": [4, 64, 256]},

@@ -10,9 +10,9 @@ import shlex
 import onnx
 import pytest
 
-from engines.tensorrt import tensorrt_missing_reason
+from engines.trt.builder import tensorrt_missing_reason
 from pipeline.config import load_config
-from pipeline.errors import ConfigError, ExitCode
+from pipeline.core.errors import ConfigError, ExitCode
 from pipeline.stages import stages_for
 from tests.helpers import assert_one_line_error, run_cli
 
@@ -131,7 +131,7 @@ def test_invalid_trt_configuration_is_refused(overrides, message: str) -> None:
 
 
 def test_explicit_profile_is_used(tmp_path) -> None:
-    from pipeline.models import inspect_model
+    from pipeline.models.registry import inspect_model
     from pipeline.stages.bundle import optimization_profile
 
     config = load_config(None, {"target": "trt", "trt": {"batch": [2, 4, 16], "sequence": [16, 64, 256]}})

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import json
 
-from pipeline.errors import ExitCode
+from pipeline.core.errors import ExitCode
 from tests.helpers import run_cli
 
 

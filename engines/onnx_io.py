@@ -1,0 +1,57 @@
+"""Loading and saving ONNX graphs, with external data past protobuf's 2 GB limit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+PROTOBUF_LIMIT = 2 * 1024**3 - 1024 * 1024  # leave room for the graph itself
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    total = 0
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            total += next((int(e.value) for e in tensor.external_data if e.key == "length"), 0)
+        else:
+            total += len(tensor.raw_data) or tensor.ByteSize()
+    return total
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    """One file when it fits in a protobuf; otherwise weights in `<name>.data` beside it."""
+    if initializer_bytes(model) >= PROTOBUF_LIMIT:
+        onnx.save_model(
+            model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+            location=f"{path.name}.data", size_threshold=1024,
+        )
+    else:
+        onnx.save_model(model, str(path))
+
+
+def check_onnx_file(path: Path, runnable: bool = False) -> None:
+    """Refuse, with one line (InputError), a file that is not an ONNX model: garbage bytes, an empty or
+    truncated file, a protobuf without a graph; with runnable=True also one ONNX Runtime cannot load.
+
+    Not onnx.checker: it rejects ONNX Runtime's fused contrib ops in our own optimized graphs."""
+    from pipeline.core.errors import InputError
+
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends: the bytes are not an ONNX model
+        raise InputError(f"{path} is not an ONNX model ({type(exc).__name__}: {_first_line(exc)})") from None
+    if not model.graph.node or not model.graph.output:
+        raise InputError(f"{path} is not an ONNX model (no graph: empty, truncated or another kind of file)")
+    if runnable:
+        from engines.ort_session import create_session
+
+        try:
+            create_session(path, threads=1, optimization="disable")
+        except Exception as exc:  # ONNX Runtime's Fail / InvalidGraph / NotImplemented
+            raise InputError(f"ONNX Runtime cannot load {path}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

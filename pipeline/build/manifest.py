@@ -1,0 +1,172 @@
+"""Publishing a build: final artifacts moved into place, and manifest.json, the lineage record."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from pipeline import __version__
+from pipeline.config import BuildConfig
+from pipeline.core.errors import InputError, read_json_input
+from pipeline.models.registry import ModelInfo
+from pipeline.stages.base import StageOutput
+
+MANIFEST_SCHEMA_VERSION = 1
+# build-dir name -> (stage, file in that stage's output); published only when parity passed.
+MODEL_ARTIFACTS = {
+    "model.onnx": ("quantize", "model.onnx"),
+    "model.fp32.onnx": ("optimize", "model.onnx"),
+}
+REPORT_ARTIFACTS = {name: ("verify", name) for name in ("parity.json", "parity.md", "parity.html", "parity.junit.xml")}
+TRT_MODEL_ARTIFACTS = {
+    "model.onnx": ("precision", "model.onnx"),  # the graph that carries its TensorRT precision
+    "model.fp32.onnx": ("export", "model.onnx"),
+}
+TRT_BUNDLE_DIR = "trt"
+
+
+def _place(source: Path, target: Path) -> None:
+    """Hard-link (or copy) next to the target, then rename over it: readers never see half a file."""
+    if target.exists() and os.path.samefile(source, target):
+        return  # already this build's file (renaming a hard link onto itself would do nothing)
+    temporary = target.with_name(f".{target.name}.tmp")
+    if temporary.exists() or temporary.is_symlink():
+        temporary.unlink()
+    try:
+        os.link(source, temporary)
+    except OSError:
+        shutil.copyfile(source, temporary)
+    os.replace(temporary, target)
+
+
+def _place_tree(source: Path, target: Path, ignore: tuple[str, ...] = ()) -> None:
+    """Copy a folder beside the target and swap it in; an identical folder is left alone. The old
+    folder is renamed to a `.*.tmp` name before the new one takes its place, so a kill in between
+    leaves no half-copied folder under the real name, only leftovers the next build removes."""
+    from pipeline.core.hashing import directory_hashes
+
+    temporary = target.with_name(f".{target.name}.tmp")
+    retired = target.with_name(f".{target.name}.old.tmp")
+    for leftover in (temporary, retired):
+        shutil.rmtree(leftover, ignore_errors=True)
+    shutil.copytree(source, temporary, ignore=shutil.ignore_patterns(*ignore) if ignore else None)
+    if target.is_dir() and not target.is_symlink() and directory_hashes(target) == directory_hashes(temporary):
+        shutil.rmtree(temporary)
+        return
+    _remove(target, retired)
+    os.replace(temporary, target)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def _remove(target: Path, retired: Path) -> None:
+    if target.is_dir() and not target.is_symlink():
+        os.replace(target, retired)
+    elif target.exists() or target.is_symlink():
+        target.unlink()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write beside the target and rename over it: a reader sees the old file or the new one."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def publish_build(
+    build_dir: Path,
+    config: BuildConfig,
+    model: ModelInfo,
+    outputs: dict[str, StageOutput],
+    wall_time_s: float,
+) -> Optional[bool]:
+    """Move the final artifacts into the build directory; return the parity verdict (None: no verify)."""
+    verify = outputs.get("verify")
+    passed: Optional[bool] = None if verify is None else bool(verify.metrics.get("passed"))
+    # The old manifest goes first: while artifacts are swapped, and if the build is killed before the
+    # new manifest is written, the directory has no manifest and cannot pass for a finished build.
+    (build_dir / "manifest.json").unlink(missing_ok=True)
+    artifacts: dict[str, str] = {}
+    models = TRT_MODEL_ARTIFACTS if config.target == "trt" else MODEL_ARTIFACTS
+    for name, (stage, file) in {**models, **REPORT_ARTIFACTS}.items():
+        if name == "model.fp32.onnx" and "optimize" not in outputs:
+            stage = "export"  # TensorRT and decoder LLM builds have no optimize stage: the export is the FP32 baseline
+        target = build_dir / name
+        is_report = name in REPORT_ARTIFACTS
+        if stage in outputs and (is_report or passed):
+            _place(outputs[stage].path(file), target)
+            artifacts[name] = outputs[stage].files[file]
+        elif target.exists():
+            target.unlink()  # a stale artifact of an earlier build must not look like this build's
+    if passed and "export" in outputs:
+        _place_tree(outputs["export"].path("tokenizer"), build_dir / "tokenizer")
+        artifacts.update({name: digest for name, digest in sorted(outputs["export"].files.items())
+                          if name.startswith("tokenizer/")})
+    else:
+        _remove(build_dir / "tokenizer", build_dir / ".tokenizer.old.tmp")
+        shutil.rmtree(build_dir / ".tokenizer.old.tmp", ignore_errors=True)
+    if passed and "bundle" in outputs:
+        _place_tree(outputs["bundle"].directory, build_dir / TRT_BUNDLE_DIR, ignore=("stage.json",))
+        artifacts[f"{TRT_BUNDLE_DIR}/"] = outputs["bundle"].content_hash
+    else:
+        _remove(build_dir / TRT_BUNDLE_DIR, build_dir / f".{TRT_BUNDLE_DIR}.old.tmp")
+        shutil.rmtree(build_dir / f".{TRT_BUNDLE_DIR}.old.tmp", ignore_errors=True)
+    status = {None: "incomplete", True: "passed", False: "parity_failed"}[passed]
+    manifest = {
+        "schema_version": MANIFEST_SCHEMA_VERSION,
+        "quantpipe_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "status": status,
+        "wall_time_s": round(wall_time_s, 3),
+        "model": {"name": model.name, "path": str(model.path), "task": model.task.name},
+        "config": config.to_dict(),
+        "stages": [_stage_entry(output) for output in outputs.values()],
+        "artifacts": artifacts,
+    }
+    if config.target == "cpu":
+        manifest["runtime"] = cpu_runtime()
+    write_json_atomic(build_dir / "manifest.json", manifest)
+    return passed
+
+
+def cpu_runtime() -> dict[str, Any]:
+    """The ONNX Runtime session settings the CPU artifacts were measured with (and `pipeline serve` uses)."""
+    import onnxruntime
+
+    from engines.ort_session import DISABLED_OPTIMIZERS
+
+    return {"engine": "onnxruntime", "onnxruntime_version": onnxruntime.__version__,
+            "execution_provider": "CPUExecutionProvider", "graph_optimization_level": "ORT_ENABLE_ALL",
+            "disabled_optimizers": list(DISABLED_OPTIMIZERS)}
+
+
+def _stage_entry(output: StageOutput) -> dict[str, Any]:
+    record = json.loads((output.directory / "stage.json").read_text(encoding="utf-8"))
+    return {
+        "stage": output.stage,
+        "key": output.key,
+        "reused": output.reused,
+        "directory": str(output.directory.name),
+        "config": record["config"],
+        "inputs": record["inputs"],
+        "outputs": output.files,
+        "wall_time_s": output.wall_time_s,
+        "metrics": output.metrics,
+    }
+
+
+def read_manifest(build_dir: Path) -> dict[str, Any]:
+    path = build_dir / "manifest.json"
+    if not path.is_file():
+        raise InputError(f"{build_dir} is not a build directory (no manifest.json); run `pipeline build` first")
+    manifest = read_json_input(path)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("stages", []), list):
+        raise InputError(f"{path} is not a Quantpipe manifest (a JSON object with a list of stages)")
+    return manifest

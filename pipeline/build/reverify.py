@@ -1,0 +1,120 @@
+"""`pipeline verify BUILD_DIR`: parity again for a finished build, from its manifest and stage cache."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+from pipeline.config import BuildConfig
+from pipeline.core.errors import InputError, ParityError
+from pipeline.core.hashing import directory_hashes, file_sha256
+from pipeline.build.manifest import read_manifest
+from engines.onnx_io import check_onnx_file
+from pipeline.core.progress import Progress
+from pipeline.reports.write import append_step_summary, write_reports
+from pipeline.stages.base import STAGE_RECORD, StageOutput
+
+NEEDED_STAGES = ("export", "optimize", "calibrate", "quantize")
+_STAGE_DIRECTORY = re.compile(r"[a-z]+-[0-9a-f]{16}")
+
+
+
+def stage_outputs(build_dir: Path, manifest: dict[str, Any], needed: tuple[str, ...]) -> dict[str, StageOutput]:
+    """The manifest's stage outputs, each checked against the hashes it recorded."""
+    from pipeline.build.runner import CACHE_DIR
+
+    entries = {entry.get("stage"): entry for entry in manifest.get("stages", []) if isinstance(entry, dict)}
+    outputs = {}
+    for stage in needed:
+        if stage not in entries:
+            raise InputError(f"the build in {build_dir} has no '{stage}' stage; run `pipeline build` to completion")
+        name = str(entries[stage].get("directory", ""))
+        if not _STAGE_DIRECTORY.fullmatch(name):  # never follow a manifest out of the build's cache
+            raise InputError(f"the manifest of {build_dir} names an invalid stage directory {name!r}")
+        directory = build_dir / CACHE_DIR / name
+        if not (directory / STAGE_RECORD).is_file():
+            raise InputError(f"stage output {directory} is missing; run `pipeline build` again to recreate it")
+        try:
+            output = StageOutput.read(directory)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"stage record {directory / STAGE_RECORD} is unreadable ({exc}); run `pipeline build` again") from None
+        actual = directory_hashes(directory)
+        actual.pop(STAGE_RECORD, None)
+        if actual != output.files:
+            raise InputError(f"stage output {directory} does not match its recorded hashes; run `pipeline build` again")
+        outputs[stage] = output
+    return outputs
+
+
+def check_candidate_fits(candidate: Path, reference: Path) -> None:
+    """A candidate must take the reference's inputs and give its outputs, or parity cannot compare them."""
+    import onnx
+
+    def names(path: Path) -> tuple[set[str], set[str]]:
+        graph = onnx.load_model(str(path), load_external_data=False).graph
+        initializers = {tensor.name for tensor in graph.initializer}
+        return {i.name for i in graph.input if i.name not in initializers}, {o.name for o in graph.output}
+
+    (ref_in, ref_out), (cand_in, cand_out) = names(reference), names(candidate)
+    if not cand_in <= ref_in or not ref_out <= cand_out:
+        raise InputError(
+            f"candidate {candidate} does not fit this build: inputs {sorted(cand_in)}, outputs {sorted(cand_out)}; "
+            f"the reference takes {sorted(ref_in)} and gives {sorted(ref_out)}"
+        )
+
+
+def reverify(
+    build_dir: Path,
+    verify_overrides: dict[str, Any],
+    progress: Progress,
+    candidate: Optional[Path] = None,
+    output_dir: Optional[Path] = None,
+) -> dict[str, Any]:
+    """Run parity for the build's candidate (or another artifact) and write the four reports."""
+    from pipeline.models.registry import inspect_model
+    from pipeline.build.runner import build_lock
+    from pipeline.stages.base import StageContext
+    from pipeline.stages.verify import parity_inputs
+    from pipeline.parity.verification import run_parity
+
+    if candidate is not None:
+        if not candidate.is_file():
+            raise InputError(f"candidate not found: {candidate}")
+        check_onnx_file(candidate, runnable=True)
+    # Under the build's lock from the first read: a build running meanwhile cannot swap files underneath.
+    with build_lock(build_dir, progress):
+        manifest = read_manifest(build_dir)
+        try:
+            config_data = dict(manifest["config"])
+            config_data["verify"] = {**config_data.get("verify", {}), **verify_overrides}
+            config = BuildConfig.model_validate(config_data)
+            manifest_task = manifest.get("model", {}).get("task")
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # pydantic's ValidationError is a ValueError
+            problem = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"cannot read the configuration in {build_dir / 'manifest.json'}: {problem}") from None
+        stages = {entry.get("stage") for entry in manifest.get("stages", []) if isinstance(entry, dict)}
+        if "export" in stages and "optimize" not in stages:  # only CPU encoder builds have an optimize stage
+            kind = "a TensorRT" if config.target == "trt" else "a decoder LLM"
+            raise InputError(f"{build_dir} is {kind} build; `pipeline verify` re-checks CPU encoder builds. Run the "
+                             "same `pipeline build` with the new thresholds instead: only its verify stage re-runs")
+        model = inspect_model(config.model.path, manifest_task, config.model.trust_remote_code)
+        context = StageContext(config=config, model=model, progress=progress,
+                               inputs=stage_outputs(build_dir, manifest, NEEDED_STAGES))
+        inputs = parity_inputs(context)
+        if candidate is not None:
+            check_candidate_fits(candidate, inputs.reference)
+            inputs.candidate, inputs.candidate_sha256 = candidate, file_sha256(candidate)
+            inputs.candidate_description = f"ONNX {candidate.name}"
+        target = output_dir or build_dir
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"cannot write the reports to {target}: {exc.strerror or exc}") from None
+        progress.stage("verify")
+        report = run_parity(inputs, config, model, progress)
+        write_reports(report, target)
+    append_step_summary(target / "parity.md")
+    if report["failures"]:
+        raise ParityError("parity failed: " + "; ".join(report["failures"]) + f" (report: {target / 'parity.md'})")
+    return report

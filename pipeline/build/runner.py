@@ -1,0 +1,248 @@
+"""The staged runner: keyed stage cache, lineage manifest, atomic publishing."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+from pipeline.config import BuildConfig
+from pipeline.core.errors import ConfigError, EngineError, InputError, LockedError, ParityError, QuantpipeError, StageError
+from pipeline.core.hashing import directory_hashes, stage_key
+from pipeline.build.manifest import publish_build
+from pipeline.models.registry import ModelInfo, inspect_model
+from pipeline.core.progress import Progress, raise_pending
+from pipeline.reports.write import append_step_summary
+from pipeline.stages import stages_for
+from pipeline.stages.base import STAGE_RECORD, Stage, StageContext, StageOutput
+
+CACHE_DIR = ".stages"
+LOCK_FILE = ".lock"
+
+
+@dataclass
+class BuildResult:
+    build_dir: Path
+    outputs: dict[str, StageOutput]
+    passed: Optional[bool]  # None when the build stopped before verify
+    wall_time_s: float
+
+
+def build_directory(config: BuildConfig, model: ModelInfo) -> Path:
+    if config.output_dir:
+        return Path(config.output_dir)
+    return Path("build") / f"{model.name}-{config.target}"
+
+
+def check_build_directory(build_dir: Path) -> None:
+    """A build writes model.onnx, parity.*, manifest.json and replaces tokenizer/ in its directory: never
+    in a folder that holds something else (an --output of `.` or `~` by mistake)."""
+    if build_dir.exists() and not build_dir.is_dir():
+        raise InputError(f"--output {build_dir} is a file; give a folder for the build")
+    markers = (LOCK_FILE, CACHE_DIR, "manifest.json")
+    if build_dir.is_dir() and any(build_dir.iterdir()) and not any((build_dir / m).exists() for m in markers):
+        raise InputError(f"refusing to build into {build_dir}: it is not empty and not a build directory "
+                         f"(no {CACHE_DIR}/ or manifest.json); give a new or empty --output")
+
+
+LOCK_POLL_S = 0.2
+
+
+def _holder(handle: Any) -> str:
+    handle.seek(0)
+    pid = handle.read().strip()
+    return f" (pid {pid})" if pid.isdigit() else ""
+
+
+@contextmanager
+def build_lock(build_dir: Path, progress: Progress, wait: bool = True,
+               timeout: Optional[float] = None) -> Iterator[None]:
+    """One build per directory at a time. A second one waits for it: forever (timeout None), or up to
+    `timeout` seconds and then fails with LockedError (timeout 0 or wait=False: fails at once).
+
+    flock is released by the kernel when its holder dies, so a killed build never leaves a stale lock.
+    """
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        handle = (build_dir / LOCK_FILE).open("a+")
+    except OSError as exc:
+        raise InputError(f"cannot use {build_dir} as a build directory: {exc.strerror or exc}") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(handle)
+            if not wait or timeout == 0:
+                raise LockedError(f"another build{holder} is running in {build_dir}; "
+                                  "wait for it, give --lock-timeout SECONDS, or use another --output") from None
+            progress.info(f"another build{holder} holds {build_dir}; waiting for it to finish")
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:  # polled, so that Ctrl-C and SIGTERM are honoured while waiting
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise LockedError(f"another build{holder} still holds {build_dir} after waiting "
+                                          f"{timeout:g}s (--lock-timeout); try again later or use another --output") from None
+                    raise_pending()
+                    time.sleep(LOCK_POLL_S)
+        try:
+            handle.truncate(0)
+            handle.write(str(os.getpid()))
+            handle.flush()
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def clean_stale(build_dir: Path, progress: Progress) -> int:
+    """Remove what a killed build left behind: staging folders (`.stages/tmp-*`) and half-written files
+    (`.*.tmp`). Only ever called while holding the build directory's lock, so nothing live is removed."""
+    stale = list((build_dir / CACHE_DIR).glob("tmp-*")) + list(build_dir.glob(".*.tmp"))
+    for path in stale:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if stale:
+        progress.info(f"removed {len(stale)} leftovers of an interrupted build: "
+                      + ", ".join(sorted(path.name for path in stale)))
+    return len(stale)
+
+
+@contextmanager
+def scratch_space(cache: Path) -> Iterator[Path]:
+    """Route Python-level temporary files (tempfile) into the build's cache while the build runs, so a
+    killed build's scratch files (graphs of ~100 MB) are removed by the next build instead of piling up
+    in /tmp. Same filesystem as the cache, too."""
+    folder = Path(tempfile.mkdtemp(prefix="tmp-scratch-", dir=cache))
+    previous = tempfile.tempdir
+    tempfile.tempdir = str(folder)
+    try:
+        yield folder
+    finally:
+        tempfile.tempdir = previous
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _cached_output(directory: Path, progress: Progress) -> Optional[StageOutput]:
+    """A finished cache entry whose files still hash to what was recorded, else None."""
+    if not (directory / STAGE_RECORD).is_file():
+        return None
+    try:
+        output = StageOutput.read(directory)
+    except (ValueError, KeyError, OSError):
+        output = None
+    if output is not None:
+        actual = directory_hashes(directory)
+        actual.pop(STAGE_RECORD, None)
+        if actual == output.files:
+            output.reused = True
+            return output
+    progress.info(f"cached output in {directory.name} is corrupt or incomplete; running the stage again")
+    _remove_tree(directory)
+    return None
+
+
+def _remove_tree(directory: Path) -> None:
+    """Rename to a `tmp-` name first: a kill during the removal leaves a stale folder the next build
+    cleans, never a half-deleted entry under its real name."""
+    doomed = directory.with_name(f"tmp-old-{directory.name}-{os.getpid()}")
+    try:
+        os.replace(directory, doomed)
+    except FileNotFoundError:
+        return
+    except OSError:  # cannot rename (a leftover under that name): remove in place
+        doomed = directory
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _run_stage(stage: Stage, context: StageContext, cache: Path, key: str,
+               config_slice: dict[str, Any], inputs: dict[str, str]) -> StageOutput:
+    final = cache / f"{stage.name}-{key[:16]}"
+    staging = Path(tempfile.mkdtemp(prefix=f"tmp-{stage.name}-", dir=cache))
+    started = time.perf_counter()
+    try:
+        stage.requires(context)
+        metrics = stage.run(context, staging)
+        stage.ensures(staging)
+        output = StageOutput(stage.name, key, staging, directory_hashes(staging), metrics,
+                             round(time.perf_counter() - started, 3))
+        output.write_record(config_slice, inputs)
+        if final.exists():
+            _remove_tree(final)
+        os.replace(staging, final)
+    except EngineError as exc:  # engines do not know which stage called them
+        raise StageError(stage.name, exc.message) from exc
+    except QuantpipeError:
+        raise
+    except Exception as exc:  # a library failing on valid input: name the stage, keep the cause
+        raise StageError(stage.name, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    output.directory = final
+    return output
+
+
+def run_build(
+    config: BuildConfig,
+    progress: Progress,
+    force: bool = False,
+    stop_after: Optional[str] = None,
+    stages: Optional[Sequence[Stage]] = None,
+    lock_timeout: Optional[float] = None,
+) -> BuildResult:
+    started = time.perf_counter()
+    model = inspect_model(config.model.path, config.model.task, config.model.trust_remote_code)
+    build_dir = build_directory(config, model)
+    pipeline_stages = list(stages) if stages is not None else stages_for(config)
+    if stop_after is not None and stop_after not in [stage.name for stage in pipeline_stages]:
+        names = ", ".join(stage.name for stage in pipeline_stages)
+        raise ConfigError(f"--stop-after {stop_after}: target '{config.target}' has no such stage (stages: {names})")
+    check_build_directory(build_dir)
+    with build_lock(build_dir, progress, timeout=lock_timeout):
+        cache = build_dir / CACHE_DIR
+        cache.mkdir(parents=True, exist_ok=True)
+        clean_stale(build_dir, progress)
+        with scratch_space(cache):
+            context = _run_stages(config, model, progress, pipeline_stages, cache, force, stop_after)
+        progress.stage("publish")
+        passed = publish_build(build_dir, config, model, context.inputs, time.perf_counter() - started)
+        if "verify" in context.inputs:
+            append_step_summary(build_dir / "parity.md")
+    result = BuildResult(build_dir, context.inputs, passed, time.perf_counter() - started)
+    if passed is False:
+        failures = context.inputs["verify"].metrics.get("failures", [])
+        raise ParityError("parity failed: " + "; ".join(failures) + f" (report: {build_dir / 'parity.md'})")
+    return result
+
+
+def _run_stages(config: BuildConfig, model: ModelInfo, progress: Progress, pipeline_stages: Sequence[Stage],
+                cache: Path, force: bool, stop_after: Optional[str]) -> StageContext:
+    context = StageContext(config=config, model=model, progress=progress)
+    for stage in pipeline_stages:
+        progress.stage(stage.name)
+        config_slice = stage.config_slice(config, model)
+        inputs = dict(stage.external_inputs(config, model))
+        for upstream in stage.depends_on(config):
+            inputs[f"stage:{upstream}"] = context.input(upstream).content_hash
+        key = stage_key(stage.name, stage.version, config_slice, inputs)
+        directory = cache / f"{stage.name}-{key[:16]}"
+        output = None if force else _cached_output(directory, progress)
+        if output is not None:
+            progress.info(f"reused cached output {directory.name} (built in {output.wall_time_s:.1f}s)")
+        else:
+            progress.info("running")
+            output = _run_stage(stage, context, cache, key, config_slice, inputs)
+            progress.info(f"done in {output.wall_time_s:.1f}s")
+        context.inputs[stage.name] = output
+        if stop_after == stage.name:
+            break
+    return context

@@ -1,0 +1,95 @@
+"""Deployment commands: `pipeline export-triton`, `pipeline serve`, `pipeline bench-serve`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import click
+
+BUILD_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
+
+
+@click.command("export-triton")
+@click.argument("build_dir", type=BUILD_DIR)
+@click.argument("repo_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--name", "model_name", help="Model name in the repository. [default: the build's model name]")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True,
+              help="auto: onnxruntime for CPU builds, tensorrt for TensorRT builds (refused without an engine).")
+@click.option("--max-batch-size", type=int,
+              help="Triton max_batch_size. [default: the TensorRT profile's largest batch, else 32]")
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True, help="Model instances.")
+@click.option("--intra-op-threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="ONNX Runtime intra-op threads per instance (0: one per core).")
+@click.option("--inter-op-threads", type=click.IntRange(min=0), default=1, show_default=True,
+              help="ONNX Runtime inter-op threads per instance.")
+@click.option("--max-queue-delay-us", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Dynamic batching: longest wait to fill a batch, in microseconds.")
+@click.option("--with-tokenizer", is_flag=True,
+              help="Add a Python-backend tokenizer and an ensemble <name>_text that takes text.")
+def export_triton(build_dir: Path, repo_dir: Path, model_name: Optional[str], backend: str,
+                  max_batch_size: Optional[int], instances: int, intra_op_threads: int, inter_op_threads: int,
+                  max_queue_delay_us: int, with_tokenizer: bool) -> None:
+    """Write a Triton Inference Server model repository for a finished build.
+
+    \b
+    Example:
+      pipeline export-triton build/all-MiniLM-L6-v2-cpu triton-repo --with-tokenizer
+      tritonserver --model-repository triton-repo
+    """
+    from pipeline.build.manifest import read_manifest
+    from pipeline.deploy.triton import export_triton as export
+
+    if model_name is None:
+        manifest = read_manifest(build_dir) if (build_dir / "manifest.json").is_file() else {}
+        model_name = manifest.get("model", {}).get("name", build_dir.name).replace("/", "_")
+    written = export(build_dir, repo_dir, model_name, backend, max_batch_size, instances, intra_op_threads,
+                     inter_op_threads, max_queue_delay_us, with_tokenizer)
+    click.echo(f"wrote {', '.join(written)} to {repo_dir}")
+
+
+@click.command()
+@click.argument("build_dir", type=BUILD_DIR)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="ONNX Runtime intra-op threads (0: one per core).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Most texts run in one batch.")
+@click.option("--max-wait-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="Longest wait for more requests before a batch runs.")
+def serve(build_dir: Path, host: str, port: int, threads: int, max_batch: int, max_wait_ms: float) -> None:
+    """Serve a CPU build over HTTP: POST /v1/predict {"texts": [...]}, GET /health, GET /v1/stats.
+
+    \b
+    Example:
+      pipeline serve build/all-MiniLM-L6-v2-cpu --port 8000
+      curl -s localhost:8000/v1/predict -H 'content-type: application/json' -d '{"text": "hello"}'
+    """
+    from pipeline.core.logs import quiet_libraries
+    from pipeline.deploy.serve import serve as run
+
+    quiet_libraries()
+    run(build_dir, host, port, threads, max_batch, max_wait_ms)
+
+
+@click.command("bench-serve")
+@click.argument("build_dir", type=BUILD_DIR)
+@click.option("--clients", type=click.IntRange(1, 256), default=16, show_default=True, help="Concurrent clients.")
+@click.option("--duration", type=click.FloatRange(0.5, 600), default=30.0, show_default=True, help="Seconds of load.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Server: ONNX Runtime intra-op threads (0: one per core).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--max-wait-ms", type=click.FloatRange(min=0), default=5.0, show_default=True)
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="Also write the result as JSON.")
+def bench_serve(build_dir: Path, clients: int, duration: float, threads: int, max_batch: int, max_wait_ms: float,
+                output: Optional[Path]) -> None:
+    """Load-test `pipeline serve` on loopback: requests per second, p50/p99 latency, errors (exit 4 on errors).
+
+    \b
+    Example:
+      pipeline bench-serve build/all-MiniLM-L6-v2-cpu --clients 16 --duration 30
+    """
+    from pipeline.bench.serve_load import run_cli
+
+    run_cli(build_dir, clients, duration, threads, max_batch, max_wait_ms, output)

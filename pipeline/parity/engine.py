@@ -1,0 +1,94 @@
+"""The parity engine: the FP32 graph (reference) and a built artifact (candidate) run side by side.
+
+Both graphs run in ONNX Runtime through Polygraphy's runners
+(`OnnxrtRunner(SessionFromOnnx(...))`) and `Comparator.run`, streamed one
+held-out batch at a time; the outputs are then compared per output by
+`pipeline.parity.metrics`. Every backend is a runner, so a TensorRT candidate is a
+different runner over the same data loader.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from pipeline.models.registry import TaskSpec
+from pipeline.parity.gates import Check
+from pipeline.parity.metrics import TASK_METRICS, OutputMetrics, compare_output, evaluate
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclass
+class ParityResult:
+    metrics: dict[str, OutputMetrics]
+    checks: list[Check]
+
+    @property
+    def failures(self) -> list[str]:
+        return [check.description for check in self.checks if not check.passed]
+
+
+def onnx_runner(model: object, name: str):
+    """A Polygraphy runner for an ONNX path (or a Polygraphy loader that returns model bytes)."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    return OnnxrtRunner(SessionFromOnnx(str(model) if isinstance(model, Path) else model, providers=["cpu"]), name=name)
+
+
+def stream_pair(reference: object, candidate: object, batches: Sequence[Batch]) -> Iterator[tuple[Batch, Batch]]:
+    """(reference outputs, candidate outputs) for each batch, one batch in memory at a time."""
+    from polygraphy.comparator import Comparator
+    from polygraphy.logger import G_LOGGER
+
+    runners = [onnx_runner(reference, "reference"), onnx_runner(candidate, "candidate")]
+    with G_LOGGER.verbosity(G_LOGGER.ERROR):
+        for run_results in Comparator.run(runners, data_loader=list(batches), streaming=True):
+            ref, cand = (iterations[0] for _, iterations in run_results)
+            # Copied: in streaming mode a runner may reuse its output buffers.
+            yield ({k: np.array(v, copy=True) for k, v in ref.items()},
+                   {k: np.array(v, copy=True) for k, v in cand.items()})
+
+
+def run_pair(
+    reference: Path,
+    candidate: Path,
+    batches: Sequence[Batch],
+    output_names: Sequence[str],
+    on_batch: Optional[Callable[[int, int], None]] = None,
+) -> tuple[dict[str, list[np.ndarray]], dict[str, list[np.ndarray]]]:
+    """Both graphs on every batch; returns (reference, candidate) outputs, one array per batch."""
+    collected: tuple[dict[str, list], dict[str, list]] = ({n: [] for n in output_names}, {n: [] for n in output_names})
+    for index, outputs in enumerate(stream_pair(reference, candidate, batches), start=1):
+        for produced, store in zip(outputs, collected):
+            for name in output_names:
+                store[name].append(produced[name])
+        if on_batch:
+            on_batch(index, len(batches))
+    return collected
+
+
+def measure(
+    task: TaskSpec,
+    reference_outputs: dict[str, list[np.ndarray]],
+    candidate_outputs: dict[str, list[np.ndarray]],
+    masks: Sequence[Optional[np.ndarray]],
+    thresholds: dict[tuple[str, str], float],
+    labels: Optional[np.ndarray] = None,
+    labelled: Optional[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = None,
+) -> ParityResult:
+    """Per-output metrics, task metrics (label accuracy, ...) and every gate checked."""
+    classification = task.name == "text-classification"
+    metrics = {
+        name: compare_output(name, reference_outputs[name], candidate_outputs[name], masks,
+                             classification and name == "logits")
+        for name in task.output_names
+    }
+    task_metrics = TASK_METRICS.get(task.name)
+    if task_metrics is not None and labelled is not None:
+        for name, values in task_metrics(labelled[0], labelled[1], labels).items():
+            metrics[name].extra.update(values)
+    return ParityResult(metrics, evaluate(metrics, thresholds))
