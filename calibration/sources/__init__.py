@@ -142,6 +142,11 @@ def describe_fields(fields: Fields) -> str:
 
 def missing_field_error(field: str, where: str, available: list[str]) -> InputError:
     return InputError(
-        f"field '{field}' not found in {where} (fields: {', '.join(available) or 'none'}); "
+        f"field '{field}' not found in {where} (fields: {', '.join(_one_line(name) for name in available) or 'none'}); "
         "pick one with --text-field/--text-pair-field/--label-field"
     )
+
+
+def _one_line(name: str) -> str:
+    """A field name as it can be shown in a one-line error (a quoted CSV header may hold line breaks)."""
+    return repr(name) if any(ch in name for ch in "\r\n") else name
