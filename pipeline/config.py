@@ -268,14 +268,6 @@ class BuildConfig(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _decoders_default_to_rtn(self) -> "BuildConfig":
-        """A decoder LLM on the CPU without --quant gets 4-bit RTN (dynamic INT8 is an encoder scheme)."""
-        decoder = self.model.task == "text-generation" or (self.model.path or "").endswith(".gguf")
-        if decoder and self.target == "cpu" and "mode" not in self.quantization.model_fields_set:
-            self.quantization.mode = "rtn"
-        return self
-
-    @model_validator(mode="after")
     def _weight_only_is_for_decoders(self) -> "BuildConfig":
         weight_only = self.quantization.mode in WEIGHT_ONLY_MODES
         if weight_only and self.model.task not in (None, "text-generation"):

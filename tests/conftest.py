@@ -99,3 +99,24 @@ def llm_base_stages(tmp_path_factory: pytest.TempPathFactory):
                                 "calibration": LLM_TEST_CALIBRATION})
     return run_build(config, Progress(quiet=True), stop_after="calibrate").outputs
 
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_folder(tmp_path_factory: pytest.TempPathFactory):
+    """A Hugging Face Llama folder with random weights (2 layers, hidden 64, grouped-query attention) made
+    from a config in code, with SmolLM2's tokenizer: the decoder family without a download."""
+    pytest.importorskip("gguf")
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pipeline.models.loading import load_llm_tokenizer, smollm2_gguf
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = load_llm_tokenizer(smollm2_gguf())
+    config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=512, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

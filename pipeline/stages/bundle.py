@@ -25,7 +25,6 @@ from pipeline.stages.base import Stage, StageContext
 from pipeline.stages.llm_trt import (
     ENGINE_CHECK_CHUNKS,
     decoder_profiles,
-    is_decoder,
     perplexity_ratio,
     prefill_feeds,
     prompt_token_counts,
@@ -152,7 +151,7 @@ class BundleStage(Stage):
     def _profiles(self, context: StageContext) -> dict[str, Any]:
         """Encoders: one profile from the calibration lengths. Decoder LLMs: a prefill and a decode profile."""
         config, model = context.config, context.model
-        if is_decoder(model):
+        if model.is_decoder:
             export, calibrate = context.input("export"), context.input("calibrate")
             prompts = prompt_token_counts(calibrate.path("prompts.json"), export.path("tokenizer"))
             profiles = decoder_profiles(config, export.metrics, prompts)
@@ -181,7 +180,7 @@ class BundleStage(Stage):
         task = context.model.task
         outputs = list(task.output_names)
         heldout = context.input("calibrate").path("heldout.safetensors")
-        decoder = is_decoder(context.model)  # prefill feeds (profile 0) of held-out text, logits only
+        decoder = context.model.is_decoder  # prefill feeds (profile 0) of held-out text, logits only
         batches = (prefill_feeds(heldout, context.input("export").metrics, ENGINE_CHECK_CHUNKS) if decoder
                    else load_batches(heldout))
         with OrtRunner(context.input("export").path("model.onnx"), output_names=outputs) as runner:

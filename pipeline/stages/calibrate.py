@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from calibration.batches import check_long_samples, save_batches, to_batches, token_lengths
 from calibration.ranges import RangeCache, compute_ranges
@@ -47,10 +47,13 @@ class CalibrateStage(Stage):
     version = 2
     outputs = ("calibration.safetensors", "heldout.safetensors", "samples.json", CACHE_FILE)
 
+    def __init__(self, ranges_of: Optional[str] = "optimize") -> None:
+        # The stage whose FP32 graph the activation ranges are computed on (the CPU path: the optimized
+        # graph). None: no range cache is written (TensorRT's precision stage calibrates its own graph).
+        self.ranges_of = ranges_of
+
     def depends_on(self, config: BuildConfig) -> tuple[str, ...]:
-        # CPU: the ranges are those of the optimized FP32 graph. TensorRT: the precision stage
-        # calibrates the plain exported graph itself, so no range cache is written here.
-        return ("optimize",) if config.target == "cpu" else ()
+        return (self.ranges_of,) if self.ranges_of else ()
 
     def ensures(self, out: Path) -> None:
         missing = [name for name in self.outputs if name != CACHE_FILE and not (out / name).exists()]
@@ -111,10 +114,10 @@ class CalibrateStage(Stage):
             "sequence_lengths": {str(length): count for length, count in length_distribution(calibration_batches).items()},
             "strata": strata_counts(calibration, settings.stratify) if settings.stratify else None,
         }
-        if "optimize" not in self.depends_on(context.config):
+        if self.ranges_of is None:
             return summary
         context.progress.info(f"{settings.method} ranges of the FP32 graph over {len(calibration_batches)} batches")
-        fp32 = context.input("optimize")
+        fp32 = context.input(self.ranges_of)
         with tempfile.TemporaryDirectory(prefix="quantpipe-calibrate-") as scratch:
             prepared = neural_compressor.prepare_graph(fp32.path("model.onnx"), Path(scratch) / "prepared.onnx")
             ranges = compute_ranges(

@@ -22,16 +22,11 @@ import numpy as np
 from engines.trt.precision import Score
 from pipeline.config import BuildConfig
 from pipeline.models.decoding import next_token_log_likelihood
-from pipeline.models.registry import ModelInfo
 
 PRECISION_CHUNKS = 8  # calibration chunks the precision stage measures on (the fallback search keeps their logits)
 ENGINE_CHECK_CHUNKS = 4  # held-out chunks the engine is compared on (GPU hosts)
 # The calibration chunks are in-sample: the search aims this far below the held-out perplexity gate.
 FALLBACK_MARGIN = 0.01
-
-
-def is_decoder(model: ModelInfo) -> bool:
-    return model.task.name == "text-generation"
 
 
 def prefill_feeds(chunks_path: Path, export_metrics: dict[str, Any], limit: int) -> list[dict[str, np.ndarray]]:

@@ -33,9 +33,13 @@ class LlmVerifyStage(Stage):
     name = "verify"
     outputs = REPORT_FILES
 
+    def __init__(self, candidate: str = "quantize") -> None:
+        # The stage holding the candidate graph: quantize (CPU, 4-bit) or precision (TensorRT, simulated in
+        # ONNX Runtime on the CPU); the reference is always the FP32 export.
+        self.candidate = candidate
+
     def depends_on(self, config: BuildConfig) -> tuple[str, ...]:
-        # TensorRT: the graph that carries its precision, simulated in ONNX Runtime on the CPU
-        return ("export", "calibrate", "precision" if config.target == "trt" else "quantize")
+        return ("export", "calibrate", self.candidate)
 
     def config_slice(self, config: BuildConfig, model: ModelInfo) -> dict[str, Any]:
         from pipeline.stages.verify import verify_config_slice

@@ -17,14 +17,14 @@ from pipeline.config import BuildConfig
 from pipeline.models.registry import ModelInfo
 from pipeline.parity.metrics import trt_min_cosine
 from pipeline.stages.base import Stage, StageContext
-from pipeline.stages.llm_trt import PERPLEXITY_RATIO, PRECISION_CHUNKS, is_decoder, prefill_feeds
+from pipeline.stages.llm_trt import PERPLEXITY_RATIO, PRECISION_CHUNKS, prefill_feeds
 from pipeline.stages.llm_trt import fallback_target as llm_fallback_target
 
 FALLBACK_MARGIN = 0.003  # calibration-set cosine is in-sample: aim this much above the held-out gate
 
 
 def fallback_target(config: BuildConfig, model: ModelInfo) -> float:
-    if is_decoder(model):
+    if model.is_decoder:
         return llm_fallback_target(config)
     if config.trt.fallback_target is not None:
         return config.trt.fallback_target
@@ -53,7 +53,7 @@ class PrecisionStage(Stage):
     def run(self, context: StageContext, out: Path) -> dict[str, Any]:
         settings = context.config.trt
         calibration = context.input("calibrate").path("calibration.safetensors")
-        if is_decoder(context.model):  # prefill feeds of real text; held to the perplexity gate
+        if context.model.is_decoder:  # prefill feeds of real text; held to the perplexity gate
             batches = prefill_feeds(calibration, context.input("export").metrics, PRECISION_CHUNKS)
             extra: dict[str, Any] = {"score": PERPLEXITY_RATIO}
         else:

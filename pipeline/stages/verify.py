@@ -15,16 +15,15 @@ from pipeline.stages.base import Stage, StageContext
 TRT_KINDS = {"int8": "INT8 Q/DQ", "fp8": "FP8 E4M3 Q/DQ", "fp16": "FP16", "best": "INT8 Q/DQ + FP16"}
 
 
-def parity_inputs(context: StageContext) -> ParityInputs:
+def parity_inputs(context: StageContext, reference_stage: str = "optimize", candidate_stage: str = "quantize") -> ParityInputs:
     export, calibrate = context.input("export"), context.input("calibrate")
-    if context.config.target == "trt":  # TensorRT's graph derives from the plain export, its FP32 reference
-        reference, candidate = export, context.input("precision")
+    reference, candidate = context.input(reference_stage), context.input(candidate_stage)
+    if candidate_stage == "precision":  # TensorRT's graph derives from the plain export, its FP32 reference
         reference_text = "FP32 ONNX (exported)"
         kind = TRT_KINDS[context.config.trt.precision]
         candidate_text = f"TensorRT {kind} ONNX, simulated in ONNX Runtime (CPU)"
         fp32_nodes = list(candidate.metrics.get("kept_higher_precision") or [])
     else:
-        reference, candidate = context.input("optimize"), context.input("quantize")
         reference_text = "FP32 ONNX (optimized)"
         candidate_text = _describe_candidate(context.config, candidate.metrics)
         fp32_nodes = list(candidate.metrics.get("excluded_nodes", []))
@@ -63,10 +62,12 @@ class VerifyStage(Stage):
     version = 3  # 3: candidate names its FP32 nodes; 2: reports gained relative-error statistics, SNR, histograms, localization, HTML and JUnit
     outputs = REPORT_FILES
 
+    def __init__(self, reference: str = "optimize", candidate: str = "quantize") -> None:
+        # The stages holding the FP32 reference graph and the candidate (the plan says which).
+        self.reference, self.candidate = reference, candidate
+
     def depends_on(self, config: BuildConfig) -> tuple[str, ...]:
-        if config.target == "trt":  # TensorRT's graph derives from the plain export, its FP32 reference
-            return ("export", "calibrate", "precision")
-        return ("export", "optimize", "calibrate", "quantize")
+        return tuple(dict.fromkeys(("export", self.reference, "calibrate", self.candidate)))
 
     def config_slice(self, config: BuildConfig, model: ModelInfo) -> dict[str, Any]:
         return verify_config_slice(config, model)
@@ -78,7 +79,7 @@ class VerifyStage(Stage):
         return {}
 
     def run(self, context: StageContext, out: Path) -> dict[str, Any]:
-        report = run_parity(parity_inputs(context), context.config, context.model, context.progress)
+        report = run_parity(parity_inputs(context, self.reference, self.candidate), context.config, context.model, context.progress)
         write_reports(report, out)
         task = context.model.task
         primary = report["outputs"][task.primary_output]
