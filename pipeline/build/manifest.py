@@ -13,6 +13,7 @@ from pipeline import __version__
 from pipeline.config import BuildConfig
 from pipeline.core.errors import InputError, read_json_input
 from pipeline.models.registry import ModelInfo
+from pipeline.stages.facts import FACTS_VERSION, VerifyFacts
 from pipeline.stages.base import StageOutput
 
 MANIFEST_SCHEMA_VERSION = 1
@@ -89,7 +90,7 @@ def publish_build(
 ) -> Optional[bool]:
     """Move the final artifacts into the build directory; return the parity verdict (None: no verify)."""
     verify = outputs.get("verify")
-    passed: Optional[bool] = None if verify is None else bool(verify.metrics.get("passed"))
+    passed: Optional[bool] = None if verify is None else VerifyFacts.model_validate(verify.facts).passed
     # The old manifest goes first: while artifacts are swapped, and if the build is killed before the
     # new manifest is written, the directory has no manifest and cannot pass for a finished build.
     (build_dir / "manifest.json").unlink(missing_ok=True)
@@ -160,6 +161,8 @@ def _stage_entry(output: StageOutput) -> dict[str, Any]:
         "outputs": output.files,
         "wall_time_s": output.wall_time_s,
         "metrics": output.metrics,
+        "facts": output.facts,
+        "facts_version": FACTS_VERSION,
     }
 
 

@@ -19,6 +19,7 @@ from pipeline.build.manifest import publish_build
 from pipeline.models.registry import ModelInfo
 from pipeline.core.progress import Progress, raise_pending
 from pipeline.reports.write import append_step_summary
+from pipeline.stages.facts import VerifyFacts
 from pipeline.stages.base import STAGE_RECORD, Stage, StageContext, StageOutput
 
 CACHE_DIR = ".stages"
@@ -173,7 +174,7 @@ def _run_stage(stage: Stage, context: StageContext, cache: Path, key: str,
         metrics = stage.run(context, staging)
         stage.ensures(staging)
         output = StageOutput(stage.name, key, staging, directory_hashes(staging), metrics,
-                             round(time.perf_counter() - started, 3))
+                             round(time.perf_counter() - started, 3), facts=stage.record_facts(metrics))
         output.write_record(config_slice, inputs)
         if final.exists():
             _remove_tree(final)
@@ -221,7 +222,7 @@ def run_build(
             append_step_summary(build_dir / "parity.md")
     result = BuildResult(build_dir, context.inputs, passed, time.perf_counter() - started)
     if passed is False:
-        failures = context.inputs["verify"].metrics.get("failures", [])
+        failures = context.facts("verify", VerifyFacts).failures
         raise ParityError("parity failed: " + "; ".join(failures) + f" (report: {build_dir / 'parity.md'})")
     return result
 

@@ -190,8 +190,8 @@ def build(config_file: Optional[Path], stop_after: Optional[str], force: bool, p
             f"reused {len(reused)}/{len(result.outputs)} stages from cache: {result.build_dir}"
         )
         bundle = result.outputs.get("bundle")
-        if bundle is not None and str(bundle.metrics.get("engine", "")).startswith("not built"):
-            click.echo(f"TensorRT engine {bundle.metrics['engine']}. The deployment bundle is ready in "
+        if bundle is not None and bundle.facts["engine"].startswith("not built"):
+            click.echo(f"TensorRT engine {bundle.facts['engine']}. The deployment bundle is ready in "
                        f"{result.build_dir / 'trt'}: build the engine there on a GPU host (build_engine.py or trtexec.sh).")
 
 

@@ -12,14 +12,16 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from pipeline.config import BuildConfig
 from pipeline.core.errors import StageError
 from pipeline.core.progress import Progress
 from pipeline.models.registry import ModelInfo
+from pipeline.stages.facts import FACTS_VERSION, Facts, NoFacts
 
 STAGE_RECORD = "stage.json"
+F = TypeVar("F", bound=Facts)
 
 
 @dataclass
@@ -33,6 +35,7 @@ class StageOutput:
     metrics: dict[str, Any]
     wall_time_s: float
     reused: bool = False
+    facts: dict[str, Any] = field(default_factory=dict)  # the stage's declared facts (see facts.py)
 
     def path(self, name: str) -> Path:
         return self.directory / name
@@ -46,6 +49,8 @@ class StageOutput:
     @classmethod
     def read(cls, directory: Path) -> "StageOutput":
         record = json.loads((directory / STAGE_RECORD).read_text(encoding="utf-8"))
+        if record.get("facts_version") != FACTS_VERSION:
+            raise ValueError(f"facts version {record.get('facts_version')!r}, not {FACTS_VERSION}")
         return cls(
             stage=record["stage"],
             key=record["key"],
@@ -53,6 +58,7 @@ class StageOutput:
             files=record["files"],
             metrics=record["metrics"],
             wall_time_s=record["wall_time_s"],
+            facts=record["facts"],
         )
 
     def write_record(self, config: Any, inputs: dict[str, str]) -> None:
@@ -63,6 +69,8 @@ class StageOutput:
             "inputs": inputs,
             "files": self.files,
             "metrics": self.metrics,
+            "facts": self.facts,
+            "facts_version": FACTS_VERSION,
             "wall_time_s": self.wall_time_s,
         }
         (self.directory / STAGE_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True), encoding="utf-8")
@@ -78,12 +86,18 @@ class StageContext:
     def input(self, stage: str) -> StageOutput:
         return self.inputs[stage]
 
+    def facts(self, stage: str, kind: type[F]) -> F:
+        """The typed facts an upstream stage recorded (what other stages may read of it)."""
+        return kind.model_validate(self.inputs[stage].facts)
+
 
 class Stage(ABC):
     name: ClassVar[str]
     # Bump when a code change alters the stage's output, so old cache entries are not reused.
     version: ClassVar[int] = 1
     outputs: ClassVar[tuple[str, ...]] = ()
+    # What later stages may read of this one (a typed subset of run()'s metrics, checked when it finishes).
+    facts: ClassVar[type[Facts]] = NoFacts
 
     def depends_on(self, config: BuildConfig) -> tuple[str, ...]:
         return ()
@@ -103,6 +117,16 @@ class Stage(ABC):
     @abstractmethod
     def run(self, context: StageContext, out: Path) -> dict[str, Any]:
         """Write the outputs into `out` and return the key metrics."""
+
+    def record_facts(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        from pydantic import ValidationError
+
+        try:
+            return self.facts.model_validate(metrics).model_dump(mode="json")
+        except ValidationError as exc:
+            problem = exc.errors()[0]
+            where = ".".join(str(part) for part in problem["loc"])
+            raise StageError(self.name, f"did not record its {self.facts.__name__} ({where}: {problem['msg']})") from None
 
     def ensures(self, out: Path) -> None:
         missing = [name for name in self.outputs if not (out / name).exists()]

@@ -22,6 +22,7 @@ from pipeline.config import BuildConfig
 from pipeline.core.hashing import file_sha256
 from pipeline.models.registry import ModelInfo
 from pipeline.stages.base import Stage, StageContext
+from pipeline.stages.facts import BundleFacts, CalibrationFacts, ExportFacts, VerifyFacts
 from pipeline.stages.llm_trt import (
     ENGINE_CHECK_CHUNKS,
     decoder_profiles,
@@ -89,6 +90,7 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 class BundleStage(Stage):
     name = "bundle"
+    facts = BundleFacts
     outputs = ("model.onnx", "build_config.json", TRTEXEC_FILE, BUILD_SCRIPT, "parity.json", "parity.md",
                "precision.json")
 
@@ -142,7 +144,7 @@ class BundleStage(Stage):
                 f"TensorRT engine not built here ({missing}); the bundle is ready: "
                 f"run {BUILD_SCRIPT} or {TRTEXEC_FILE} on a host with TensorRT 11 and an NVIDIA GPU"
             )
-        elif not verify.metrics.get("passed"):
+        elif not context.facts("verify", VerifyFacts).passed:
             metrics["engine"] = "not built: simulated parity failed"
         else:
             metrics.update(self._build_engine(context, out, build_config))
@@ -154,10 +156,11 @@ class BundleStage(Stage):
         if model.is_decoder:
             export, calibrate = context.input("export"), context.input("calibrate")
             prompts = prompt_token_counts(calibrate.path("prompts.json"), export.path("tokenizer"))
-            profiles = decoder_profiles(config, export.metrics, prompts)
+            profiles = decoder_profiles(config, context.facts("export", ExportFacts).kv_cache.layout, prompts)
             ranges = {k: v for k, v in profiles.items() if k != "profiles"}
             return {"build_config": {"profiles": profiles["profiles"], "profile_ranges": ranges}, "metrics": ranges}
-        profile = optimization_profile(config, model, context.input("calibrate").metrics["calibration_tokens"])
+        tokens = context.facts("calibrate", CalibrationFacts).calibration_tokens
+        profile = optimization_profile(config, model, tokens.model_dump() if tokens else {})
         return {"build_config": {
             "profile": profile["shapes"],
             "profile_ranges": {"batch": profile["batch"], "sequence": profile["sequence"],
@@ -181,7 +184,7 @@ class BundleStage(Stage):
         outputs = list(task.output_names)
         heldout = context.input("calibrate").path("heldout.safetensors")
         decoder = context.model.is_decoder  # prefill feeds (profile 0) of held-out text, logits only
-        batches = (prefill_feeds(heldout, context.input("export").metrics, ENGINE_CHECK_CHUNKS) if decoder
+        batches = (prefill_feeds(heldout, context.facts("export", ExportFacts).kv_cache.layout, ENGINE_CHECK_CHUNKS) if decoder
                    else load_batches(heldout))
         with OrtRunner(context.input("export").path("model.onnx"), output_names=outputs) as runner:
             reference = [runner.infer(batch) for batch in batches]

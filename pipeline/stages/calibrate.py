@@ -23,6 +23,7 @@ from pipeline.core.errors import InputError, StageError
 from pipeline.core.hashing import file_sha256
 from pipeline.models.registry import ModelInfo, folder_fingerprint, load_tokenizer
 from pipeline.stages.base import Stage, StageContext
+from pipeline.stages.facts import CalibrationFacts
 
 CACHE_FILE = "calibration_cache.json"
 
@@ -44,6 +45,7 @@ def check_source(settings: CalibrationConfig) -> None:
 
 class CalibrateStage(Stage):
     name = "calibrate"
+    facts = CalibrationFacts
     version = 2
     outputs = ("calibration.safetensors", "heldout.safetensors", "samples.json", CACHE_FILE)
 

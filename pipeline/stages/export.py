@@ -15,6 +15,7 @@ from pipeline.config import BuildConfig
 from pipeline.core.errors import InputError, StageError
 from pipeline.models.registry import ModelInfo, check_pickled_weights, folder_fingerprint, load_tokenizer
 from pipeline.stages.base import Stage, StageContext
+from pipeline.stages.facts import ExportFacts
 
 PROBE_SENTENCES = 16
 EXPORT_MAX_ABS = 1e-3
@@ -93,6 +94,7 @@ def max_abs_differences(reference: list[dict[str, np.ndarray]], candidate: list[
 
 class ExportStage(Stage):
     name = "export"
+    facts = ExportFacts
     outputs = ("model.onnx", "tokenizer")
 
     def config_slice(self, config: BuildConfig, model: ModelInfo) -> dict[str, Any]:

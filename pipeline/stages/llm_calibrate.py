@@ -17,9 +17,11 @@ from safetensors.numpy import load_file, save_file
 from calibration.selection import select_samples
 from pipeline.config import BuildConfig
 from pipeline.core.errors import InputError
+from pipeline.models.kv_cache import CacheLayout
 from pipeline.models.registry import ModelInfo
 from pipeline.stages.base import Stage, StageContext
 from pipeline.stages.calibrate import source_for
+from pipeline.stages.facts import CalibrationFacts
 
 PROMPTS = 20
 PROMPT_WORDS = 12
@@ -42,6 +44,7 @@ def load_chunks(path: Path) -> list[np.ndarray]:
 
 class LlmCalibrateStage(Stage):
     name = "calibrate"
+    facts = CalibrationFacts
     outputs = ("calibration.safetensors", "heldout.safetensors", "prompts.json", "samples.json")
 
     def depends_on(self, config: BuildConfig) -> tuple[str, ...]:
@@ -89,15 +92,11 @@ class LlmCalibrateStage(Stage):
         }
 
 
-def calibration_feeds(chunks: Sequence[np.ndarray], layers: int, kv_heads: int, head_dim: int) -> list[dict[str, np.ndarray]]:
+def calibration_feeds(chunks: Sequence[np.ndarray], layout: CacheLayout) -> list[dict[str, np.ndarray]]:
     """Prefill feeds (past length 0) of the KV graph, one chunk per batch, for Neural Compressor's GPTQ/AWQ."""
     feeds = []
     for chunk in chunks:
         ids = chunk[None, :]
-        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids),
-                "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None, :]}
-        for layer in range(layers):
-            for kind in ("key", "value"):
-                feed[f"past_key_values.{layer}.{kind}"] = np.zeros((1, kv_heads, 0, head_dim), np.float32)
-        feeds.append(feed)
+        feeds.append({"input_ids": ids, "attention_mask": np.ones_like(ids),
+                      "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None, :], **layout.empty_past(1)})
     return feeds

@@ -18,11 +18,17 @@ from pipeline.config import BuildConfig
 from pipeline.core.errors import StageError
 from pipeline.models.registry import ModelInfo, model_fingerprint
 from pipeline.stages.base import Stage, StageContext
+from pipeline.stages.facts import ExportFacts
 
 DECODE_STEPS = 16
 EXPORT_MAX_ABS = 1e-3
 # GatherBlockQuantized (the 4-bit embedding) is only valid beside opset-21 default-domain ops.
 LLM_OPSET = 21
+
+
+def trace_opset(config: BuildConfig) -> int:
+    """The TorchScript exporter traces at --opset up to 20; the graph is converted to LLM_OPSET after."""
+    return min(config.model.opset, 20)
 PROBE_PROMPT_WORDS = 24
 
 
@@ -76,10 +82,12 @@ def onnx_logits(model_path: Path, prompt_ids: list[int], tokens: list[int]) -> l
 
 class LlmExportStage(Stage):
     name = "export"
+    facts = ExportFacts
     outputs = ("model.onnx", "tokenizer")
 
     def config_slice(self, config: BuildConfig, model: ModelInfo) -> dict[str, Any]:
-        return {"task": model.task.name, "opset": LLM_OPSET, "decode_steps": DECODE_STEPS}
+        return {"task": model.task.name, "opset": LLM_OPSET, "trace_opset": trace_opset(config),
+                "decode_steps": DECODE_STEPS}
 
     def external_inputs(self, config: BuildConfig, model: ModelInfo) -> dict[str, str]:
         return {"model": model_fingerprint(model.path)}
@@ -98,7 +106,7 @@ class LlmExportStage(Stage):
         context.progress.info(f"exporting {info.name} with a KV cache ({model.config.num_hidden_layers} layers)")
         with tempfile.TemporaryDirectory(prefix="quantpipe-llm-export-", dir=out.parent) as scratch:
             traced = Path(scratch) / "traced.onnx"
-            layout = export_kv_model(model, traced, opset=min(context.config.model.opset, 20))
+            layout = export_kv_model(model, traced, opset=trace_opset(context.config))
             converted = version_converter.convert_version(onnx.load(str(traced)), LLM_OPSET)
         save_model(converted, out / "model.onnx")
         del converted
@@ -120,9 +128,7 @@ class LlmExportStage(Stage):
         return {
             "opset": LLM_OPSET,
             "parameters": int(sum(p.numel() for p in model.parameters())),
-            "layers": layout.layers,
-            "kv_heads": layout.kv_heads,
-            "head_dim": layout.head_dim,
+            "kv_cache": {"layers": layout.layers, "kv_heads": layout.kv_heads, "head_dim": layout.head_dim},
             "onnx_bytes": (out / "model.onnx").stat().st_size,
             "torch_parity_max_abs": differences,
             "decode_steps": DECODE_STEPS,

@@ -9,10 +9,12 @@ from typing import Any
 from pipeline.config import BuildConfig
 from pipeline.models.registry import ModelInfo
 from pipeline.stages.base import Stage, StageContext
+from pipeline.stages.facts import ExportFacts, WeightOnlyFacts
 
 
 class LlmQuantizeStage(Stage):
     name = "quantize"
+    facts = WeightOnlyFacts
     version = 5  # float-offset 4-bit RTN blocks (zero_point)
     outputs = ("model.onnx",)
 
@@ -41,8 +43,8 @@ class LlmQuantizeStage(Stage):
         reader = None
         if q.mode != "rtn":
             chunks = load_chunks(context.input("calibrate").path("calibration.safetensors"))
-            m = export.metrics
-            reader = BatchReader(calibration_feeds(chunks, m["layers"], m["kv_heads"], m["head_dim"]))
+            layout = context.facts("export", ExportFacts).kv_cache.layout
+            reader = BatchReader(calibration_feeds(chunks, layout))
             context.progress.info(f"{q.mode.upper()} calibrated on {len(chunks)} chunks of real text")
         float_offsets = uses_float_offsets(q.mode, q.weight_bits, q.symmetric, q.zero_point)
         scheme = "symmetric" if q.symmetric else "asymmetric, " + ("float offsets" if float_offsets else "integer zero points")
@@ -58,5 +60,5 @@ class LlmQuantizeStage(Stage):
             "quantized_bytes": quantized_bytes,
             "size_ratio": round(quantized_bytes / fp32_bytes, 4),
             # The FP32 file holds the tied embedding twice (Gather table and transposed lm_head weight).
-            "size_ratio_vs_fp32_parameters": round(quantized_bytes / (4 * export.metrics["parameters"]), 4),
+            "size_ratio_vs_fp32_parameters": round(quantized_bytes / (4 * context.facts("export", ExportFacts).parameters), 4),
         }

@@ -22,6 +22,7 @@ import numpy as np
 from engines.trt.precision import Score
 from pipeline.config import BuildConfig
 from pipeline.models.decoding import next_token_log_likelihood
+from pipeline.models.kv_cache import CacheLayout
 
 PRECISION_CHUNKS = 8  # calibration chunks the precision stage measures on (the fallback search keeps their logits)
 ENGINE_CHECK_CHUNKS = 4  # held-out chunks the engine is compared on (GPU hosts)
@@ -29,11 +30,10 @@ ENGINE_CHECK_CHUNKS = 4  # held-out chunks the engine is compared on (GPU hosts)
 FALLBACK_MARGIN = 0.01
 
 
-def prefill_feeds(chunks_path: Path, export_metrics: dict[str, Any], limit: int) -> list[dict[str, np.ndarray]]:
+def prefill_feeds(chunks_path: Path, layout: CacheLayout, limit: int) -> list[dict[str, np.ndarray]]:
     from pipeline.stages.llm_calibrate import calibration_feeds, load_chunks
 
-    m = export_metrics
-    return calibration_feeds(load_chunks(chunks_path)[:limit], m["layers"], m["kv_heads"], m["head_dim"])
+    return calibration_feeds(load_chunks(chunks_path)[:limit], layout)
 
 
 def perplexity_ratio(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray],
@@ -71,7 +71,7 @@ def prompt_token_counts(prompts_file: Path, tokenizer_dir: Path) -> list[int]:
     return [len(tokenizer(text).input_ids) for text in json.loads(prompts_file.read_text(encoding="utf-8"))]
 
 
-def decoder_profiles(config: BuildConfig, export_metrics: dict[str, Any], prompt_tokens: Sequence[int]) -> dict[str, Any]:
+def decoder_profiles(config: BuildConfig, layout: CacheLayout, prompt_tokens: Sequence[int]) -> dict[str, Any]:
     """Two optimization profiles of the one KV-cache graph; select 1 for decode steps at run time.
 
     context: the most tokens (past + new) a request holds: trt.sequence max, else calibration.max_length.
@@ -86,9 +86,8 @@ def decoder_profiles(config: BuildConfig, export_metrics: dict[str, Any], prompt
     median = float(np.median(prompt_tokens)) if prompt_tokens else context / 2
     prefill = settings.sequence or (1, min(_round_up(median), context), context)
     past = (1, max(context // 2, 1), max(context - 1, 1))
-    kv = f"{export_metrics['kv_heads']}x{{past}}x{export_metrics['head_dim']}"
-    layers = export_metrics["layers"]
-    past_names = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    kv = f"{layout.kv_heads}x{{past}}x{layout.head_dim}"
+    past_names = layout.past_names
 
     def shapes(sequence: Sequence[int], past_lengths: Sequence[int]) -> dict[str, dict[str, str]]:
         result: dict[str, dict[str, str]] = {name: {} for name in ["input_ids", "attention_mask", "position_ids"] + past_names}

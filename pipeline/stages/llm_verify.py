@@ -14,6 +14,7 @@ from pipeline.models.registry import ModelInfo
 from pipeline.parity.gates import evaluate_values, relation
 from pipeline.reports.write import REPORT_FILES, write_reports
 from pipeline.stages.base import Stage, StageContext
+from pipeline.stages.facts import CalibrationFacts, ExportFacts, PrecisionFacts, VerifyFacts, WeightOnlyFacts
 
 DEFAULT_MAX_PERPLEXITY_INCREASE = 0.08
 
@@ -31,6 +32,7 @@ def llm_thresholds(config: BuildConfig) -> dict[tuple[str, str], float]:
 
 class LlmVerifyStage(Stage):
     name = "verify"
+    facts = VerifyFacts
     outputs = REPORT_FILES
 
     def __init__(self, candidate: str = "quantize") -> None:
@@ -53,7 +55,8 @@ class LlmVerifyStage(Stage):
         from pipeline.stages.llm_calibrate import load_chunks
 
         export, calibrate = context.input("export"), context.input("calibrate")
-        candidate = context.input(self.depends_on(context.config)[-1])
+        candidate = context.input(self.candidate)
+        calibration_facts = context.facts("calibrate", CalibrationFacts)
         tokenizer = AutoTokenizer.from_pretrained(str(export.path("tokenizer")))
         texts = json.loads(calibrate.path("prompts.json").read_text())[: context.config.verify.greedy_prompts]
         prompts = [tokenizer(text).input_ids for text in texts]
@@ -71,16 +74,16 @@ class LlmVerifyStage(Stage):
             "task": context.model.task.name,
             "primary_output": "logits",
             "reference": {"description": "FP32 ONNX (KV cache)", "sha256": export.files["model.onnx"]},
-            "candidate": {"description": _describe_candidate(context.config, candidate.metrics),
+            "candidate": {"description": self._describe_candidate(context),
                           "sha256": candidate.files["model.onnx"]},
-            "heldout": {"source": calibrate.metrics["source"], "samples": calibrate.metrics["heldout_samples"],
+            "heldout": {"source": calibration_facts.source, "samples": calibration_facts.heldout_samples,
                         "batches": len(heldout)},
             "thresholds": [{"output": o, "metric": m, "threshold": v, "relation": relation(m)}
                            for (o, m), v in sorted(thresholds.items())],
             "outputs": {"logits": metrics},
             "checks": [vars(check) for check in checks],
             "failures": failures,
-            "export_parity": dict(sorted(export.metrics["torch_parity_max_abs"].items())),
+            "export_parity": dict(sorted(context.facts("export", ExportFacts).torch_parity_max_abs.items())),
             "size": size,
             "evaluation": None,
             "localization": None,
@@ -95,16 +98,17 @@ class LlmVerifyStage(Stage):
         return {"passed": not failures, "failures": failures, "primary": m}
 
 
-def _describe_candidate(config: BuildConfig, metrics: dict[str, Any]) -> str:
-    if config.target == "trt":
-        from pipeline.stages.verify import TRT_KINDS
+    def _describe_candidate(self, context: StageContext) -> str:
+        if self.candidate == "precision":
+            from pipeline.stages.verify import TRT_KINDS
 
-        kept = metrics.get("kept_higher_precision") or []
-        fallback = f", {len(kept)} MatMul(s) kept in {metrics.get('kept_precision')}" if kept else ""
-        return f"TensorRT {TRT_KINDS[config.trt.precision]} ONNX{fallback}, simulated in ONNX Runtime (CPU)"
-    return (f"{metrics['algorithm'].upper()} {metrics['bits']}-bit weight-only ONNX "
-            f"(block {metrics['block_size']}, zero points {metrics.get('zero_point', 'int')}, "
-            f"lm_head {metrics['lm_head']}, embeddings {metrics['embeddings']})")
+            precision = context.facts("precision", PrecisionFacts)
+            kept = precision.kept_higher_precision
+            fallback = f", {len(kept)} MatMul(s) kept in {precision.kept_precision}" if kept else ""
+            return f"TensorRT {TRT_KINDS[context.config.trt.precision]} ONNX{fallback}, simulated in ONNX Runtime (CPU)"
+        q = context.facts(self.candidate, WeightOnlyFacts)
+        return (f"{q.algorithm.upper()} {q.bits}-bit weight-only ONNX (block {q.block_size}, zero points "
+                f"{q.zero_point}, lm_head {q.lm_head}, embeddings {q.embeddings})")
 
 
 def _sizes(reference: Path, candidate: Path) -> dict[str, Any]:

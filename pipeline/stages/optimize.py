@@ -13,6 +13,7 @@ from pipeline.core.errors import StageError
 from pipeline.models.registry import ModelInfo, load_tokenizer
 from pipeline.stages.base import Stage, StageContext
 from pipeline.stages.export import max_abs_differences, probe_batches
+from pipeline.stages.facts import OptimizeFacts
 
 OPTIMIZE_MAX_ABS = 1e-3
 
@@ -25,6 +26,7 @@ FUSE_SKIP_LAYER_NORM = False
 
 class OptimizeStage(Stage):
     name = "optimize"
+    facts = OptimizeFacts
     outputs = ("model.onnx",)
 
     def depends_on(self, config: BuildConfig) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ from pipeline.config import BuildConfig
 from pipeline.models.registry import ModelInfo
 from pipeline.parity.metrics import trt_min_cosine
 from pipeline.stages.base import Stage, StageContext
+from pipeline.stages.facts import ExportFacts, PrecisionFacts
 from pipeline.stages.llm_trt import PERPLEXITY_RATIO, PRECISION_CHUNKS, prefill_feeds
 from pipeline.stages.llm_trt import fallback_target as llm_fallback_target
 
@@ -33,6 +34,7 @@ def fallback_target(config: BuildConfig, model: ModelInfo) -> float:
 
 class PrecisionStage(Stage):
     name = "precision"
+    facts = PrecisionFacts
     version = 3  # 3: decoder LLMs; the summary names how nodes were ranked
     outputs = ("model.onnx", "precision.json")
 
@@ -54,7 +56,7 @@ class PrecisionStage(Stage):
         settings = context.config.trt
         calibration = context.input("calibrate").path("calibration.safetensors")
         if context.model.is_decoder:  # prefill feeds of real text; held to the perplexity gate
-            batches = prefill_feeds(calibration, context.input("export").metrics, PRECISION_CHUNKS)
+            batches = prefill_feeds(calibration, context.facts("export", ExportFacts).kv_cache.layout, PRECISION_CHUNKS)
             extra: dict[str, Any] = {"score": PERPLEXITY_RATIO}
         else:
             batches, extra = load_batches(calibration), {}

@@ -19,6 +19,7 @@ from pipeline.models.registry import ModelInfo, TaskSpec
 from pipeline.parity.metrics import compare_output
 from pipeline.stages.base import Stage, StageContext
 from pipeline.stages.calibrate import CACHE_FILE
+from pipeline.stages.facts import QuantizeFacts
 
 
 def tuning_metric(task: TaskSpec, fp32: Path, batches: Sequence[Batch]) -> Callable[[Path], float]:
@@ -40,6 +41,7 @@ def tuning_metric(task: TaskSpec, fp32: Path, batches: Sequence[Batch]) -> Calla
 
 class QuantizeStage(Stage):
     name = "quantize"
+    facts = QuantizeFacts
     version = 3
     outputs = ("model.onnx",)
 

@@ -11,6 +11,7 @@ from pipeline.models.registry import ModelInfo
 from pipeline.parity.verification import ParityInputs, run_parity
 from pipeline.reports.write import REPORT_FILES, write_reports
 from pipeline.stages.base import Stage, StageContext
+from pipeline.stages.facts import CalibrationFacts, ExportFacts, PrecisionFacts, QuantizeFacts, VerifyFacts
 
 TRT_KINDS = {"int8": "INT8 Q/DQ", "fp8": "FP8 E4M3 Q/DQ", "fp16": "FP16", "best": "INT8 Q/DQ + FP16"}
 
@@ -22,11 +23,13 @@ def parity_inputs(context: StageContext, reference_stage: str = "optimize", cand
         reference_text = "FP32 ONNX (exported)"
         kind = TRT_KINDS[context.config.trt.precision]
         candidate_text = f"TensorRT {kind} ONNX, simulated in ONNX Runtime (CPU)"
-        fp32_nodes = list(candidate.metrics.get("kept_higher_precision") or [])
+        fp32_nodes = list(context.facts(candidate_stage, PrecisionFacts).kept_higher_precision)
     else:
         reference_text = "FP32 ONNX (optimized)"
-        candidate_text = _describe_candidate(context.config, candidate.metrics)
-        fp32_nodes = list(candidate.metrics.get("excluded_nodes", []))
+        quantized = context.facts(candidate_stage, QuantizeFacts)
+        candidate_text = _describe_candidate(context.config, quantized)
+        fp32_nodes = list(quantized.excluded_nodes)
+    calibration = context.facts("calibrate", CalibrationFacts)
     return ParityInputs(
         reference=reference.path("model.onnx"),
         candidate=candidate.path("model.onnx"),
@@ -36,29 +39,30 @@ def parity_inputs(context: StageContext, reference_stage: str = "optimize", cand
         candidate_description=candidate_text,
         candidate_fp32_nodes=fp32_nodes,
         reference_description=reference_text,
-        heldout_source=calibrate.metrics["source"],
-        heldout_samples=calibrate.metrics["heldout_samples"],
+        heldout_source=calibration.source,
+        heldout_samples=calibration.heldout_samples,
         tokenizer=export.path("tokenizer"),
-        export_parity=export.metrics["torch_parity_max_abs"],
+        export_parity=context.facts("export", ExportFacts).torch_parity_max_abs,
     )
 
 
-def _describe_candidate(config: BuildConfig, quantize: dict[str, Any]) -> str:
+def _describe_candidate(config: BuildConfig, quantized: QuantizeFacts) -> str:
     settings = config.quantization
     parts = [settings.mode]
     if settings.mode == "static":
         parts.append(settings.format.upper())
     if settings.smoothquant:
         parts.append(f"SmoothQuant alpha {settings.smoothquant_alpha}")
-    kept = len(quantize.get("excluded_nodes", []))
+    kept = len(quantized.excluded_nodes)
     if kept:
-        chosen = " by the fallback search" if quantize.get("fallback") else ""
+        chosen = " by the fallback search" if quantized.fallback else ""
         parts.append(f"{kept} node(s) kept in FP32{chosen}")
     return f"INT8 ONNX ({', '.join(parts)})"
 
 
 class VerifyStage(Stage):
     name = "verify"
+    facts = VerifyFacts
     version = 3  # 3: candidate names its FP32 nodes; 2: reports gained relative-error statistics, SNR, histograms, localization, HTML and JUnit
     outputs = REPORT_FILES
 

@@ -18,14 +18,14 @@ def test_defaults() -> None:
 
 
 def test_decoder_llms_default_to_rtn_and_an_explicit_encoder_scheme_is_refused() -> None:
-    from pipeline.stages import stages_for
+    from pipeline.build.plan import plan_build
 
-    assert load_config(None, {"model": {"task": "text-generation"}}).quantization.mode == "rtn"
-    assert load_config(None, {"model": {"path": "/models/x.gguf"}}).quantization.mode == "rtn"
-    assert load_config(None, {"model": {"task": "text-generation"}, "target": "trt"}).quantization.mode == "dynamic"
+    assert plan_build(load_config(None, {"model": {"task": "text-generation"}})).config.quantization.mode == "rtn"
+    trt = plan_build(load_config(None, {"model": {"task": "text-generation"}, "target": "trt"}))
+    assert trt.config.quantization.mode == "dynamic"  # unused: TensorRT takes --precision
     explicit = load_config(None, {"model": {"task": "text-generation"}, "quantization": {"mode": "dynamic"}})
-    with pytest.raises(ConfigError, match="decoder LLMs take --quant rtn, gptq or awq"):
-        stages_for(explicit)
+    with pytest.raises(ConfigError, match="--quant dynamic does not fit .*, a decoder .its schemes: rtn, gptq, awq"):
+        plan_build(explicit)
 
 
 def test_unknown_key_in_yaml_is_refused(tmp_path: Path) -> None:

@@ -133,9 +133,9 @@ def test_generate_refuses_a_folder_without_a_build(tmp_path) -> None:
 
 
 def test_config_refuses_what_decoders_cannot_do() -> None:
+    from pipeline.build.plan import plan_build
     from pipeline.config import load_config
     from pipeline.core.errors import ConfigError
-    from pipeline.stages import stages_for
 
     with pytest.raises(ConfigError, match="4-bit only"):
         load_config(None, {"quantization": {"mode": "gptq", "weight_bits": 8}})
@@ -145,7 +145,7 @@ def test_config_refuses_what_decoders_cannot_do() -> None:
     assert not defaults.symmetric and defaults.zero_point == "float"  # GPTQ then uses integer zero points
     with pytest.raises(ConfigError, match="text-generation"):
         load_config(None, {"model": {"task": "feature-extraction"}, "quantization": {"mode": "awq"}})
-    with pytest.raises(ConfigError, match="rtn, gptq or awq"):
-        stages_for(load_config(None, {"model": {"task": "text-generation"}, "quantization": {"mode": "static"}}))
-    names = [stage.name for stage in stages_for(load_config(None, {"quantization": {"mode": "rtn"}}))]
+    with pytest.raises(ConfigError, match="rtn, gptq, awq"):
+        plan_build(load_config(None, {"model": {"task": "text-generation"}, "quantization": {"mode": "static"}}))
+    names = plan_build(load_config(None, {"quantization": {"mode": "rtn"}})).stage_names
     assert names == ["export", "calibrate", "quantize", "verify"]

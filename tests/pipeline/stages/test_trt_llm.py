@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 import pytest
 
+from pipeline.build.plan import plan_build
 from pipeline.config import load_config
-from pipeline.stages import stages_for
 from tests.helpers import assert_one_line_error, run_cli, seed_stage_cache, tensor_types
 
 pytest.importorskip("gguf")
@@ -57,7 +57,7 @@ def trt_llm_build(llm_base_stages, tmp_path_factory: pytest.TempPathFactory):
 
 def test_trt_target_takes_decoder_llms() -> None:
     """The refusal is gone: a decoder LLM gets the TensorRT stages, with the KV-cache export and LLM parity."""
-    stages = stages_for(load_config(None, {"target": "trt", "model": {"task": "text-generation"}}))
+    stages = plan_build(load_config(None, {"target": "trt", "model": {"task": "text-generation"}})).stages
     assert [stage.name for stage in stages] == ["export", "calibrate", "precision", "verify", "bundle"]
     assert [type(stage).__name__ for stage in stages] == [
         "LlmExportStage", "LlmCalibrateStage", "PrecisionStage", "LlmVerifyStage", "BundleStage"]
@@ -213,12 +213,13 @@ def test_engine_build_and_polygraphy_parity_on_a_gpu_host(trt_llm_build) -> None
 
 
 def test_explicit_profile_and_gate_shape_the_decoder_profiles() -> None:
+    from pipeline.models.kv_cache import CacheLayout
     from pipeline.stages.llm_trt import decoder_profiles, fallback_target
 
     config = load_config(None, {"target": "trt", "model": {"task": "text-generation"},
                                 "trt": {"batch": [1, 2, 4], "sequence": [4, 64, 256]},
                                 "verify": {"max_perplexity_increase": 0.05}})
-    profiles = decoder_profiles(config, {"layers": 2, "kv_heads": 3, "head_dim": 64}, [10, 20, 30])
+    profiles = decoder_profiles(config, CacheLayout(layers=2, kv_heads=3, head_dim=64), [10, 20, 30])
     prefill, decode = (p["shapes"] for p in profiles["profiles"])
     assert prefill["input_ids"] == {"min": "1x4", "opt": "2x64", "max": "4x256"}
     assert prefill["past_key_values.1.value"] == {"min": "1x3x0x64", "opt": "2x3x0x64", "max": "4x3x0x64"}

@@ -11,9 +11,9 @@ import onnx
 import pytest
 
 from engines.trt.builder import tensorrt_missing_reason
+from pipeline.build.plan import plan_build
 from pipeline.config import load_config
 from pipeline.core.errors import ConfigError, ExitCode
-from pipeline.stages import stages_for
 from tests.helpers import assert_one_line_error, run_cli
 
 GATES = {"int8": 0.99, "fp8": 0.98, "fp16": 0.999}
@@ -112,8 +112,8 @@ def test_require_engine_without_tensorrt_is_one_line_exit_5(tmp_path) -> None:
 
 
 def test_stage_list_per_target() -> None:
-    cpu = [stage.name for stage in stages_for(load_config(None, {}))]
-    trt = [stage.name for stage in stages_for(load_config(None, {"target": "trt"}))]
+    cpu = plan_build(load_config(None, {})).stage_names
+    trt = plan_build(load_config(None, {"target": "trt"})).stage_names
     assert cpu == ["export", "optimize", "calibrate", "quantize", "verify"]
     assert trt == ["export", "calibrate", "precision", "verify", "bundle"]
 
