@@ -19,6 +19,7 @@ from pipeline.build.manifest import publish_build
 from pipeline.models.registry import ModelInfo
 from pipeline.core.progress import Progress, raise_pending
 from pipeline.reports.write import append_step_summary
+from pipeline.stages.config_reads import ConfigReads
 from pipeline.stages.facts import VerifyFacts
 from pipeline.stages.base import STAGE_RECORD, Stage, StageContext, StageOutput
 
@@ -169,13 +170,16 @@ def _run_stage(stage: Stage, context: StageContext, cache: Path, key: str,
     final = cache / f"{stage.name}-{key[:16]}"
     staging = Path(tempfile.mkdtemp(prefix=f"tmp-{stage.name}-", dir=cache))
     started = time.perf_counter()
+    reads: set[str] = set()
+    viewed = StageContext(config=ConfigReads(context.config, reads), model=context.model,  # type: ignore[arg-type]
+                          progress=context.progress, inputs=context.inputs)
     try:
-        stage.requires(context)
-        metrics = stage.run(context, staging)
+        stage.requires(viewed)
+        metrics = stage.run(viewed, staging)
         stage.ensures(staging)
         output = StageOutput(stage.name, key, staging, directory_hashes(staging), metrics,
                              round(time.perf_counter() - started, 3), facts=stage.record_facts(metrics))
-        output.write_record(config_slice, inputs)
+        output.write_record(config_slice, inputs, config_read=sorted(reads))
         if final.exists():
             _remove_tree(final)
         os.replace(staging, final)
@@ -227,16 +231,23 @@ def run_build(
     return result
 
 
+def stage_cache_key(stage: Stage, config: BuildConfig, model: ModelInfo,
+                    upstream: dict[str, str]) -> tuple[str, dict[str, Any], dict[str, str]]:
+    """A stage output's key: the stage and its version, the configuration slice it declares, the
+    fingerprints of the files it reads from outside the build, and its upstream outputs' content hashes."""
+    config_slice = stage.config_slice(config, model)
+    inputs = dict(stage.external_inputs(config, model))
+    inputs.update({f"stage:{name}": digest for name, digest in upstream.items()})
+    return stage_key(stage.name, stage.version, config_slice, inputs), config_slice, inputs
+
+
 def _run_stages(config: BuildConfig, model: ModelInfo, progress: Progress, pipeline_stages: Sequence[Stage],
                 cache: Path, force: bool, stop_after: Optional[str]) -> StageContext:
     context = StageContext(config=config, model=model, progress=progress)
     for stage in pipeline_stages:
         progress.stage(stage.name)
-        config_slice = stage.config_slice(config, model)
-        inputs = dict(stage.external_inputs(config, model))
-        for upstream in stage.depends_on(config):
-            inputs[f"stage:{upstream}"] = context.input(upstream).content_hash
-        key = stage_key(stage.name, stage.version, config_slice, inputs)
+        upstream = {name: context.input(name).content_hash for name in stage.depends_on(config)}
+        key, config_slice, inputs = stage_cache_key(stage, config, model, upstream)
         directory = cache / f"{stage.name}-{key[:16]}"
         output = None if force else _cached_output(directory, progress)
         if output is not None:

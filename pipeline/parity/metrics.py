@@ -187,8 +187,12 @@ def trt_thresholds_for(task: TaskSpec, overrides: VerifyConfig, precision: str) 
 
 def trt_min_cosine(config: BuildConfig, task: TaskSpec) -> float:
     """The primary output's cosine the TensorRT graph must keep (for classifiers, a proxy for top-1 agreement)."""
-    thresholds = trt_thresholds_for(task, config.verify, config.trt.precision)
-    return thresholds.get((task.primary_output, "cosine_mean"), TRT_MIN_COSINE[config.trt.precision])
+    # Only the cosine gate is read: the precision stage's cache key holds this value, not the other gates.
+    if config.verify.min_cosine is not None:
+        return config.verify.min_cosine
+    if task.name == "feature-extraction":
+        return TRT_MIN_COSINE[config.trt.precision]
+    return TASK_THRESHOLDS[task.name].get((task.primary_output, "cosine_mean"), TRT_MIN_COSINE[config.trt.precision])
 
 
 def evaluate(metrics: dict[str, OutputMetrics], thresholds: dict[tuple[str, str], float]) -> list[Check]:

@@ -12,7 +12,7 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Optional, TypeVar
 
 from pipeline.config import BuildConfig
 from pipeline.core.errors import StageError
@@ -61,11 +61,12 @@ class StageOutput:
             facts=record["facts"],
         )
 
-    def write_record(self, config: Any, inputs: dict[str, str]) -> None:
+    def write_record(self, config: Any, inputs: dict[str, str], config_read: Optional[list[str]] = None) -> None:
         record = {
             "stage": self.stage,
             "key": self.key,
             "config": config,
+            "config_read": config_read or [],  # the settings run() read (see config_reads.py)
             "inputs": inputs,
             "files": self.files,
             "metrics": self.metrics,

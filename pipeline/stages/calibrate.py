@@ -120,16 +120,18 @@ class CalibrateStage(Stage):
             return summary
         context.progress.info(f"{settings.method} ranges of the FP32 graph over {len(calibration_batches)} batches")
         fp32 = context.input(self.ranges_of)
+        # Read only when used: a percentile that is not used is not in the cache key either.
+        percentile = settings.percentile if settings.method == "percentile" else None
         with tempfile.TemporaryDirectory(prefix="quantpipe-calibrate-") as scratch:
             prepared = neural_compressor.prepare_graph(fp32.path("model.onnx"), Path(scratch) / "prepared.onnx")
             ranges = compute_ranges(
                 prepared, calibration_batches, neural_compressor.activation_tensors(prepared),
-                settings.method, settings.percentile,
+                settings.method, *([percentile] if percentile is not None else []),
                 on_batch=lambda done: context.progress.batches("calibration", done, len(calibration_batches)),
             )
         cache = RangeCache(
             method=settings.method,
-            percentile=settings.percentile if settings.method == "percentile" else None,
+            percentile=percentile,
             ranges=ranges,
             fingerprint={"data": file_sha256(out / "calibration.safetensors"), "model": fp32.files["model.onnx"]},
         )

@@ -54,6 +54,8 @@ class LlmCalibrateStage(Stage):
         settings = config.calibration
         return {"samples": settings.samples, "heldout_samples": settings.heldout_samples, "seed": settings.seed,
                 "max_length": settings.max_length, "format": settings.format, "text_field": settings.text_field,
+                # the source reads its records with these too (a missing field is refused, a pair is joined)
+                "text_pair_field": settings.text_pair_field, "label_field": settings.label_field,
                 "prompts": PROMPTS, "prompt_words": PROMPT_WORDS}
 
     def external_inputs(self, config: BuildConfig, model: ModelInfo) -> dict[str, str]:

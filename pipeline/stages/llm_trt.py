@@ -52,11 +52,13 @@ PERPLEXITY_RATIO = Score("perplexity_ratio", perplexity_ratio)
 
 def fallback_target(config: BuildConfig) -> float:
     """The perplexity ratio the calibration chunks must keep: 1 / (1 + the perplexity gate - margin)."""
-    from pipeline.stages.llm_verify import llm_thresholds
+    from pipeline.stages.llm_verify import DEFAULT_MAX_PERPLEXITY_INCREASE
 
     if config.trt.fallback_target is not None:
         return config.trt.fallback_target
-    gate = llm_thresholds(config)[("logits", "perplexity_increase")]
+    # Only the perplexity gate is read: the precision stage's key holds this value, not the other gates.
+    gate = config.verify.max_perplexity_increase
+    gate = DEFAULT_MAX_PERPLEXITY_INCREASE if gate is None else gate
     return round(1.0 / (1.0 + max(gate - FALLBACK_MARGIN, 0.0)), 6)
 
 

@@ -87,7 +87,7 @@ def test_checker_rejects_removed_or_misused_api(snippet: str, problem: str) -> N
 
 def test_tensorrt_is_imported_only_lazily_in_the_engine_module() -> None:
     offenders = []
-    for path in [*ROOT.glob("pipeline/**/*.py"), *ROOT.glob("engines/*.py"), *ROOT.glob("calibration/*.py")]:
+    for path in [*ROOT.glob("pipeline/**/*.py"), *ROOT.glob("engines/**/*.py"), *ROOT.glob("calibration/**/*.py")]:
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
@@ -117,7 +117,7 @@ def test_polygraphy_calls_fit_the_installed_polygraphy() -> None:
     inspect.signature(EngineFromBytes).bind(BytesFromPath("model.plan"))
     inspect.signature(TrtRunner).bind(EngineFromBytes(BytesFromPath("model.plan")))
     inspect.signature(TrtRunner.infer).bind(None, feed_dict={})
-    source = (ROOT / "engines" / "trt_parity.py").read_text(encoding="utf-8")
+    source = (ROOT / "engines" / "trt" / "parity.py").read_text(encoding="utf-8")
     assert "TrtRunner(EngineFromBytes(BytesFromPath(" in source and "runner.infer(feed_dict=" in source
 
 

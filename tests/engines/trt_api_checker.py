@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-API_FILE = Path(__file__).resolve().parents[2] / "engines" / "tensorrt_api_11.json"
+API_FILE = Path(__file__).resolve().parents[2] / "engines" / "trt" / "tensorrt_api_11.json"
 
 
 def load_api() -> dict[str, Any]:
