@@ -57,11 +57,11 @@ PERPLEXITY_RATIO = Score("perplexity_ratio", perplexity_ratio)
 
 def fallback_target(config: BuildConfig) -> float:
     """The perplexity ratio the calibration chunks must keep: 1 / (1 + the perplexity gate - margin)."""
-    from pipeline.stages.llm_verify import llm_thresholds
+    from pipeline.parity.policy import max_perplexity_increase
 
     if config.trt.fallback_target is not None:
         return config.trt.fallback_target
-    gate = llm_thresholds(config)[("logits", "perplexity_increase")]
+    gate = max_perplexity_increase(config)
     return round(1.0 / (1.0 + max(gate - FALLBACK_MARGIN, 0.0)), 6)
 
 
