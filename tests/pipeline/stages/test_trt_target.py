@@ -32,6 +32,7 @@ def test_simulated_parity_meets_the_precision_gate(trt_build, precision: str) ->
     assert gate["threshold"] == GATES[precision]
     assert report["reference"]["description"] == "FP32 ONNX (exported)"
     assert report["reference"]["sha256"] == result.outputs["export"].files["model.onnx"]
+    assert report["target"] == "trt" and report["family"] == "encoder" and report["schema_version"] == 3
 
 
 def test_trt_graph_has_only_standard_onnx_ops(trt_build) -> None:
