@@ -12,6 +12,7 @@ from pipeline.core.hashing import directory_hashes, file_sha256
 from pipeline.build.manifest import read_manifest
 from engines.onnx_io import check_onnx_file
 from pipeline.core.progress import Progress
+from pipeline.parity.report import ParityReport
 from pipeline.reports.write import append_step_summary, write_reports
 from pipeline.stages.base import STAGE_RECORD, StageOutput
 
@@ -70,7 +71,7 @@ def reverify(
     progress: Progress,
     candidate: Optional[Path] = None,
     output_dir: Optional[Path] = None,
-) -> dict[str, Any]:
+) -> ParityReport:
     """Run parity for the build's candidate (or another artifact) and write the four reports."""
     from pipeline.models.registry import inspect_model
     from pipeline.build.runner import build_lock
@@ -114,7 +115,7 @@ def reverify(
         progress.stage("verify")
         report = run_parity(inputs, config, model, progress)
         write_reports(report, target)
-    append_step_summary(target / "parity.md")
-    if report["failures"]:
-        raise ParityError("parity failed: " + "; ".join(report["failures"]) + f" (report: {target / 'parity.md'})")
+    append_step_summary(report)
+    if report.failures:
+        raise ParityError("parity failed: " + "; ".join(report.failures) + f" (report: {target / 'parity.md'})")
     return report

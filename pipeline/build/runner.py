@@ -18,7 +18,7 @@ from pipeline.core.hashing import directory_hashes, stage_key
 from pipeline.build.manifest import publish_build
 from pipeline.models.registry import ModelInfo
 from pipeline.core.progress import Progress, raise_pending
-from pipeline.reports.write import append_step_summary
+from pipeline.reports.write import append_step_summary, read_report
 from pipeline.stages.config_reads import ConfigReads
 from pipeline.stages.facts import VerifyFacts
 from pipeline.stages.base import STAGE_RECORD, Stage, StageContext, StageOutput
@@ -223,7 +223,7 @@ def run_build(
         progress.stage("publish")
         passed = publish_build(build_dir, config, model, context.inputs, time.perf_counter() - started)
         if "verify" in context.inputs:
-            append_step_summary(build_dir / "parity.md")
+            append_step_summary(read_report(context.inputs["verify"].path("parity.json")))
     result = BuildResult(build_dir, context.inputs, passed, time.perf_counter() - started)
     if passed is False:
         failures = context.facts("verify", VerifyFacts).failures

@@ -50,7 +50,7 @@ def verify(build_dir: Path, candidate: Optional[Path], output_dir: Optional[Path
                  for key, value in flags.items() if value is not None}
     report = reverify(build_dir, overrides, Progress(quiet=quiet), candidate, output_dir)
     if not quiet:
-        click.echo(f"parity passed: {len(report['checks'])} checks; reports in {output_dir or build_dir}")
+        click.echo(f"parity passed: {len(report.checks)} checks; reports in {output_dir or build_dir}")
 
 
 @click.group("report")
@@ -77,7 +77,7 @@ def check(report_path: Path, gates: tuple[str, ...], only: bool, **flags: Option
     from pipeline.reports.gate import load_report, parse_gate, regate
 
     saved = load_report(report_path)
-    primary = saved.get("primary_output") or next(iter(saved["outputs"]))
+    primary = saved.primary_output
     metric_of = {"max_abs": "max_abs", "min_cosine": "cosine_mean",
                  "min_top1_agreement": "top1_agreement", "min_snr_db": "snr_db"}
     overrides = {(primary, metric_of[flag]): value for flag, value in flags.items() if value is not None}

@@ -7,9 +7,9 @@ parity.json through this module alone, so it must stay light to import.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
-PARITY_SCHEMA_VERSION = 2
+PARITY_SCHEMA_VERSION = 3  # the one version every parity.json is written with (pipeline.parity.report)
 
 # Metrics where larger is better; a threshold on them is a lower bound. Every other metric is an upper bound.
 LOWER_BOUNDS = frozenset({
@@ -26,7 +26,7 @@ def relation(metric: str) -> str:
 class Check:
     output: str
     metric: str
-    value: float
+    value: Optional[float]  # None: the gated metric is missing from what was measured (the check fails)
     threshold: float
     passed: bool
 
@@ -36,7 +36,8 @@ class Check:
 
     @property
     def description(self) -> str:
-        return f"{self.output} {self.metric} {self.value:.6g} (required {relation(self.metric)} {self.threshold:g})"
+        value = "missing" if self.value is None else f"{self.value:.6g}"
+        return f"{self.output} {self.metric} {value} (required {relation(self.metric)} {self.threshold:g})"
 
 
 def check_value(output: str, metric: str, value: float, threshold: float) -> Check:
@@ -48,11 +49,12 @@ def check_value(output: str, metric: str, value: float, threshold: float) -> Che
 def evaluate_values(
     values: Mapping[str, Mapping[str, Any]], thresholds: Mapping[tuple[str, str], float]
 ) -> list[Check]:
-    """Every check, failing or not, in a stable order; metrics an output does not have are skipped."""
+    """Every check, failing or not, in a stable order; a gated metric that is missing or null fails."""
     checks = []
     for (output, metric), threshold in sorted(thresholds.items()):
         value = values.get(output, {}).get(metric)
         if value is None:
-            continue
-        checks.append(check_value(output, metric, value, threshold))
+            checks.append(Check(output, metric, None, float(threshold), False))
+        else:
+            checks.append(check_value(output, metric, value, threshold))
     return checks

@@ -1,4 +1,4 @@
-"""Parity metrics between a reference and a candidate graph, and the thresholds that gate them.
+"""Parity metrics between a reference and a candidate graph (the thresholds that gate them: policy.py).
 
 The element-wise error statistics (max, mean, median and p99 of absolute and
 relative error) and the SNR come from Polygraphy's comparator
@@ -16,17 +16,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from pipeline.config import BuildConfig, VerifyConfig
-from pipeline.models.registry import TaskSpec
-from pipeline.parity.gates import LOWER_BOUNDS, Check, evaluate_values  # noqa: F401  (re-exported)
+from pipeline.parity.gates import Check, evaluate_values
 
-# Task defaults: (output, metric) -> threshold. Metrics in gates.LOWER_BOUNDS are lower bounds.
-TASK_THRESHOLDS: dict[str, dict[tuple[str, str], float]] = {
-    "feature-extraction": {("sentence_embedding", "cosine_mean"): 0.99},
-    "text-classification": {("logits", "top1_agreement"): 0.98},
-}
-# TensorRT target: default gate on the primary output's mean cosine, per precision.
-TRT_MIN_COSINE = {"int8": 0.99, "fp8": 0.98, "fp16": 0.999, "best": 0.99}
 # Absolute-error histogram bins, in decades: fixed, so histograms of two builds can be compared.
 HISTOGRAM_LOG10_EDGES = tuple(round(-8.0 + 0.25 * step, 2) for step in range(41))  # 1e-8 .. 1e2
 REFERENCE_RUNNER, CANDIDATE_RUNNER = "reference", "candidate"
@@ -159,40 +150,6 @@ def _classification_metrics(reference: dict[str, np.ndarray], candidate: dict[st
 
 
 TASK_METRICS: dict[str, TaskMetricFunction] = {"text-classification": _classification_metrics}
-
-
-def thresholds_for(task: TaskSpec, overrides: VerifyConfig) -> dict[tuple[str, str], float]:
-    thresholds = dict(TASK_THRESHOLDS[task.name])
-    primary = task.primary_output
-    if overrides.min_cosine is not None:
-        thresholds[(primary, "cosine_mean")] = overrides.min_cosine
-    if overrides.max_abs is not None:
-        thresholds[(primary, "max_abs")] = overrides.max_abs
-    if overrides.min_top1_agreement is not None:
-        thresholds[(primary, "top1_agreement")] = overrides.min_top1_agreement
-    if getattr(overrides, "min_snr_db", None) is not None:
-        thresholds[(primary, "snr_db")] = overrides.min_snr_db
-    if getattr(overrides, "max_accuracy_drop", None) is not None:
-        thresholds[(primary, "accuracy_drop")] = overrides.max_accuracy_drop
-    return thresholds
-
-
-def trt_thresholds_for(task: TaskSpec, overrides: VerifyConfig, precision: str) -> dict[tuple[str, str], float]:
-    """The CPU target's gates, with the primary cosine gate set per TensorRT precision unless overridden."""
-    thresholds = thresholds_for(task, overrides)
-    if overrides.min_cosine is None and task.name == "feature-extraction":  # classifiers keep their top-1 gate
-        thresholds[(task.primary_output, "cosine_mean")] = TRT_MIN_COSINE[precision]
-    return thresholds
-
-
-def trt_min_cosine(config: BuildConfig, task: TaskSpec) -> float:
-    """The primary output's cosine the TensorRT graph must keep (for classifiers, a proxy for top-1 agreement)."""
-    # Only the cosine gate is read: the precision stage's cache key holds this value, not the other gates.
-    if config.verify.min_cosine is not None:
-        return config.verify.min_cosine
-    if task.name == "feature-extraction":
-        return TRT_MIN_COSINE[config.trt.precision]
-    return TASK_THRESHOLDS[task.name].get((task.primary_output, "cosine_mean"), TRT_MIN_COSINE[config.trt.precision])
 
 
 def evaluate(metrics: dict[str, OutputMetrics], thresholds: dict[tuple[str, str], float]) -> list[Check]:

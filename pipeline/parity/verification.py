@@ -13,9 +13,9 @@ from pipeline.config import BuildConfig
 from pipeline.core.errors import InputError
 from pipeline.core.progress import Progress
 from pipeline.models.registry import ModelInfo
+from pipeline.parity import policy
 from pipeline.parity.engine import ParityResult, measure, run_pair
-from pipeline.parity.gates import PARITY_SCHEMA_VERSION, relation
-from pipeline.parity.metrics import thresholds_for, trt_thresholds_for
+from pipeline.parity.report import Artifact, Candidate, Evaluation, Heldout, ParityReport, make_report
 
 
 @dataclass
@@ -37,7 +37,7 @@ class ParityInputs:
 
 
 def _labelled_outputs(inputs: ParityInputs, config: BuildConfig, model: ModelInfo,
-                      progress: Progress) -> tuple[Optional[np.ndarray], Optional[tuple], Optional[dict]]:
+                      progress: Progress) -> tuple[Optional[np.ndarray], Optional[tuple], Optional[Evaluation]]:
     eval_file = config.verify.eval_file
     if not eval_file:
         return None, None, None
@@ -53,11 +53,11 @@ def _labelled_outputs(inputs: ParityInputs, config: BuildConfig, model: ModelInf
     progress.info(f"labelled evaluation: {len(texts)} samples from {eval_file}")
     reference, candidate = run_pair(inputs.reference, inputs.candidate, batches, ["logits"])
     outputs = ({"logits": np.concatenate(reference["logits"])}, {"logits": np.concatenate(candidate["logits"])})
-    return labels, outputs, {"file": Path(eval_file).name, "samples": len(texts)}
+    return labels, outputs, Evaluation(file=Path(eval_file).name, samples=len(texts))
 
 
-def run_parity(inputs: ParityInputs, config: BuildConfig, model: ModelInfo, progress: Progress) -> dict[str, Any]:
-    """Measure, gate, localize when asked or failing; returns the parity.json document."""
+def run_parity(inputs: ParityInputs, config: BuildConfig, model: ModelInfo, progress: Progress) -> ParityReport:
+    """Measure, gate, localize when asked or failing; returns the parity report."""
     task = model.task
     settings = config.verify
     batches = load_batches(inputs.heldout)
@@ -66,10 +66,7 @@ def run_parity(inputs: ParityInputs, config: BuildConfig, model: ModelInfo, prog
         on_batch=lambda done, total: progress.batches("held-out", done, total),
     )
     labels, labelled, evaluation = _labelled_outputs(inputs, config, model, progress)
-    if config.target == "trt":
-        thresholds = trt_thresholds_for(task, settings, config.trt.precision)
-    else:
-        thresholds = thresholds_for(task, settings)
+    thresholds = policy.thresholds(config, task)
     masks = [batch.get("attention_mask") for batch in batches]
     result = measure(task, reference, candidate, masks, thresholds, labels, labelled)
     localization = None
@@ -78,33 +75,25 @@ def run_parity(inputs: ParityInputs, config: BuildConfig, model: ModelInfo, prog
 
         progress.info(f"localizing: every layer of both graphs on {settings.localize_batches} held-out batches")
         localization = localize(inputs.reference, inputs.candidate, batches[: settings.localize_batches])
-    return build_report(inputs, model, result, thresholds, len(batches), evaluation, localization)
+    return build_report(inputs, config, model, result, thresholds, len(batches), evaluation, localization)
 
 
-def build_report(inputs: ParityInputs, model: ModelInfo, result: ParityResult,
+def build_report(inputs: ParityInputs, config: BuildConfig, model: ModelInfo, result: ParityResult,
                  thresholds: dict[tuple[str, str], float], batches: int,
-                 evaluation: Optional[dict[str, Any]], localization: Optional[dict[str, Any]]) -> dict[str, Any]:
-    failures = result.failures
-    return {
-        "schema_version": PARITY_SCHEMA_VERSION,
-        "status": "fail" if failures else "pass",
-        "task": model.task.name,
-        "primary_output": model.task.primary_output,
-        "reference": {"description": inputs.reference_description, "sha256": inputs.reference_sha256},
-        "candidate": {
-            "description": inputs.candidate_description, "sha256": inputs.candidate_sha256,
-            "fp32_nodes": inputs.candidate_fp32_nodes,
-        },
-        "heldout": {"source": inputs.heldout_source, "samples": inputs.heldout_samples, "batches": batches},
-        "thresholds": [
-            {"output": output, "metric": metric, "threshold": value, "relation": relation(metric)}
-            for (output, metric), value in sorted(thresholds.items())
-        ],
-        "outputs": {name: metrics.to_dict() for name, metrics in result.metrics.items()},
-        "checks": [vars(check) for check in result.checks],
-        "failures": failures,
-        # Sorted: a fresh export and a cached one (stage.json is written sorted) must give the same bytes.
-        "export_parity": dict(sorted(inputs.export_parity.items())),
-        "evaluation": evaluation,
-        "localization": localization,
-    }
+                 evaluation: Optional[Evaluation], localization: Optional[dict[str, Any]]) -> ParityReport:
+    return make_report(
+        family=policy.family_of(model.task),
+        target=config.target,
+        task=model.task.name,
+        primary_output=model.task.primary_output,
+        reference=Artifact(description=inputs.reference_description, sha256=inputs.reference_sha256),
+        candidate=Candidate(description=inputs.candidate_description, sha256=inputs.candidate_sha256,
+                            fp32_nodes=inputs.candidate_fp32_nodes),
+        heldout=Heldout(source=inputs.heldout_source, samples=inputs.heldout_samples, batches=batches),
+        thresholds=thresholds,
+        outputs={name: metrics.to_dict() for name, metrics in result.metrics.items()},
+        checks=result.checks,
+        export_parity=inputs.export_parity,
+        evaluation=evaluation,
+        localization=localization,
+    )

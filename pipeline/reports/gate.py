@@ -1,4 +1,5 @@
-"""Saved parity reports: load, re-gate with new thresholds, and diff two builds.
+"""Saved parity reports: load (through pipeline.parity.report.ParityReport), re-gate with new thresholds,
+and diff two builds.
 
 No model, no ONNX Runtime, no numpy: CI steps that only read artifacts import this.
 """
@@ -9,43 +10,52 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from pydantic import ValidationError
+
 from pipeline.core.errors import InputError, read_json_input
-from pipeline.parity.gates import Check, evaluate_values
+from pipeline.parity.gates import PARITY_SCHEMA_VERSION, Check, evaluate_values
+from pipeline.parity.report import ParityReport
 
-SUPPORTED_SCHEMAS = (1, 2)
+
+def _first_problem(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "the report"
+    more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    return f"{where}: {first['msg']}{more}"
 
 
-def load_report(path: Path) -> dict[str, Any]:
+def load_report(path: Path) -> ParityReport:
+    """A saved parity.json through the model: anything damaged or of another schema is one InputError."""
     if not path.is_file():
         raise InputError(f"parity report not found: {path}")
-    report = read_json_input(path)
-    if not isinstance(report, dict) or "outputs" not in report or "schema_version" not in report:
-        raise InputError(f"{path} is not a parity report (no 'schema_version' and 'outputs')")
-    if report["schema_version"] not in SUPPORTED_SCHEMAS:
+    data = read_json_input(path)
+    if not isinstance(data, dict) or "schema_version" not in data:
+        raise InputError(f"{path} is not a parity report (no 'schema_version')")
+    if data["schema_version"] != PARITY_SCHEMA_VERSION:
         raise InputError(
-            f"{path} has parity schema {report['schema_version']}; this quantpipe reads "
-            f"{', '.join(map(str, SUPPORTED_SCHEMAS))} (upgrade quantpipe)"
+            f"{path} has parity schema {data['schema_version']!r}; this quantpipe reads {PARITY_SCHEMA_VERSION} "
+            "(re-create the report with `pipeline verify` or `pipeline build`)"
         )
-    return report
+    try:
+        return ParityReport.model_validate(data)
+    except ValidationError as exc:
+        raise InputError(f"{path} is not a valid parity report: {_first_problem(exc)}") from None
 
 
-def recorded_thresholds(report: Mapping[str, Any]) -> dict[tuple[str, str], float]:
-    """The gates the report was made with (schema 1 has no 'thresholds': taken from its checks)."""
-    entries = report.get("thresholds") or report.get("checks") or []
-    return {(entry["output"], entry["metric"]): float(entry["threshold"]) for entry in entries}
+def regate(report: ParityReport, overrides: Mapping[tuple[str, str], float], keep_recorded: bool = True) -> list[Check]:
+    """Check the saved metrics against the recorded gates, overridden (or extended) by new ones.
 
-
-def regate(report: Mapping[str, Any], overrides: Mapping[tuple[str, str], float], keep_recorded: bool = True) -> list[Check]:
-    """Check the saved metrics against the recorded gates, overridden (or extended) by new ones."""
-    thresholds = dict(recorded_thresholds(report)) if keep_recorded else {}
+    A recorded gate whose metric is missing or null fails; a new gate on a metric the report lacks is bad input.
+    """
+    values = report.metric_values()
+    thresholds = report.recorded_thresholds() if keep_recorded else {}
     thresholds.update(overrides)
     for output, metric in overrides:
-        if output not in report["outputs"]:
-            raise InputError(f"the report has no output '{output}' (it has: {', '.join(report['outputs'])})")
-        if metric not in report["outputs"][output]:
-            available = sorted(k for k, v in report["outputs"][output].items() if isinstance(v, (int, float)))
-            raise InputError(f"output '{output}' has no metric '{metric}' (it has: {', '.join(available)})")
-    return evaluate_values(report["outputs"], thresholds)
+        if output not in values:
+            raise InputError(f"the report has no output '{output}' (it has: {', '.join(values)})")
+        if metric not in values[output]:
+            raise InputError(f"output '{output}' has no metric '{metric}' (it has: {', '.join(sorted(values[output]))})")
+    return evaluate_values(values, thresholds)
 
 
 def parse_gate(text: str, primary: str) -> tuple[tuple[str, str], float]:
@@ -60,43 +70,39 @@ def parse_gate(text: str, primary: str) -> tuple[tuple[str, str], float]:
         raise InputError(f"--gate '{text}': '{value}' is not a number") from None
 
 
-def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def diff_reports(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
+def diff_reports(before: ParityReport, after: ParityReport) -> dict[str, Any]:
     """What changed between two parity reports: verdict, candidate, every shared metric, checks, top layers."""
     outputs: dict[str, dict[str, dict[str, Optional[float]]]] = {}
-    for name in dict.fromkeys([*before["outputs"], *after["outputs"]]):
-        a, b = _numeric(before["outputs"].get(name, {})), _numeric(after["outputs"].get(name, {}))
+    values_before, values_after = before.metric_values(), after.metric_values()
+    for name in dict.fromkeys([*values_before, *values_after]):
+        a, b = values_before.get(name, {}), values_after.get(name, {})
         rows = {}
         for metric in dict.fromkeys([*a, *b]):
-            old, new = a.get(metric), b.get(metric)
+            old = None if a.get(metric) is None else float(a[metric])
+            new = None if b.get(metric) is None else float(b[metric])
             change = None if old is None or new is None else new - old
             relative = change / abs(old) if change is not None and old not in (0, None) else None
             rows[metric] = {"before": old, "after": new, "change": change, "relative_change": relative}
         outputs[name] = rows
-    checks_before = {(c["output"], c["metric"]): c for c in before.get("checks", [])}
-    checks_after = {(c["output"], c["metric"]): c for c in after.get("checks", [])}
+    checks_before = {(c.output, c.metric): c.passed for c in before.checks}
+    checks_after = {(c.output, c.metric): c.passed for c in after.checks}
     checks = [
-        {"check": f"{key[0]} {key[1]}",
-         "before": None if key not in checks_before else checks_before[key]["passed"],
-         "after": None if key not in checks_after else checks_after[key]["passed"]}
+        {"check": f"{key[0]} {key[1]}", "before": checks_before.get(key), "after": checks_after.get(key)}
         for key in dict.fromkeys([*checks_before, *checks_after])
     ]
     return {
-        "status": {"before": before.get("status"), "after": after.get("status")},
-        "candidate": {"before": before.get("candidate", {}).get("sha256"), "after": after.get("candidate", {}).get("sha256")},
-        "reference": {"before": before.get("reference", {}).get("sha256"), "after": after.get("reference", {}).get("sha256")},
+        "status": {"before": before.status, "after": after.status},
+        "candidate": {"before": before.candidate.sha256, "after": after.candidate.sha256},
+        "reference": {"before": before.reference.sha256, "after": after.reference.sha256},
         "outputs": outputs,
         "checks": checks,
         "top_layers": {"before": _top_layers(before), "after": _top_layers(after)},
     }
 
 
-def _top_layers(report: Mapping[str, Any], count: int = 3) -> list[str]:
-    localization = report.get("localization") or {}
-    return [layer["node"] for layer in (localization.get("ranked") or [])[:count]]
+def _top_layers(report: ParityReport, count: int = 3) -> list[str]:
+    ranked = report.localization.ranked if report.localization else []
+    return [layer.node for layer in ranked[:count]]
 
 
 def _fmt(value: Optional[float]) -> str:

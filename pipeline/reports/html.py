@@ -8,6 +8,8 @@ import io
 from typing import Any, Optional
 
 from pipeline.parity.gates import relation
+from pipeline.parity.report import Histogram, Localization, ParityReport
+from pipeline.reports.write import metric_columns
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2rem;max-width:72rem;color:#222}
@@ -23,10 +25,10 @@ def _figure_png(figure: Any) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _histogram_plot(name: str, histogram: dict[str, list]) -> str:
+def _histogram_plot(name: str, histogram: Histogram) -> str:
     from matplotlib.figure import Figure
 
-    edges, counts = histogram["log10_abs_error_edges"], histogram["counts"]
+    edges, counts = histogram.log10_abs_error_edges, histogram.counts
     figure = Figure(figsize=(7, 2.8))
     axes = figure.add_subplot()
     axes.bar(edges[:-1], counts, width=[b - a for a, b in zip(edges, edges[1:])], align="edge", color="#4c72b0")
@@ -36,28 +38,34 @@ def _histogram_plot(name: str, histogram: dict[str, list]) -> str:
     return _figure_png(figure)
 
 
-def _layer_plot(localization: dict[str, Any]) -> str:
+def _layer_plot(localization: Localization) -> str:
     from matplotlib.figure import Figure
 
-    layers = localization["layers"]
-    top = {layer["tensor"] for layer in localization["ranked"][:3]}
+    layers = localization.layers
+    top = {layer.tensor for layer in localization.ranked[:3]}
     positions = list(range(len(layers)))
     figure = Figure(figsize=(10, 3.6))
     axes = figure.add_subplot()
-    axes.plot(positions, [layer["relative_l2"] for layer in layers], marker=".", color="#4c72b0",
+    axes.plot(positions, [layer.relative_l2 for layer in layers], marker=".", color="#4c72b0",
               label="relative L2 error of the layer's output")
-    axes.bar(positions, [layer["introduced"] for layer in layers], color="#dd8452", alpha=0.8,
+    axes.bar(positions, [layer.introduced for layer in layers], color="#dd8452", alpha=0.8,
              label="error the layer introduces")
     for position, layer in zip(positions, layers):
-        if layer["tensor"] in top:
-            axes.annotate("/".join(layer["node"].split("/")[-4:]),
-                          (position, layer["introduced"]), textcoords="offset points", xytext=(0, 6),
+        if layer.tensor in top:
+            axes.annotate("/".join(layer.node.split("/")[-4:]),
+                          (position, layer.introduced), textcoords="offset points", xytext=(0, 6),
                           ha="center", fontsize=7, color="#cf222e")
     axes.set_xlabel("layer (topological order in the FP32 graph)")
     axes.set_ylabel("relative error")
     axes.set_title("error per layer")
     axes.legend(loc="upper right", fontsize=8)
     return _figure_png(figure)
+
+
+_OUTPUT_COLUMNS = (
+    "rows", "max_abs", "mean_abs", "median_abs", "p99_abs", "max_rel", "mean_rel", "median_rel", "p99_rel",
+    "relative_l2", "snr_db", "cosine_mean", "cosine_min", "top1_agreement", "accuracy_reference", "accuracy_candidate",
+)
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -74,58 +82,57 @@ def _verdict(passed: bool) -> str:
     return '<span class="pass">pass</span>' if passed else '<span class="fail">FAIL</span>'
 
 
-def render_html(report: dict[str, Any]) -> str:
-    passed = report["status"] == "pass"
+def render_html(report: ParityReport) -> str:
+    passed = report.status == "pass"
+    candidate, reference, heldout = report.candidate, report.reference, report.heldout
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8"><title>Parity report</title>',
         '<link rel="icon" href="data:,">',
         f"<style>{_STYLE}</style></head><body>",
         f"<h1>Parity: {_verdict(passed)}</h1>",
-        f"<p>Candidate <code>{html.escape(report['candidate']['description'])}</code> "
-        f"(sha256 {report['candidate']['sha256'][:12]}) against reference "
-        f"<code>{html.escape(report['reference']['description'])}</code> "
-        f"(sha256 {report['reference']['sha256'][:12]}) on {report['heldout']['samples']} held-out samples "
-        f"({html.escape(str(report['heldout']['source']))}). Task: {html.escape(report['task'])}; "
-        f"report schema {report['schema_version']}.</p>",
+        f"<p>Candidate <code>{html.escape(candidate.description)}</code> "
+        f"(sha256 {candidate.sha256[:12]}) against reference "
+        f"<code>{html.escape(reference.description)}</code> "
+        f"(sha256 {reference.sha256[:12]}) on {heldout.samples} held-out samples "
+        f"({html.escape(heldout.source)}). Task: {html.escape(report.task)}; "
+        f"report schema {report.schema_version}.</p>",
         "<h2>Checks</h2>",
         _table(["check", "value", "threshold", "result"], [
-            [html.escape(f"{c['output']} {c['metric']}"), f"{c['value']:.6g}",
-             f"{relation(c['metric'])} {c['threshold']:g}", _verdict(c["passed"])]
-            for c in report["checks"]
+            [html.escape(f"{c.output} {c.metric}"), "missing" if c.value is None else f"{c.value:.6g}",
+             f"{relation(c.metric)} {c.threshold:g}", _verdict(c.passed)]
+            for c in report.checks
         ]),
         "<h2>Outputs</h2>",
     ]
-    columns = ["rows", "max_abs", "mean_abs", "median_abs", "p99_abs", "max_rel", "mean_rel", "median_rel",
-               "p99_rel", "relative_l2", "snr_db", "cosine_mean", "cosine_min", "top1_agreement",
-               "accuracy_reference", "accuracy_candidate"]
-    columns = [c for c in columns if any(c in m for m in report["outputs"].values())]
+    columns = metric_columns(report.outputs, _OUTPUT_COLUMNS)
     parts.append(_table(["output", *columns], [
-        [html.escape(name), *(_fmt(metrics.get(c)) for c in columns)] for name, metrics in report["outputs"].items()
+        [html.escape(name), *(_fmt(metrics.values().get(c)) for c in columns)]
+        for name, metrics in report.outputs.items()
     ]))
     parts.append("<h2>Error histograms</h2>")
-    for name, metrics in report["outputs"].items():
-        if metrics.get("histogram"):
+    for name, metrics in report.outputs.items():
+        if metrics.histogram:
             parts.append(f'<img alt="absolute error histogram of {html.escape(name)}" '
-                         f'src="data:image/png;base64,{_histogram_plot(name, metrics["histogram"])}">')
+                         f'src="data:image/png;base64,{_histogram_plot(name, metrics.histogram)}">')
     parts.append("<h2>Error per layer</h2>")
-    localization = report.get("localization")
-    if localization and localization.get("layers"):
+    localization = report.localization
+    if localization and localization.layers:
         parts.append(f'<img alt="error per layer" src="data:image/png;base64,{_layer_plot(localization)}">')
-        first = localization.get("first_divergent")
+        first = localization.first_divergent
         if first:
-            parts.append(f"<p>First divergent layer: <code>{html.escape(first['node'])}</code> "
-                         f"({html.escape(first['op_type'])}).</p>")
+            parts.append(f"<p>First divergent layer: <code>{html.escape(first.node)}</code> "
+                         f"({html.escape(first.op_type)}).</p>")
         parts.append(_table(["rank", "layer", "op", "introduced", "relative L2", "SNR dB", "cosine", "max abs"], [
-            [str(rank), f"<code>{html.escape(layer['node'])}</code>", html.escape(layer["op_type"]),
-             _fmt(layer["introduced"]), _fmt(layer["relative_l2"]), _fmt(layer["snr_db"]),
-             f"{layer['cosine']:.5f}", _fmt(layer["max_abs"])]
-            for rank, layer in enumerate(localization["ranked"], start=1)
+            [str(rank), f"<code>{html.escape(layer.node)}</code>", html.escape(layer.op_type),
+             _fmt(layer.introduced), _fmt(layer.relative_l2), _fmt(layer.snr_db),
+             f"{layer.cosine:.5f}", _fmt(layer.max_abs)]
+            for rank, layer in enumerate(localization.ranked, start=1)
         ]))
     else:
         parts.append("<p>Layer localization did not run (it runs when parity fails, or with "
                      "<code>--localize always</code>).</p>")
-    export = report.get("export_parity")
+    export = report.export_parity
     if export:
         parts.append("<h2>Export check</h2><p>ONNX Runtime against PyTorch, max abs difference: "
                      + ", ".join(f"{html.escape(n)} {v:.2g}" for n, v in export.items()) + ".</p>")

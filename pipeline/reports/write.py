@@ -1,12 +1,15 @@
-"""Parity reports: parity.json (versioned schema, docs/parity-report.md), parity.md (a table for pull
-requests), parity.html (self-contained, with plots) and parity.junit.xml (one test case per check)."""
+"""Parity reports: parity.json (the ParityReport model, docs/parity-report.md), parity.md (a table for pull
+requests, also the step summary), parity.html (self-contained, with plots) and parity.junit.xml (one
+test case per check). Every renderer takes the model."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
+
+from pipeline.parity.gates import relation
+from pipeline.parity.report import OutputMetrics, ParityReport
 
 REPORT_FILES = ("parity.json", "parity.md", "parity.html", "parity.junit.xml")
 _METRIC_COLUMNS = (
@@ -23,80 +26,82 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def render_json(report: dict[str, Any]) -> str:
-    return json.dumps(report, indent=2) + "\n"
+def render_json(report: ParityReport) -> str:
+    return report.to_json()
 
 
-def write_json(report: dict[str, Any], path: Path) -> None:
+def write_json(report: ParityReport, path: Path) -> None:
     _write_atomic(path, render_json(report))
 
 
-def _relation(metric: str) -> str:
-    from pipeline.parity.gates import relation
+def metric_columns(outputs: dict[str, OutputMetrics], candidates: tuple[str, ...]) -> list[str]:
+    """The columns of an outputs table: those metrics any output has."""
+    present = {name for metrics in outputs.values() for name in metrics.values()}
+    return [column for column in candidates if column in present]
 
-    return relation(metric)
 
-
-def render_markdown(report: dict[str, Any]) -> str:
-    verdict = "PASS" if report["status"] == "pass" else "FAIL"
+def render_markdown(report: ParityReport) -> str:
+    verdict = "PASS" if report.status == "pass" else "FAIL"
     lines = [
         f"## Parity: {verdict}",
         "",
-        f"Candidate `{report['candidate']['description']}` against reference "
-        f"`{report['reference']['description']}` on {report['heldout']['samples']} held-out samples "
-        f"({report['heldout']['source']}, never used for calibration).",
+        f"Candidate `{report.candidate.description}` against reference "
+        f"`{report.reference.description}` on {report.heldout.samples} held-out samples "
+        f"({report.heldout.source}, never used for calibration).",
         "",
         "| check | value | threshold | result |",
         "|---|---|---|---|",
     ]
-    for check in report["checks"]:
+    for check in report.checks:
+        value = "missing" if check.value is None else f"{check.value:.6g}"
         lines.append(
-            f"| {check['output']} {check['metric']} | {check['value']:.6g} | {_relation(check['metric'])} "
-            f"{check['threshold']:g} | {'pass' if check['passed'] else '**FAIL**'} |"
+            f"| {check.output} {check.metric} | {value} | {relation(check.metric)} "
+            f"{check.threshold:g} | {'pass' if check.passed else '**FAIL**'} |"
         )
-    columns = [c for c in _METRIC_COLUMNS if any(c in m for m in report["outputs"].values())]
+    columns = metric_columns(report.outputs, _METRIC_COLUMNS)
     lines += ["", "| output | rows | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
-    for name, metrics in report["outputs"].items():
-        cells = [f"{metrics[c]:.4g}" if c in metrics else "" for c in columns]
-        lines.append(f"| {name} | {metrics['rows']} | " + " | ".join(cells) + " |")
-    evaluation = report.get("evaluation")
+    for name, metrics in report.outputs.items():
+        values = metrics.values()
+        cells = [f"{values[c]:.4g}" if c in values else "" for c in columns]
+        lines.append(f"| {name} | {metrics.rows} | " + " | ".join(cells) + " |")
+    evaluation = report.evaluation
     if evaluation:
-        lines += ["", f"Labelled evaluation: {evaluation['samples']} samples from `{evaluation['file']}`."]
-    localization = report.get("localization")
-    if localization and localization.get("ranked"):
+        lines += ["", f"Labelled evaluation: {evaluation.samples} samples from `{evaluation.file}`."]
+    localization = report.localization
+    if localization and localization.ranked:
         lines += [
             "",
-            f"### Most divergent layers ({localization['matched_tensors']} layers matched, "
-            f"{localization['batches']} held-out batches)",
+            f"### Most divergent layers ({localization.matched_tensors} layers matched, "
+            f"{localization.batches} held-out batches)",
             "",
             "| rank | layer | op | introduced rel. error | rel. L2 error | SNR dB | cosine |",
             "|---|---|---|---|---|---|---|",
         ]
-        for rank, layer in enumerate(localization["ranked"][:_TOP_LAYERS_IN_MARKDOWN], start=1):
+        for rank, layer in enumerate(localization.ranked[:_TOP_LAYERS_IN_MARKDOWN], start=1):
             lines.append(
-                f"| {rank} | `{layer['node']}` | {layer['op_type']} | {layer['introduced']:.4g} | "
-                f"{layer['relative_l2']:.4g} | {layer['snr_db']:.3g} | {layer['cosine']:.5f} |"
+                f"| {rank} | `{layer.node}` | {layer.op_type} | {layer.introduced:.4g} | "
+                f"{layer.relative_l2:.4g} | {layer.snr_db:.3g} | {layer.cosine:.5f} |"
             )
-        first = localization.get("first_divergent")
+        first = localization.first_divergent
         if first:
-            lines += ["", f"First divergent layer: `{first['node']}` ({first['op_type']})."]
-    export = report.get("export_parity")
+            lines += ["", f"First divergent layer: `{first.node}` ({first.op_type})."]
+    export = report.export_parity
     if export:
         worst = ", ".join(f"{name} {value:.2g}" for name, value in export.items())
         lines += ["", f"Export check (ONNX Runtime against PyTorch, max abs difference): {worst}."]
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(report: dict[str, Any], path: Path) -> None:
+def write_markdown(report: ParityReport, path: Path) -> None:
     _write_atomic(path, render_markdown(report))
 
 
-def write_reports(report: dict[str, Any], directory: Path) -> None:
+def write_reports(report: ParityReport, directory: Path) -> None:
     """All four report files of one parity run, each written atomically."""
     from pipeline.reports.html import render_html
     from pipeline.reports.junit import render_junit
 
-    renderers: dict[str, Callable[[dict[str, Any]], str]] = {
+    renderers: dict[str, Callable[[ParityReport], str]] = {
         "parity.json": render_json,
         "parity.md": render_markdown,
         "parity.html": render_html,
@@ -106,9 +111,14 @@ def write_reports(report: dict[str, Any], directory: Path) -> None:
         _write_atomic(directory / name, renderers[name](report))
 
 
-def append_step_summary(markdown_path: Path) -> None:
-    """GitHub Actions shows what is appended to $GITHUB_STEP_SUMMARY on the run's page."""
+def read_report(path: Path) -> ParityReport:
+    """A report this build just wrote (a user-supplied one goes through reports.gate.load_report)."""
+    return ParityReport.model_validate_json(path.read_text(encoding="utf-8"))
+
+
+def append_step_summary(report: ParityReport) -> None:
+    """GitHub Actions shows what is appended to $GITHUB_STEP_SUMMARY on the run's page: the Markdown report."""
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary:
         with open(summary, "a", encoding="utf-8") as handle:
-            handle.write(markdown_path.read_text(encoding="utf-8"))
+            handle.write(render_markdown(report))

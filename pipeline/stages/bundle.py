@@ -91,6 +91,7 @@ def _link_or_copy(source: Path, target: Path) -> None:
 class BundleStage(Stage):
     name = "bundle"
     facts = BundleFacts
+    version = 2  # 2: engine_parity.json is the ParityReport model (schema 3)
     outputs = ("model.onnx", "build_config.json", TRTEXEC_FILE, BUILD_SCRIPT, "parity.json", "parity.md",
                "precision.json")
 
@@ -173,7 +174,11 @@ class BundleStage(Stage):
         from engines.ort_session import OrtRunner
         from engines.trt.parity import engine_outputs
         from pipeline.core.errors import ParityError
-        from pipeline.parity.metrics import compare_output, evaluate, trt_thresholds_for
+        from pipeline.parity import policy
+        from pipeline.parity.gates import evaluate_values
+        from pipeline.parity.metrics import compare_output
+        from pipeline.parity.report import Artifact, Candidate, Heldout, make_report
+        from pipeline.reports.write import write_json
 
         previous = out.parent.parent / "trt" / TIMING_CACHE  # the last published bundle's cache: reuse its timings
         if previous.is_file():
@@ -192,20 +197,30 @@ class BundleStage(Stage):
         masks = [batch["attention_mask"] for batch in batches]
         metrics = {name: compare_output(name, [r[name] for r in reference], [e[name] for e in engine], masks,
                                         name == "logits") for name in outputs}
+        values = {name: m.to_dict() for name, m in metrics.items()}
         if decoder:
-            from pipeline.parity.gates import evaluate_values
-            from pipeline.stages.llm_verify import llm_thresholds
-
             ratio = perplexity_ratio([r["logits"] for r in reference], [e["logits"] for e in engine], batches)
-            values = {"logits": {**metrics["logits"].to_dict(), "perplexity_increase": 1.0 / ratio - 1.0}}
-            checks = evaluate_values(values, llm_thresholds(context.config))
-        else:
-            checks = evaluate(metrics, trt_thresholds_for(task, context.config.verify, context.config.trt.precision))
-        failures = [check.description for check in checks if not check.passed]
-        report = {"reference": "FP32 ONNX (exported), ONNX Runtime", "candidate": "TensorRT engine (Polygraphy TrtRunner)",
-                  "outputs": {name: m.to_dict() for name, m in metrics.items()}, "checks": [vars(c) for c in checks],
-                  "failures": failures, "status": "fail" if failures else "pass"}
-        (out / "engine_parity.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            values["logits"]["perplexity_increase"] = 1.0 / ratio - 1.0
+        thresholds = policy.engine_thresholds(context.config, context.model.task)
+        export, calibrate = context.input("export"), context.input("calibrate")
+        report = make_report(
+            family=policy.family_of(task),
+            target="trt",
+            task=task.name,
+            primary_output=task.primary_output,
+            reference=Artifact(description="FP32 ONNX (exported), ONNX Runtime", sha256=export.files["model.onnx"]),
+            candidate=Candidate(description="TensorRT engine (Polygraphy TrtRunner)",
+                                sha256=file_sha256(out / ENGINE_FILE)),
+            heldout=Heldout(source=context.facts("calibrate", CalibrationFacts).source, samples=sum(len(m) for m in masks),
+                            batches=len(batches)),
+            thresholds=thresholds,
+            outputs=values,
+            checks=evaluate_values(values, thresholds),
+            export_parity=context.facts("export", ExportFacts).torch_parity_max_abs,
+        )
+        write_json(report, out / "engine_parity.json")
+        failures = report.failures
         if failures:
             raise ParityError("TensorRT engine parity failed: " + "; ".join(failures))
-        return {"engine": "built", **result, "engine_parity": report["outputs"][task.primary_output]}
+        primary = report.outputs[task.primary_output].model_dump(mode="json")
+        return {"engine": "built", **result, "engine_parity": primary}

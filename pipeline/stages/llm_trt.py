@@ -52,13 +52,11 @@ PERPLEXITY_RATIO = Score("perplexity_ratio", perplexity_ratio)
 
 def fallback_target(config: BuildConfig) -> float:
     """The perplexity ratio the calibration chunks must keep: 1 / (1 + the perplexity gate - margin)."""
-    from pipeline.stages.llm_verify import DEFAULT_MAX_PERPLEXITY_INCREASE
+    from pipeline.parity.policy import max_perplexity_increase
 
     if config.trt.fallback_target is not None:
         return config.trt.fallback_target
-    # Only the perplexity gate is read: the precision stage's key holds this value, not the other gates.
-    gate = config.verify.max_perplexity_increase
-    gate = DEFAULT_MAX_PERPLEXITY_INCREASE if gate is None else gate
+    gate = max_perplexity_increase(config)
     return round(1.0 / (1.0 + max(gate - FALLBACK_MARGIN, 0.0)), 6)
 
 

@@ -11,28 +11,18 @@ from typing import Any
 
 from pipeline.config import BuildConfig
 from pipeline.models.registry import ModelInfo
-from pipeline.parity.gates import evaluate_values, relation
+from pipeline.parity import policy
+from pipeline.parity.gates import evaluate_values
+from pipeline.parity.report import Artifact, Candidate, Heldout, Size, make_report
 from pipeline.reports.write import REPORT_FILES, write_reports
 from pipeline.stages.base import Stage, StageContext
 from pipeline.stages.facts import CalibrationFacts, ExportFacts, PrecisionFacts, VerifyFacts, WeightOnlyFacts
-
-DEFAULT_MAX_PERPLEXITY_INCREASE = 0.08
-
-
-def llm_thresholds(config: BuildConfig) -> dict[tuple[str, str], float]:
-    verify = config.verify
-    thresholds = {("logits", "perplexity_increase"): verify.max_perplexity_increase
-                  if verify.max_perplexity_increase is not None else DEFAULT_MAX_PERPLEXITY_INCREASE}
-    if verify.min_token_agreement is not None:
-        thresholds[("logits", "greedy_token_agreement")] = verify.min_token_agreement
-    if verify.min_cosine is not None:
-        thresholds[("logits", "cosine_mean")] = verify.min_cosine
-    return thresholds
 
 
 class LlmVerifyStage(Stage):
     name = "verify"
     facts = VerifyFacts
+    version = 2  # 2: parity.json is the ParityReport model (schema 3)
     outputs = REPORT_FILES
 
     def __init__(self, candidate: str = "quantize") -> None:
@@ -64,30 +54,25 @@ class LlmVerifyStage(Stage):
         result = llm_parity(export.path("model.onnx"), candidate.path("model.onnx"), heldout, prompts,
                             threads=0, on_progress=context.progress.info)
         metrics = {**result["metrics"], "histogram": result["histogram"]}
-        thresholds = llm_thresholds(context.config)
+        thresholds = policy.thresholds(context.config, context.model.task)
         checks = evaluate_values({"logits": metrics}, thresholds)
-        failures = [check.description for check in checks if not check.passed]
-        size = _sizes(export.path("model.onnx"), candidate.path("model.onnx"))
-        report = {
-            "schema_version": 1,
-            "status": "fail" if failures else "pass",
-            "task": context.model.task.name,
-            "primary_output": "logits",
-            "reference": {"description": "FP32 ONNX (KV cache)", "sha256": export.files["model.onnx"]},
-            "candidate": {"description": self._describe_candidate(context),
-                          "sha256": candidate.files["model.onnx"]},
-            "heldout": {"source": calibration_facts.source, "samples": calibration_facts.heldout_samples,
-                        "batches": len(heldout)},
-            "thresholds": [{"output": o, "metric": m, "threshold": v, "relation": relation(m)}
-                           for (o, m), v in sorted(thresholds.items())],
-            "outputs": {"logits": metrics},
-            "checks": [vars(check) for check in checks],
-            "failures": failures,
-            "export_parity": dict(sorted(context.facts("export", ExportFacts).torch_parity_max_abs.items())),
-            "size": size,
-            "evaluation": None,
-            "localization": None,
-        }
+        report = make_report(
+            family="decoder",
+            target=context.config.target,
+            task=context.model.task.name,
+            primary_output="logits",
+            reference=Artifact(description="FP32 ONNX (KV cache)", sha256=export.files["model.onnx"]),
+            candidate=Candidate(description=self._describe_candidate(context),
+                                sha256=candidate.files["model.onnx"]),
+            heldout=Heldout(source=calibration_facts.source, samples=calibration_facts.heldout_samples,
+                            batches=len(heldout)),
+            thresholds=thresholds,
+            outputs={"logits": metrics},
+            checks=checks,
+            export_parity=context.facts("export", ExportFacts).torch_parity_max_abs,
+            size=_sizes(export.path("model.onnx"), candidate.path("model.onnx")),
+        )
+        failures = report.failures
         write_reports(report, out)
         m = result["metrics"]
         context.progress.info(
@@ -111,6 +96,6 @@ class LlmVerifyStage(Stage):
                 f"{q.zero_point}, lm_head {q.lm_head}, embeddings {q.embeddings})")
 
 
-def _sizes(reference: Path, candidate: Path) -> dict[str, Any]:
+def _sizes(reference: Path, candidate: Path) -> Size:
     fp32_bytes, quantized_bytes = reference.stat().st_size, candidate.stat().st_size
-    return {"fp32_bytes": fp32_bytes, "quantized_bytes": quantized_bytes, "ratio": round(quantized_bytes / fp32_bytes, 4)}
+    return Size(fp32_bytes=fp32_bytes, quantized_bytes=quantized_bytes, ratio=round(quantized_bytes / fp32_bytes, 4))

@@ -15,7 +15,7 @@ from calibration.batches import load_batches
 from engines.trt.precision import build_precision_graph
 from pipeline.config import BuildConfig
 from pipeline.models.registry import ModelInfo
-from pipeline.parity.metrics import trt_min_cosine
+from pipeline.parity.policy import trt_min_cosine
 from pipeline.stages.base import Stage, StageContext
 from pipeline.stages.facts import ExportFacts, PrecisionFacts
 from pipeline.stages.llm_trt import PERPLEXITY_RATIO, PRECISION_CHUNKS, prefill_feeds

@@ -63,7 +63,7 @@ def _describe_candidate(config: BuildConfig, quantized: QuantizeFacts) -> str:
 class VerifyStage(Stage):
     name = "verify"
     facts = VerifyFacts
-    version = 3  # 3: candidate names its FP32 nodes; 2: reports gained relative-error statistics, SNR, histograms, localization, HTML and JUnit
+    version = 4  # 4: parity.json is the ParityReport model (schema 3); 3: candidate names its FP32 nodes; 2: reports gained relative-error statistics, SNR, histograms, localization, HTML and JUnit
     outputs = REPORT_FILES
 
     def __init__(self, reference: str = "optimize", candidate: str = "quantize") -> None:
@@ -86,14 +86,13 @@ class VerifyStage(Stage):
         report = run_parity(parity_inputs(context, self.reference, self.candidate), context.config, context.model, context.progress)
         write_reports(report, out)
         task = context.model.task
-        primary = report["outputs"][task.primary_output]
-        failures = report["failures"]
+        primary = report.outputs[task.primary_output]
+        failures = report.failures
         context.progress.info(
-            f"{task.primary_output}: cosine mean {primary['cosine_mean']:.4f}, max abs {primary['max_abs']:.3g}"
+            f"{task.primary_output}: cosine mean {primary.cosine_mean:.4f}, max abs {primary.max_abs:.3g}"
             + (f"; FAILED: {'; '.join(failures)}" if failures else "; passed")
         )
-        primary = {k: v for k, v in primary.items() if k != "histogram"}
-        return {"passed": not failures, "failures": failures, "primary": primary}
+        return {"passed": not failures, "failures": failures, "primary": primary.values()}
 
 
 def verify_config_slice(config: BuildConfig, model: ModelInfo) -> dict[str, Any]:

@@ -52,7 +52,8 @@ def test_broken_candidate_fails_and_names_the_layer(broken_run) -> None:
     result, reports, summary = broken_run
     assert_one_line_error(result, ExitCode.PARITY_FAILED, "sentence_embedding cosine_mean")
     report = json.loads((reports / "parity.json").read_text())
-    assert report["status"] == "fail" and report["schema_version"] == 2
+    assert report["status"] == "fail" and report["schema_version"] == 3
+    assert report["family"] == "encoder" and report["target"] == "cpu"
     top3 = [layer["node"] for layer in report["localization"]["ranked"][:3]]
     assert BROKEN_LAYER in top3, top3
     assert report["localization"]["first_divergent"]["node"] == BROKEN_LAYER
@@ -169,15 +170,53 @@ def test_report_check_bad_input_is_exit_2(default_build, tmp_path: Path) -> None
                           ExitCode.BAD_INPUT, "no output 'logits'")
 
 
-def test_report_check_reads_schema_1(default_build, tmp_path: Path) -> None:
-    """Reports of the first schema (no 'thresholds', fewer metrics) are re-gated from their checks."""
+def test_report_check_refuses_an_older_schema(default_build, tmp_path: Path) -> None:
+    """Schema 2 (the dicts before the report model) is another version: one line, exit 2, how to fix it."""
     report = json.loads((default_build.build_dir / "parity.json").read_text())
-    version1 = {key: value for key, value in report.items() if key not in ("thresholds", "evaluation", "localization")}
-    version1["schema_version"] = 1
-    (tmp_path / "v1.json").write_text(json.dumps(version1))
-    result = run_cli("report", "check", str(tmp_path / "v1.json"), "--max-abs", "0.2")
-    assert result.returncode == 0, result.stderr
-    assert "sentence_embedding cosine_mean" in result.stdout and "sentence_embedding max_abs" in result.stdout
+    version2 = {key: value for key, value in report.items() if key not in ("family", "target")}
+    version2["schema_version"] = 2
+    (tmp_path / "v2.json").write_text(json.dumps(version2))
+    for command in (("check", str(tmp_path / "v2.json")),
+                    ("diff", str(default_build.build_dir / "parity.json"), str(tmp_path / "v2.json"))):
+        assert_one_line_error(run_cli("report", *command), ExitCode.BAD_INPUT, "schema 2", "pipeline verify")
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda r: r["outputs"]["sentence_embedding"].pop("cosine_min"), "cosine_min"),
+    (lambda r: r["checks"][0].update(passed="maybe"), "checks.0.passed"),
+    (lambda r: r.update(status="fail"), "status 'fail'"),
+    (lambda r: r["candidate"].update(comment="edited by hand"), "candidate.comment"),
+    (lambda r: r.update(outputs=[]), "outputs"),
+])
+def test_report_check_damaged_report_is_one_line_exit_2(default_build, tmp_path: Path, damage, needle: str) -> None:
+    report = json.loads((default_build.build_dir / "parity.json").read_text())
+    damage(report)
+    (tmp_path / "damaged.json").write_text(json.dumps(report))
+    for command in (("check", str(tmp_path / "damaged.json")),
+                    ("diff", str(tmp_path / "damaged.json"), str(default_build.build_dir / "parity.json"))):
+        assert_one_line_error(run_cli("report", *command), ExitCode.BAD_INPUT, "not a valid parity report", needle)
+
+
+@pytest.mark.parametrize("damage", [lambda metrics: metrics.pop("snr_db"), lambda metrics: metrics.update(snr_db=None)])
+def test_report_check_fails_a_gated_metric_that_is_missing(default_build, tmp_path: Path, damage) -> None:
+    """A recorded gate on an optional metric that is gone or null: a parity failure (exit 4), not a pass."""
+    report = json.loads((default_build.build_dir / "parity.json").read_text())
+    report["thresholds"].append({"output": "sentence_embedding", "metric": "snr_db", "threshold": 10.0, "relation": ">="})
+    (tmp_path / "gated.json").write_text(json.dumps(report))
+    assert run_cli("report", "check", str(tmp_path / "gated.json")).returncode == 0, "the metric is there: passes"
+    damage(report["outputs"]["sentence_embedding"])
+    (tmp_path / "missing.json").write_text(json.dumps(report))
+    result = run_cli("report", "check", str(tmp_path / "missing.json"), "--max-abs", "0.2")
+    assert_one_line_error(result, ExitCode.PARITY_FAILED, "sentence_embedding snr_db missing (required >= 10)")
+    assert "pass  sentence_embedding max_abs" in result.stdout and "pass  sentence_embedding cosine_mean" in result.stdout
+
+
+def test_report_check_refuses_a_required_metric_that_is_null(default_build, tmp_path: Path) -> None:
+    report = json.loads((default_build.build_dir / "parity.json").read_text())
+    report["outputs"]["sentence_embedding"]["cosine_mean"] = None
+    (tmp_path / "null.json").write_text(json.dumps(report))
+    assert_one_line_error(run_cli("report", "check", str(tmp_path / "null.json")), ExitCode.BAD_INPUT,
+                          "outputs.sentence_embedding.cosine_mean")
 
 
 def test_report_diff_names_what_changed(default_build, broken_run) -> None:

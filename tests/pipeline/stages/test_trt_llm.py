@@ -133,6 +133,9 @@ def test_simulated_fp16_parity_meets_the_llm_gates(trt_llm_build) -> None:
     assert logits["greedy_prompts"] == GREEDY_PROMPTS and logits["greedy_new_tokens"] == 32
     assert logits["rows"] == 4 * 128  # logits statistics over every token of the first held-out chunks
     assert 0.45 < report["size"]["ratio"] < 0.55
+    from pipeline.parity.report import ParityReport
+
+    assert ParityReport.model_validate(report).family == "decoder" and report["target"] == "trt"
 
 
 def test_int8_fallback_ranks_the_outlier_matmuls_first(trt_llm_build) -> None:
@@ -208,8 +211,11 @@ def test_engine_build_and_polygraphy_parity_on_a_gpu_host(trt_llm_build) -> None
     """With TensorRT 11 and a GPU the bundle stage builds the two-profile engine and gates its prefill logits."""
     bundle = trt_llm_build("fp16").outputs["bundle"]
     assert bundle.metrics["engine"] == "built"
-    report = json.loads((bundle.directory / "engine_parity.json").read_text())
-    assert report["status"] == "pass" and np.isfinite(report["outputs"]["logits"]["cosine_mean"])
+    from pipeline.parity.report import ParityReport
+
+    report = ParityReport.model_validate_json((bundle.directory / "engine_parity.json").read_text())
+    assert report.status == "pass" and report.family == "decoder" and np.isfinite(report.outputs["logits"].cosine_mean)
+    assert [check.metric for check in report.checks] == ["perplexity_increase"]
 
 
 def test_explicit_profile_and_gate_shape_the_decoder_profiles() -> None:

@@ -32,6 +32,7 @@ def test_simulated_parity_meets_the_precision_gate(trt_build, precision: str) ->
     assert gate["threshold"] == GATES[precision]
     assert report["reference"]["description"] == "FP32 ONNX (exported)"
     assert report["reference"]["sha256"] == result.outputs["export"].files["model.onnx"]
+    assert report["target"] == "trt" and report["family"] == "encoder" and report["schema_version"] == 3
 
 
 def test_trt_graph_has_only_standard_onnx_ops(trt_build) -> None:
@@ -148,8 +149,11 @@ def test_engine_build_and_polygraphy_parity_on_a_gpu_host(trt_build) -> None:
     assert bundle.metrics["engine"] == "built"
     assert (bundle.directory / "model.plan").stat().st_size > 0
     assert (bundle.directory / "timing.cache").stat().st_size > 0
-    report = json.loads((bundle.directory / "engine_parity.json").read_text())
-    assert report["status"] == "pass"
+    from pipeline.parity.report import ParityReport
+
+    report = ParityReport.model_validate_json((bundle.directory / "engine_parity.json").read_text())
+    assert report.status == "pass" and report.target == "trt" and report.family == "encoder"
+    assert report.candidate.description == "TensorRT engine (Polygraphy TrtRunner)"
 
 
 @pytest.mark.skipif(tensorrt_missing_reason() is None, reason="TensorRT is installed on this host")
