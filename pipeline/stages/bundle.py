@@ -202,7 +202,7 @@ class BundleStage(Stage):
             ratio = perplexity_ratio([r["logits"] for r in reference], [e["logits"] for e in engine], batches)
             values["logits"]["perplexity_increase"] = 1.0 / ratio - 1.0
         thresholds = policy.engine_thresholds(context.config, context.model.task)
-        export, calibrate = context.input("export"), context.input("calibrate")
+        export = context.input("export")
         report = make_report(
             family=policy.family_of(task),
             target="trt",
