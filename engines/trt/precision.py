@@ -103,7 +103,8 @@ class _Evaluator:
         """Consumes `model` (its weights are moved out)."""
         chosen = self.batches[:batches] if batches else self.batches
         names, values = self._strip_weights(model)
-        session = create_session(model.SerializeToString(), external_initializers=(names, values))
+        session = create_session(model.SerializeToString(), external_initializers=(names, values),
+                                 simulate_tensorrt=True)
         inputs = [item.name for item in session.get_inputs()]
         candidate = [session.run([self.output], {name: batch[name] for name in inputs})[0] for batch in chosen]
         return self.score_spec.compute(self.reference[: len(chosen)], candidate, chosen)
