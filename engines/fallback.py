@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -119,7 +119,48 @@ def rank_sensitivity(
     for name in candidates:
         onnx.save(transplant(reference, quantized, name, boundary), str(path))
         ranking.append((name, baseline - evaluate(path)))
-    return sorted(ranking, key=lambda item: item[1], reverse=True)
+    return order_ranking(ranking)
+
+
+def order_ranking(ranking: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
+    """Worst first: score descending, ties broken by node name (deterministic across runs and graphs)."""
+    return sorted(ranking, key=lambda item: (-item[1], item[0]))
+
+
+@dataclass
+class GreedyOutcome:
+    chosen: list[str]
+    metric: float
+    met: bool
+    trials: list[Trial]
+
+
+def greedy_search(
+    ranking: Sequence[tuple[str, float]],
+    score: Callable[[list[str]], float],
+    target: float,
+    max_nodes: int,
+    initial: float,
+    progress: Callable[[list[str], float], None] = lambda chosen, metric: None,
+) -> GreedyOutcome:
+    """The one greedy fallback loop of both targets.
+
+    Nodes are taken from `ranking` (ordered by order_ranking) one at a time into the chosen set (CPU: kept in
+    FP32; TensorRT: left unquantized); `score(chosen)` builds and measures that candidate. Stops at the
+    first candidate whose metric reaches `target`, or after `max_nodes`. `initial` is the metric with
+    nothing chosen (trial 0).
+    """
+    chosen: list[str] = []
+    metric = initial
+    trials = [Trial([], initial)]
+    for name, _ in order_ranking(ranking)[:max(max_nodes, 0)]:
+        if metric >= target:
+            break
+        chosen.append(name)
+        metric = score(list(chosen))
+        trials.append(Trial(list(chosen), metric))
+        progress(list(chosen), metric)
+    return GreedyOutcome(chosen, metric, metric >= target, trials)
 
 
 def search(
@@ -133,20 +174,20 @@ def search(
 ) -> tuple[Path, FallbackResult]:
     """Greedy fallback in sensitivity order; returns the chosen INT8 graph (in scratch) and the record."""
     target = 1.0 - tolerable_loss
-    current = scratch / "trial-0.onnx"
-    quantize([], current)
-    metric = evaluate(current)
-    trials = [Trial([], metric)]
+    first = scratch / "trial-0.onnx"
+    quantize([], first)
+    metric = evaluate(first)
     report(f"all nodes INT8: tuning metric {metric:.5f} (target >= {target:.5f})")
-    ranking = rank_sensitivity(fp32, current, evaluate, scratch) if metric < target else []
-    excluded: list[str] = []
-    for name, _ in ranking[:max_nodes]:
-        if metric >= target:
-            break
-        excluded.append(name)
-        current = scratch / f"trial-{len(excluded)}.onnx"
-        quantize(list(excluded), current)
-        metric = evaluate(current)
-        trials.append(Trial(list(excluded), metric))
-        report(f"{len(excluded)} node(s) in FP32 (+{name}): tuning metric {metric:.5f}")
-    return current, FallbackResult(excluded, metric, metric >= target, ranking, trials)
+    ranking = order_ranking(rank_sensitivity(fp32, first, evaluate, scratch)) if metric < target else []
+    latest = [first]
+
+    def score(excluded: list[str]) -> float:
+        latest[0] = scratch / f"trial-{len(excluded)}.onnx"
+        quantize(excluded, latest[0])
+        return evaluate(latest[0])
+
+    outcome = greedy_search(
+        ranking, score, target, max_nodes, metric,
+        lambda chosen, value: report(f"{len(chosen)} node(s) in FP32 (+{chosen[-1]}): tuning metric {value:.5f}"),
+    )
+    return latest[0], FallbackResult(outcome.chosen, outcome.metric, outcome.met, ranking, outcome.trials)

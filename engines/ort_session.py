@@ -20,6 +20,16 @@ OPTIMIZATION_LEVELS = {
 # Keeps Add + LayerNormalization unfused: see pipeline.stages.optimize.FUSE_SKIP_LAYER_NORM for the numbers.
 DISABLED_OPTIMIZERS = ["SkipLayerNormFusion"]
 
+# A Q/DQ graph meant for TensorRT, run here as exact fake quantization: ONNX Runtime must not fuse its
+# Q/DQ pairs into integer kernels (MatMulInteger, QLinearMatMul, ...), whose arithmetic depends on the
+# CPU (7-bit weights without VNNI) and which TensorRT does not compute. Keys from ONNX Runtime's
+# onnxruntime_session_options_config_keys.h: "1" turns the QDQ fusions off (DequantizeLinear of a
+# constant weight is then constant-folded, which is exact), and keeps Q->DQ->Q->DQ chains intact.
+TENSORRT_SIMULATION_CONFIG = {
+    "session.disable_quant_qdq": "1",
+    "session.disable_double_qdq_remover": "1",
+}
+
 
 def create_session(
     model_path: Path | bytes,
@@ -27,13 +37,22 @@ def create_session(
     optimization: str = "all",
     optimized_model_path: Optional[Path] = None,
     external_initializers: Optional[tuple[Sequence[str], Sequence[ort.OrtValue]]] = None,
+    simulate_tensorrt: bool = False,
 ) -> ort.InferenceSession:
-    """A CPU session (from a file, or a serialized model); threads=0 lets ONNX Runtime use every core."""
+    """A CPU session (from a file, or a serialized model); threads=0 lets ONNX Runtime use every core.
+
+    simulate_tensorrt: run a graph meant for TensorRT (Q/DQ kept as float ops, see
+    TENSORRT_SIMULATION_CONFIG). CPU INT8 builds leave it off: ONNX Runtime's integer kernels are their
+    deployment.
+    """
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
     options.log_severity_level = 3
+    if simulate_tensorrt:
+        for key, value in TENSORRT_SIMULATION_CONFIG.items():
+            options.add_session_config_entry(key, value)
     if optimized_model_path is not None:
         options.optimized_model_filepath = str(optimized_model_path)
     if external_initializers is not None and external_initializers[0]:
@@ -46,9 +65,10 @@ def create_session(
 class OrtRunner:
     """Runs one ONNX graph: `infer(feed) -> {output_name: array}`."""
 
-    def __init__(self, model_path: Path, threads: int = 0, output_names: Optional[Sequence[str]] = None) -> None:
+    def __init__(self, model_path: Path, threads: int = 0, output_names: Optional[Sequence[str]] = None,
+                 simulate_tensorrt: bool = False) -> None:
         self.model_path = model_path
-        self.session = create_session(model_path, threads)
+        self.session = create_session(model_path, threads, simulate_tensorrt=simulate_tensorrt)
         self.input_names = [item.name for item in self.session.get_inputs()]
         self.output_names = list(output_names or [item.name for item in self.session.get_outputs()])
 

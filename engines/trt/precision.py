@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import onnx
 
+from engines.fallback import greedy_search, order_ranking
 from engines.onnx_io import save_model
 from engines.ort_session import OrtRunner, create_session
 from engines.trt.calibration import (
@@ -103,7 +104,8 @@ class _Evaluator:
         """Consumes `model` (its weights are moved out)."""
         chosen = self.batches[:batches] if batches else self.batches
         names, values = self._strip_weights(model)
-        session = create_session(model.SerializeToString(), external_initializers=(names, values))
+        session = create_session(model.SerializeToString(), external_initializers=(names, values),
+                                 simulate_tensorrt=True)
         inputs = [item.name for item in session.get_inputs()]
         candidate = [session.run([self.output], {name: batch[name] for name in inputs})[0] for batch in chosen]
         return self.score_spec.compute(self.reference[: len(chosen)], candidate, chosen)
@@ -146,7 +148,6 @@ def build_precision_graph(
         return convert_to_fp16(model) if precision == "best" else model
 
     evaluator = _Evaluator(fp32_path, primary_output, batches, score)
-    kept: list[str] = []
     cosine = evaluator.score(compose(set()))
     log(f"all {len(nodes)} nodes quantized: calibration {score.name} {cosine:.5f} (target {target_cosine:.4f})")
     ranking: list[tuple[str, float]] = []
@@ -158,12 +159,12 @@ def build_precision_graph(
         else:
             ranked_by = f"{score.name} lost when only that node is quantized"
             ranking = _sensitivity(base, nodes, amax, quant, evaluator, log)
-        for name, _ in ranking[:max_fallback_nodes]:
-            kept.append(name)
-            cosine = evaluator.score(compose(set(kept)))
-            log(f"keeping {name} in {'FP16' if precision == 'best' else 'FP32'}: calibration {score.name} {cosine:.5f}")
-            if cosine >= target_cosine:
-                break
+    kept_precision = "FP16" if precision == "best" else "FP32"
+    outcome = greedy_search(
+        ranking, lambda chosen: evaluator.score(compose(set(chosen))), target_cosine, max_fallback_nodes, cosine,
+        lambda chosen, value: log(f"keeping {chosen[-1]} in {kept_precision}: calibration {score.name} {value:.5f}"),
+    )
+    kept, cosine = outcome.chosen, outcome.metric
     final = compose(set(kept))
     save_model(final, output_path)
     return {
@@ -192,7 +193,7 @@ def _sensitivity(base: onnx.ModelProto, nodes: Sequence[QuantizableNode], amax: 
         model.CopyFrom(base)
         insert_qdq(model, [node], amax, quant)
         losses.append((node.name, 1.0 - evaluator.score(model, SENSITIVITY_BATCHES)))
-    return sorted(losses, key=lambda item: item[1], reverse=True)
+    return order_ranking(losses)
 
 
 def _relative_error(values: np.ndarray, scale: np.ndarray, quant: str) -> float:
@@ -229,4 +230,4 @@ def _local_errors(base: onnx.ModelProto, nodes: Sequence[QuantizableNode], stats
             shape[node.weight_axis] = -1
             error += _relative_error(weight, weight_scales(weight, node.weight_axis, quant).reshape(shape), quant)
         errors.append((node.name, error))
-    return sorted(errors, key=lambda item: item[1], reverse=True)
+    return order_ranking(errors)

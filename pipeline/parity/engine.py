@@ -32,19 +32,30 @@ class ParityResult:
         return [check.description for check in self.checks if not check.passed]
 
 
-def onnx_runner(model: object, name: str):
-    """A Polygraphy runner for an ONNX path (or a Polygraphy loader that returns model bytes)."""
+def onnx_runner(model: object, name: str, simulate_tensorrt: bool = False):
+    """A Polygraphy runner for an ONNX path (or a Polygraphy loader that returns model bytes).
+
+    simulate_tensorrt: the session of engines.ort_session for graphs meant for TensorRT (Q/DQ as exact
+    fake quantization, no integer kernels); otherwise Polygraphy's own ONNX Runtime session.
+    """
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
+    if simulate_tensorrt:
+        from engines.ort_session import create_session
+
+        return OnnxrtRunner(lambda: create_session(model if isinstance(model, Path) else model(),
+                                                   simulate_tensorrt=True), name=name)
     return OnnxrtRunner(SessionFromOnnx(str(model) if isinstance(model, Path) else model, providers=["cpu"]), name=name)
 
 
-def stream_pair(reference: object, candidate: object, batches: Sequence[Batch]) -> Iterator[tuple[Batch, Batch]]:
+def stream_pair(reference: object, candidate: object, batches: Sequence[Batch],
+                simulate_tensorrt: bool = False) -> Iterator[tuple[Batch, Batch]]:
     """(reference outputs, candidate outputs) for each batch, one batch in memory at a time."""
     from polygraphy.comparator import Comparator
     from polygraphy.logger import G_LOGGER
 
-    runners = [onnx_runner(reference, "reference"), onnx_runner(candidate, "candidate")]
+    runners = [onnx_runner(reference, "reference", simulate_tensorrt),
+               onnx_runner(candidate, "candidate", simulate_tensorrt)]
     with G_LOGGER.verbosity(G_LOGGER.ERROR):
         for run_results in Comparator.run(runners, data_loader=list(batches), streaming=True):
             ref, cand = (iterations[0] for _, iterations in run_results)
@@ -59,10 +70,11 @@ def run_pair(
     batches: Sequence[Batch],
     output_names: Sequence[str],
     on_batch: Optional[Callable[[int, int], None]] = None,
+    simulate_tensorrt: bool = False,
 ) -> tuple[dict[str, list[np.ndarray]], dict[str, list[np.ndarray]]]:
     """Both graphs on every batch; returns (reference, candidate) outputs, one array per batch."""
     collected: tuple[dict[str, list], dict[str, list]] = ({n: [] for n in output_names}, {n: [] for n in output_names})
-    for index, outputs in enumerate(stream_pair(reference, candidate, batches), start=1):
+    for index, outputs in enumerate(stream_pair(reference, candidate, batches, simulate_tensorrt), start=1):
         for produced, store in zip(outputs, collected):
             for name in output_names:
                 store[name].append(produced[name])

@@ -121,7 +121,8 @@ class _Accumulator:
         return self.dot / norms if norms > 0 else (1.0 if self.ref2 == self.cand2 == 0 else 0.0)
 
 
-def localize(reference: Path, candidate: Path, batches: Sequence[Batch], top: int = TOP_LAYERS) -> dict[str, object]:
+def localize(reference: Path, candidate: Path, batches: Sequence[Batch], top: int = TOP_LAYERS,
+             simulate_tensorrt: bool = False) -> dict[str, object]:
     """Per-layer error of the candidate against the FP32 graph; the `localization` section of parity.json."""
     reference_model = onnx.load(str(reference), load_external_data=False)
     candidate_model = onnx.load(str(candidate), load_external_data=False)
@@ -131,7 +132,7 @@ def localize(reference: Path, candidate: Path, batches: Sequence[Batch], top: in
                 "note": "no tensor of the FP32 graph could be matched by name in the candidate"}
     accumulators: dict[str, _Accumulator] = {}
     for batch, (ref_out, cand_out) in zip(batches, stream_pair(
-        _marked(reference, list(matches)), _marked(candidate, list(dict.fromkeys(matches.values()))), batches
+        _marked(reference, list(matches)), _marked(candidate, list(dict.fromkeys(matches.values()))), batches, simulate_tensorrt
     )):
         mask = batch.get("attention_mask")
         for tensor, candidate_tensor in matches.items():

@@ -51,7 +51,8 @@ def _labelled_outputs(inputs: ParityInputs, config: BuildConfig, model: ModelInf
     batches = to_batches(texts, tokenizer, model.architecture.input_names,
                          config.calibration.batch_size, config.calibration.max_length)
     progress.info(f"labelled evaluation: {len(texts)} samples from {eval_file}")
-    reference, candidate = run_pair(inputs.reference, inputs.candidate, batches, ["logits"])
+    reference, candidate = run_pair(inputs.reference, inputs.candidate, batches, ["logits"],
+                                    simulate_tensorrt=config.target == "trt")
     outputs = ({"logits": np.concatenate(reference["logits"])}, {"logits": np.concatenate(candidate["logits"])})
     return labels, outputs, Evaluation(file=Path(eval_file).name, samples=len(texts))
 
@@ -64,6 +65,7 @@ def run_parity(inputs: ParityInputs, config: BuildConfig, model: ModelInfo, prog
     reference, candidate = run_pair(
         inputs.reference, inputs.candidate, batches, task.output_names,
         on_batch=lambda done, total: progress.batches("held-out", done, total),
+        simulate_tensorrt=config.target == "trt",
     )
     labels, labelled, evaluation = _labelled_outputs(inputs, config, model, progress)
     thresholds = policy.thresholds(config, task)
@@ -74,7 +76,8 @@ def run_parity(inputs: ParityInputs, config: BuildConfig, model: ModelInfo, prog
         from pipeline.parity.localize import localize
 
         progress.info(f"localizing: every layer of both graphs on {settings.localize_batches} held-out batches")
-        localization = localize(inputs.reference, inputs.candidate, batches[: settings.localize_batches])
+        localization = localize(inputs.reference, inputs.candidate, batches[: settings.localize_batches],
+                                simulate_tensorrt=config.target == "trt")
     return build_report(inputs, config, model, result, thresholds, len(batches), evaluation, localization)
 
 

@@ -52,7 +52,8 @@ class LlmVerifyStage(Stage):
         prompts = [tokenizer(text).input_ids for text in texts]
         heldout = load_chunks(calibrate.path("heldout.safetensors"))
         result = llm_parity(export.path("model.onnx"), candidate.path("model.onnx"), heldout, prompts,
-                            threads=0, on_progress=context.progress.info)
+                            threads=0, on_progress=context.progress.info,
+                            simulate_tensorrt=context.config.target == "trt")
         metrics = {**result["metrics"], "histogram": result["histogram"]}
         thresholds = policy.thresholds(context.config, context.model.task)
         checks = evaluate_values({"logits": metrics}, thresholds)

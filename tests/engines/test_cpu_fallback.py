@@ -113,3 +113,16 @@ def test_smoothquant_works_on_our_bert_export(default_build, tmp_path) -> None:
         for batch in heldout:
             a, b = reference.infer(batch)["sentence_embedding"], candidate.infer(batch)["sentence_embedding"]
             assert np.mean(np.sum(a * b, axis=1)) > 0.85
+
+
+def test_greedy_search_breaks_ties_by_name_and_stops_at_target() -> None:
+    from engines.fallback import greedy_search
+
+    gains = {"a": 0.02, "b": 0.01, "c": 0.02}  # a real score per kept set: the sum of the kept nodes' gains
+    outcome = greedy_search([("c", 0.5), ("b", 0.1), ("a", 0.5)],
+                            lambda chosen: 0.96 + sum(gains[n] for n in chosen), 0.995, 3, 0.96)
+    assert outcome.chosen == ["a", "c"] and outcome.met  # a before c: equal scores, then by name
+    assert [t.excluded for t in outcome.trials] == [[], ["a"], ["a", "c"]]
+    missed = greedy_search([("b", 0.1)], lambda chosen: 0.97, 0.995, 5, 0.96)
+    assert missed.chosen == ["b"] and not missed.met
+    assert greedy_search([("a", 1.0)], lambda chosen: 0.0, 0.9, 3, 0.95).chosen == []  # met before any trial
