@@ -19,8 +19,9 @@ PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
 class KVDecoder:
     """One ONNX graph, fed its own present keys/values back as the next step's past."""
 
-    def __init__(self, model_path: Path, threads: int = 0) -> None:
-        self.session = create_session(model_path, threads)
+    def __init__(self, model_path: Path, threads: int = 0, simulate_tensorrt: bool = False) -> None:
+        # simulate_tensorrt: a TensorRT Q/DQ graph, run as exact fake quantization (no integer kernels)
+        self.session = create_session(model_path, threads, simulate_tensorrt=simulate_tensorrt)
         inputs = {item.name: item for item in self.session.get_inputs()}
         self.past_names = [name for name in inputs if name.startswith(PAST_PREFIX)]
         if not self.past_names:

@@ -27,25 +27,11 @@ def _teacher_forced_agreement(decoder: KVDecoder, prompt: Sequence[int], continu
     return int(np.sum(choices == np.array(continuation)))
 
 
-def _simulated_decoder(model_path: Path, threads: int) -> KVDecoder:
-    """A KVDecoder whose session runs a TensorRT Q/DQ graph as exact fake quantization.
-
-    KVDecoder (pipeline.models, owned by the lead) has no session option yet, so its session is replaced;
-    the first one is built and dropped (a few seconds). TODO: a simulate_tensorrt argument on KVDecoder.
-    """
-    from engines.ort_session import create_session
-
-    decoder = KVDecoder(model_path, threads)
-    decoder.session = create_session(model_path, threads, simulate_tensorrt=True)
-    return decoder
-
-
 def llm_parity(reference: Path, candidate: Path, heldout: Sequence[np.ndarray], prompts: Sequence[Sequence[int]],
                threads: int = 0, on_progress: Callable[[str], None] = lambda message: None,
                simulate_tensorrt: bool = False) -> dict[str, Any]:
     """simulate_tensorrt: the candidate is a TensorRT graph (Q/DQ run as fake quantization, no integer kernels)."""
-    candidate_decoder = _simulated_decoder(candidate, threads) if simulate_tensorrt else KVDecoder(candidate, threads)
-    with KVDecoder(reference, threads) as ref, candidate_decoder as cand:
+    with KVDecoder(reference, threads) as ref, KVDecoder(candidate, threads, simulate_tensorrt) as cand:
         on_progress(f"perplexity on {len(heldout)} held-out chunks")
         ref_ll, tokens = token_log_likelihood(ref, heldout)
         cand_ll, _ = token_log_likelihood(cand, heldout)
