@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from engines.cpu.weight_only import restore_dropped_constants
-from pipeline.core.errors import StageError
+from pipeline.core.errors import EngineError
 
 
 def _graph() -> onnx.ModelProto:
@@ -38,5 +38,5 @@ def test_a_lost_non_constant_producer_is_a_stage_error() -> None:
     broken = _graph()
     original.graph.node[0].op_type = "Identity"  # pretend the lost producer computed something
     del broken.graph.node[0]
-    with pytest.raises(StageError, match="lost the producers of axes"):
+    with pytest.raises(EngineError, match="lost the producers of axes"):
         restore_dropped_constants(broken, original)

@@ -9,7 +9,7 @@ import pytest
 from calibration.ranges import RangeCache
 from engines.cpu import neural_compressor
 from pipeline.config import QuantizationConfig
-from pipeline.core.errors import StageError
+from pipeline.core.errors import EngineError
 from pipeline.stages.calibrate import CACHE_FILE
 
 
@@ -43,5 +43,5 @@ def test_static_int8_places_qdq_from_cached_ranges(default_build, tmp_path: Path
 def test_a_cache_from_another_graph_is_refused(default_build, tmp_path: Path) -> None:
     fp32 = default_build.outputs["optimize"].path("model.onnx")
     ranges = {"some/other/tensor": (-1.0, 1.0)}
-    with pytest.raises(StageError, match=r"calibration cache has no range for \d+ tensors"):
+    with pytest.raises(EngineError, match=r"calibration cache has no range for \d+ tensors"):
         neural_compressor.quantize(fp32, tmp_path / "static.onnx", QuantizationConfig(mode="static"), ranges=ranges)
