@@ -1,0 +1,103 @@
+"""The build plan: which stages run, in which order, for a (target, family) pair. One table, read by the runner.
+
+The model's family (encoder or decoder LLM) is decided once, by `inspect_model`; the defaults that follow
+from it (the CPU quantization scheme) are applied here, before any stage runs. Stages are told what they
+need (which upstream stage holds their graph) by their constructor, so none of them asks which target or
+family it is building for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from pipeline.config import BuildConfig, Target
+from pipeline.core.errors import ConfigError, MissingDependencyError
+from pipeline.models.registry import Family, ModelInfo, inspect_model
+from pipeline.stages.base import Stage
+from pipeline.stages.bundle import BundleStage
+from pipeline.stages.calibrate import CalibrateStage
+from pipeline.stages.export import ExportStage
+from pipeline.stages.llm_calibrate import LlmCalibrateStage
+from pipeline.stages.llm_export import LlmExportStage
+from pipeline.stages.llm_quantize import LlmQuantizeStage
+from pipeline.stages.llm_verify import LlmVerifyStage
+from pipeline.stages.optimize import OptimizeStage
+from pipeline.stages.precision import PrecisionStage
+from pipeline.stages.quantize import QuantizeStage
+from pipeline.stages.verify import VerifyStage
+
+StageFactory = Callable[[], Stage]
+
+PLAN: dict[tuple[Target, Family], tuple[StageFactory, ...]] = {
+    # CPU, encoders: ranges come from the ONNX Runtime-optimized FP32 graph, which is also the reference.
+    ("cpu", "encoder"): (
+        ExportStage, OptimizeStage, lambda: CalibrateStage(ranges_of="optimize"), QuantizeStage,
+        lambda: VerifyStage(reference="optimize", candidate="quantize"),
+    ),
+    # CPU, decoder LLMs: no optimize stage; the FP32 KV-cache export is the baseline (ORT fuses at load time).
+    ("cpu", "decoder"): (
+        LlmExportStage, LlmCalibrateStage, LlmQuantizeStage, lambda: LlmVerifyStage(candidate="quantize"),
+    ),
+    # TensorRT: the plain export (standard ONNX ops only) carries the precision; the precision stage
+    # calibrates it itself, so calibrate writes no range cache.
+    ("trt", "encoder"): (
+        ExportStage, lambda: CalibrateStage(ranges_of=None), PrecisionStage,
+        lambda: VerifyStage(reference="export", candidate="precision"), BundleStage,
+    ),
+    ("trt", "decoder"): (
+        LlmExportStage, LlmCalibrateStage, PrecisionStage, lambda: LlmVerifyStage(candidate="precision"), BundleStage,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    config: BuildConfig  # with the family's defaults applied
+    model: ModelInfo
+    stages: tuple[Stage, ...]
+
+    @property
+    def stage_names(self) -> list[str]:
+        return [stage.name for stage in self.stages]
+
+
+def plan_build(config: BuildConfig) -> BuildPlan:
+    """Inspect the model, apply its family's defaults, check the scheme fits it, and pick the stages."""
+    model = inspect_model(config.model.path, config.model.task, config.model.trust_remote_code,
+                          config.quantization.mode if "mode" in config.quantization.model_fields_set else None)
+    resolved = apply_family_defaults(config, model)
+    if resolved.target == "trt" and resolved.trt.require_engine:
+        _require_tensorrt()  # refuse before any work, not after minutes of calibration
+    stages = tuple(factory() for factory in PLAN[(resolved.target, model.architecture.family)])
+    return BuildPlan(resolved, model, stages)
+
+
+def apply_family_defaults(config: BuildConfig, model: ModelInfo) -> BuildConfig:
+    """The CPU scheme defaults to the family's (dynamic INT8 for encoders, 4-bit RTN for decoders); an
+    explicit scheme of the other family is refused."""
+    family = model.family
+    mode = config.quantization.mode
+    if config.target != "cpu":
+        return config
+    if "mode" not in config.quantization.model_fields_set:
+        if mode == family.default_cpu_quant:
+            return config
+        resolved = config.model_copy(deep=True)
+        resolved.quantization.mode = family.default_cpu_quant
+        return resolved
+    if mode not in family.cpu_quant_modes:
+        raise ConfigError(f"--quant {mode} does not fit {model.name}, a{'n' if family.name == 'encoder' else ''} "
+                          f"{family.name} (its schemes: {', '.join(family.cpu_quant_modes)})")
+    return config
+
+
+def _require_tensorrt() -> None:
+    from engines.trt.builder import tensorrt_missing_reason
+
+    missing = tensorrt_missing_reason()
+    if missing:
+        raise MissingDependencyError(
+            f"--require-engine: {missing}; install the `trt` extra (TensorRT 11) on a host with an NVIDIA GPU, "
+            "or drop --require-engine to get the deployment bundle only"
+        )
