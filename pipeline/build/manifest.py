@@ -13,8 +13,8 @@ from pipeline import __version__
 from pipeline.config import BuildConfig
 from pipeline.core.errors import InputError, read_json_input
 from pipeline.models.registry import ModelInfo
-from pipeline.stages.facts import FACTS_VERSION, VerifyFacts
 from pipeline.stages.base import StageOutput
+from pipeline.stages.facts import FACTS_VERSION, VerifyFacts
 
 MANIFEST_SCHEMA_VERSION = 1
 # build-dir name -> (stage, file in that stage's output); published only when parity passed.

@@ -6,11 +6,11 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
+from engines.onnx_io import check_onnx_file
+from pipeline.build.manifest import read_manifest
 from pipeline.config import BuildConfig
 from pipeline.core.errors import InputError, ParityError
 from pipeline.core.hashing import directory_hashes, file_sha256
-from pipeline.build.manifest import read_manifest
-from engines.onnx_io import check_onnx_file
 from pipeline.core.progress import Progress
 from pipeline.parity.report import ParityReport
 from pipeline.reports.write import append_step_summary, write_reports
@@ -73,11 +73,11 @@ def reverify(
     output_dir: Optional[Path] = None,
 ) -> ParityReport:
     """Run parity for the build's candidate (or another artifact) and write the four reports."""
-    from pipeline.models.registry import inspect_model
     from pipeline.build.runner import build_lock
+    from pipeline.models.registry import inspect_model
+    from pipeline.parity.verification import run_parity
     from pipeline.stages.base import StageContext
     from pipeline.stages.verify import parity_inputs
-    from pipeline.parity.verification import run_parity
 
     if candidate is not None:
         if not candidate.is_file():

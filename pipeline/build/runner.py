@@ -12,16 +12,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-from pipeline.config import BuildConfig
-from pipeline.core.errors import ConfigError, EngineError, InputError, LockedError, ParityError, QuantpipeError, StageError
-from pipeline.core.hashing import directory_hashes, stage_key
 from pipeline.build.manifest import publish_build
-from pipeline.models.registry import ModelInfo
+from pipeline.config import BuildConfig
+from pipeline.core.errors import (
+    ConfigError,
+    EngineError,
+    InputError,
+    LockedError,
+    ParityError,
+    QuantpipeError,
+    StageError,
+)
+from pipeline.core.hashing import directory_hashes, stage_key
 from pipeline.core.progress import Progress, raise_pending
+from pipeline.models.registry import ModelInfo
 from pipeline.reports.write import append_step_summary, read_report
+from pipeline.stages.base import STAGE_RECORD, Stage, StageContext, StageOutput
 from pipeline.stages.config_reads import ConfigReads
 from pipeline.stages.facts import VerifyFacts
-from pipeline.stages.base import STAGE_RECORD, Stage, StageContext, StageOutput
 
 CACHE_DIR = ".stages"
 LOCK_FILE = ".lock"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import importlib.util
 import io
 from pathlib import Path
@@ -33,7 +35,22 @@ def _from_pretrained_arguments(path: Path) -> tuple[str, dict[str, Any]]:
 
 
 def load_llm_config(path: Path) -> dict[str, Any]:
-    """The model's configuration (from config.json or the GGUF metadata), without loading weights."""
+    """The model's configuration (from config.json or the GGUF metadata), without loading weights.
+
+    Parsing a GGUF file's metadata takes about a second; it is read again only when the file changed."""
+    if path.is_file():
+        stat = path.stat()
+        return copy.deepcopy(_gguf_config(str(path.resolve()), stat.st_size, stat.st_ino, stat.st_mtime_ns,
+                                          stat.st_ctime_ns))
+    return _read_config(path)
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_config(path: str, size: int, inode: int, mtime_ns: int, ctime_ns: int) -> dict[str, Any]:
+    return _read_config(Path(path))
+
+
+def _read_config(path: Path) -> dict[str, Any]:
     from transformers import AutoConfig
 
     location, extra = _from_pretrained_arguments(path)

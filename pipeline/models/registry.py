@@ -209,12 +209,32 @@ def _inspect_decoder(path: Optional[Path], task: str | None) -> ModelInfo:
 def model_fingerprint(path: Path) -> str:
     """A model folder's fingerprint, or a single model file's (GGUF) sha256."""
     if path.is_file():
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        return digest.hexdigest()
+        return _memoized_digest(path, [path], lambda: _file_digest(path))
     return folder_fingerprint(path)
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# A build fingerprints its model folder in several stages (and cache keys are recomputed by tests): the
+# digest is reused while no file's size, inode, mtime or ctime has changed (any write changes ctime).
+_DIGESTS: dict[tuple[str, tuple[tuple[str, int, int, int, int], ...]], str] = {}
+
+
+def _memoized_digest(root: Path, files: list[Path], compute: Any) -> str:
+    signature = []
+    for file in files:
+        stat = file.stat()
+        signature.append((str(file), stat.st_size, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns))
+    key = (str(root.resolve()), tuple(signature))
+    if key not in _DIGESTS:
+        _DIGESTS[key] = compute()
+    return _DIGESTS[key]
 
 
 def _model_name(folder: Path, config: dict[str, Any]) -> str:
@@ -236,16 +256,19 @@ def _has_normalize_module(folder: Path) -> bool:
 
 def folder_fingerprint(folder: Path) -> str:
     """sha256 over every file's relative path and bytes (hidden files skipped)."""
-    digest = hashlib.sha256()
-    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-        relative = file.relative_to(folder)
-        if any(part.startswith(".") for part in relative.parts):
-            continue
-        digest.update(str(relative).encode())
-        with file.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+    files = [file for file in sorted(p for p in folder.rglob("*") if p.is_file())
+             if not any(part.startswith(".") for part in file.relative_to(folder).parts)]
+
+    def compute() -> str:
+        digest = hashlib.sha256()
+        for file in files:
+            digest.update(str(file.relative_to(folder)).encode())
+            with file.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+        return digest.hexdigest()
+
+    return _memoized_digest(folder, files, compute)
 
 
 def tokenizer_from(folder: Path, trust_remote_code: bool = False) -> Any:
