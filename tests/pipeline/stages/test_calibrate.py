@@ -76,7 +76,8 @@ def test_same_seed_same_cache_bytes_other_seed_other_bytes(kind: str, default_bu
 def cached_copy(default_build, tmp_path: Path) -> Path:
     """A copy of the default build's directory, cache included (the original stays as built)."""
     target = tmp_path / "build"
-    shutil.copytree(default_build.build_dir, target)
+    # Not the runner's scratch folders: a stale one would be cleaned by the next build and spoil the listing.
+    shutil.copytree(default_build.build_dir, target, ignore=shutil.ignore_patterns("tmp-*"))
     return target
 
 
