@@ -132,6 +132,9 @@ def scratch_space(cache: Path) -> Iterator[Path]:
     killed build's scratch files (graphs of ~100 MB) are removed by the next build instead of piling up
     in /tmp. Same filesystem as the cache, too."""
     folder = Path(tempfile.mkdtemp(prefix="tmp-scratch-", dir=cache))
+    # torch's compile caches take their folder from tempfile once per process: left to follow the
+    # scratch folder they would outlive it and be written under a deleted build's scratch path.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) / "quantpipe-torchinductor"))
     previous = tempfile.tempdir
     tempfile.tempdir = str(folder)
     try:
