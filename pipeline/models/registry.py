@@ -51,6 +51,11 @@ class Architecture:
     ort_optimizer_type: str  # model_type for onnxruntime.transformers.optimizer
 
 
+# Decoder LLMs whose transformers forward the KV-cache export takes as it is (pipeline/models/kv_cache.py reads
+# kv heads, head_dim and sliding windows from each config); GGUF files of the families transformers' GGUF
+# loader knows (llama, mistral, qwen2, qwen3, phi3, gemma3) load as the same model types.
+DECODER_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
+
 ARCHITECTURES: dict[str, Architecture] = {
     arch.model_type: arch
     for arch in (
@@ -59,7 +64,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("xlm-roberta", "encoder", ("input_ids", "attention_mask"), "bert"),
         Architecture("distilbert", "encoder", ("input_ids", "attention_mask"), "bert"),
         # Decoder LLMs: the KV-cache inputs (past_key_values.N.key/value) follow from the layer count.
-        Architecture("llama", "decoder", ("input_ids", "attention_mask", "position_ids"), "gpt2"),
+        *(Architecture(model_type, "decoder", ("input_ids", "attention_mask", "position_ids"), "gpt2")
+          for model_type in DECODER_MODEL_TYPES),
     )
 }
 

@@ -42,25 +42,25 @@ def probe_prompt() -> str:
 
 
 def torch_reference(model: Any, prompt_ids: list[int], steps: int) -> tuple[list[np.ndarray], list[int]]:
-    """Logits of prefill and each greedy decode step, from transformers with its own DynamicCache."""
+    """Logits of prefill and each greedy decode step, from transformers with the cache it makes itself (the
+    family's own layers: sliding-window layers keep only their window), not the export's wrapper."""
     import torch
-    from transformers import DynamicCache
 
     from pipeline.models.kv_cache import cache_keyword
 
-    cache = DynamicCache()
-    keyword = {cache_keyword(model): cache}
+    keyword = cache_keyword(model)
     ids = torch.tensor([prompt_ids])
     logits_per_step, tokens = [], []
     with torch.inference_mode():
         mask = torch.ones_like(ids)
-        result = model(input_ids=ids, attention_mask=mask, use_cache=True, **keyword)
+        result = model(input_ids=ids, attention_mask=mask, use_cache=True)
         logits_per_step.append(result.logits[0].numpy())
         for _ in range(steps):
             token = int(result.logits[0, -1].argmax())
             tokens.append(token)
             mask = torch.cat([mask, torch.ones((1, 1), dtype=mask.dtype)], dim=1)
-            result = model(input_ids=torch.tensor([[token]]), attention_mask=mask, use_cache=True, **keyword)
+            result = model(input_ids=torch.tensor([[token]]), attention_mask=mask, use_cache=True,
+                           **{keyword: result[keyword]})
             logits_per_step.append(result.logits[0].numpy())
     return logits_per_step, tokens
 
