@@ -55,3 +55,19 @@ def check_onnx_file(path: Path, runnable: bool = False) -> None:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def check_graph(path: Path) -> None:
+    """What a stage checks of the graph it wrote, before it is cached: the ONNX checker (full, with shape
+    inference; it accepts ONNX Runtime's contrib ops) and an ONNX Runtime load. EngineError otherwise."""
+    from engines.ort_session import create_session
+    from pipeline.core.errors import EngineError
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise EngineError(f"the graph written to {path.name} is not valid ONNX: {_first_line(exc)}") from None
+    try:
+        create_session(path, threads=1, optimization="disable")
+    except Exception as exc:  # ONNX Runtime's Fail / InvalidGraph / NotImplemented
+        raise EngineError(f"ONNX Runtime cannot load the graph written to {path.name}: {_first_line(exc)}") from None

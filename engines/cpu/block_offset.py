@@ -22,6 +22,7 @@ by at most 2.5e-4 of a step, where re-rounding onto another grid costs up to hal
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import onnx
@@ -41,6 +42,7 @@ class OffsetBlocks:
     zero_points: np.ndarray
     residuals: np.ndarray
     block_size: int
+    source_grid_blocks: int = 0  # blocks whose values were on a grid of their own (kept exactly)
 
     def dequantize(self) -> np.ndarray:
         """The [K, N] weight the graph computes with (for tests and error measurement)."""
@@ -63,20 +65,55 @@ def _unpack(packed: np.ndarray) -> np.ndarray:
     return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(packed.shape[:-1] + (-1,))
 
 
+# A block is on a source grid when every value is within this share of a step of low + step * integer.
+GRID_TOLERANCE = 2e-3
+GRID_DIVISORS = (1, 2, 3, 4)  # the smallest gap between a block's values is 1-4 steps of its grid
+
+
+def source_grid_steps(blocks: np.ndarray) -> np.ndarray:
+    """The step of a grid of at most 16 levels that a block's values already lie on, else NaN ([..., size]).
+
+    De-quantized 4-bit GGUF blocks lie on one: Q4_1 and Q4_0 (codes 0..15 over 32 values) and Q4_K's
+    sub-blocks of 32 (value = d*sc*q - dmin*m), whose codes need not reach 0 and 15, so min-max would
+    pick another step and round every value a second time. The step is the smallest gap between
+    distinct values divided by 1-4; genuine FP32 blocks need far more than 16 levels and get NaN,
+    as do 5-, 6- and 8-bit sources (Q5_K, Q6_K, Q8_0: more levels than 4 bits hold)."""
+    flat = blocks.reshape(-1, blocks.shape[-1])
+    steps = np.full(flat.shape[0], np.nan, dtype=np.float32)
+    ordered = np.sort(flat, axis=-1)
+    span = ordered[:, -1] - ordered[:, 0]
+    gaps = np.diff(ordered, axis=-1)
+    smallest = np.where(gaps > span[:, None] / (4 * LEVELS * 8), gaps, np.inf).min(axis=-1)
+    # At most 15 steps of at least smallest / 4 each: anything wider is not a 4-bit block (nearly all FP32).
+    open_rows = np.flatnonzero((span > 0) & (span <= smallest * LEVELS * max(GRID_DIVISORS) * (1 + GRID_TOLERANCE)))
+    for divisor in GRID_DIVISORS:
+        if not open_rows.size:
+            break
+        levels = np.rint(span[open_rows] * divisor / smallest[open_rows])
+        exact = span[open_rows] / np.maximum(levels, 1)
+        codes = (ordered[open_rows] - ordered[open_rows, :1]) / exact[:, None]
+        on_grid = (levels <= LEVELS) & (np.abs(codes - np.rint(codes)) <= GRID_TOLERANCE).all(axis=-1)
+        steps[open_rows[on_grid]] = exact[on_grid]
+        open_rows = open_rows[~on_grid]
+    return steps.reshape(blocks.shape[:-1])
+
+
 def quantize_offset_blocks(weight: np.ndarray, block_size: int) -> OffsetBlocks:
-    """Min-max 4-bit blocks of `block_size` consecutive rows (the K axis) of a [K, N] weight."""
+    """4-bit blocks of `block_size` consecutive rows (the K axis) of a [K, N] weight: the block's own grid
+    when its values are already on one (de-quantized 4-bit GGUF), else min-max."""
     k, n = weight.shape
     if k % block_size:
         raise ValueError(f"K={k} is not a multiple of the block size {block_size}")
     blocks = weight.astype(np.float32).T.reshape(n, k // block_size, block_size)
     low = blocks.min(axis=2)
-    scale = ((blocks.max(axis=2) - low) / LEVELS).astype(np.float32)
+    grid = source_grid_steps(blocks)
+    scale = np.where(np.isnan(grid), (blocks.max(axis=2) - low) / LEVELS, grid).astype(np.float32)
     safe = np.where(scale > 0, scale, 1.0)
     q = np.clip(np.rint((blocks - low[:, :, None]) / safe[:, :, None]), 0, LEVELS).astype(np.uint8)
     zero = np.clip(np.rint(-low / safe), 0, LEVELS).astype(np.uint8)
     residual = (low + zero.astype(np.float32) * scale).astype(np.float16)
     return OffsetBlocks(_pack(q), scale.reshape(-1), _pack(zero).reshape(-1),
-                        np.ascontiguousarray(residual.T), block_size)
+                        np.ascontiguousarray(residual.T), block_size, int(np.count_nonzero(~np.isnan(grid))))
 
 
 def block_sum_matrix(k: int, block_size: int) -> np.ndarray:
@@ -84,9 +121,11 @@ def block_sum_matrix(k: int, block_size: int) -> np.ndarray:
     return np.kron(np.eye(k // block_size, dtype=np.float32), np.ones((block_size, 1), dtype=np.float32))
 
 
-def replace_matmuls(model: onnx.ModelProto, node_names: set[str], block_size: int, accuracy_level: int) -> list[str]:
+def replace_matmuls(model: onnx.ModelProto, node_names: set[str], block_size: int, accuracy_level: int,
+                    counts: Optional[dict[str, int]] = None) -> list[str]:
     """Replace each named MatMul (constant 2-D [K, N] weight, K a multiple of the block) by MatMulNBits + the
-    offset correction, in place; returns the names replaced (the others are left for another quantizer)."""
+    offset correction, in place; returns the names replaced (the others are left for another quantizer).
+    `counts`, if given, gets the number of blocks and of blocks kept on their source grid added to it."""
     constants = {tensor.name: tensor for tensor in model.graph.initializer}
     consumers: dict[str, int] = {}
     for node in model.graph.node:
@@ -108,6 +147,9 @@ def replace_matmuls(model: onnx.ModelProto, node_names: set[str], block_size: in
         if base not in packed:  # a weight shared by several MatMuls is packed once
             packed.add(base)
             blocks = quantize_offset_blocks(numpy_helper.to_array(weight), block_size)
+            if counts is not None:
+                counts["blocks"] = counts.get("blocks", 0) + blocks.scales.size
+                counts["source_grid_blocks"] = counts.get("source_grid_blocks", 0) + blocks.source_grid_blocks
             model.graph.initializer.extend([
                 numpy_helper.from_array(blocks.packed, f"{base}_Q4"),
                 numpy_helper.from_array(blocks.scales, f"{base}_scales"),

@@ -129,11 +129,12 @@ def uses_float_offsets(algorithm: Algorithm, bits: int, symmetric: bool, zero_po
     return algorithm == "rtn" and bits == 4 and not symmetric and zero_point == "float"
 
 
-def _rtn_float_offsets(model: onnx.ModelProto, block_size: int, keep: Sequence[str]) -> onnx.ModelProto:
+def _rtn_float_offsets(model: onnx.ModelProto, block_size: int, keep: Sequence[str],
+                       counts: dict[str, int]) -> onnx.ModelProto:
     constants = _initializers(model)
     body = {node.name for node in model.graph.node if node.op_type == "MatMul" and node.name not in keep
             and len(node.input) == 2 and node.input[1] in constants}
-    replaced = set(replace_matmuls(model, body, block_size, ACCURACY_LEVEL))
+    replaced = set(replace_matmuls(model, body, block_size, ACCURACY_LEVEL, counts))
     rest = sorted(body - replaced)  # K not a multiple of the block: ONNX Runtime's integer zero points
     return _ort_quantize(model, 4, block_size, False, rest, [], ("MatMul",)) if rest else model
 
@@ -150,8 +151,9 @@ def quantize_weight_only(fp32: Path, target: Path, algorithm: Algorithm, bits: i
     embedding_nodes = find_embeddings(original)
     keep = [head, *exclude]
     float_offsets = uses_float_offsets(algorithm, bits, symmetric, zero_point)
+    grid: dict[str, int] = {}
     if float_offsets:
-        model = _rtn_float_offsets(original, block_size, keep)
+        model = _rtn_float_offsets(original, block_size, keep, grid)
     elif algorithm == "rtn":
         model = _ort_quantize(original, bits, block_size, symmetric, None, keep, ("MatMul",))
     else:
@@ -180,6 +182,10 @@ def quantize_weight_only(fp32: Path, target: Path, algorithm: Algorithm, bits: i
         "lm_head": lm_head,
         "embeddings": embeddings,
         "lm_head_node": head,
+        # Float-offset RTN: blocks whose values were already on a 4-bit grid (de-quantized Q4_0/Q4_1/Q4_K)
+        # and were kept on it exactly, of all the body's blocks (engines/cpu/block_offset.py).
+        "source_grid_blocks": grid.get("source_grid_blocks", 0),
+        "body_blocks": grid.get("blocks", 0),
         "accuracy_level": ACCURACY_LEVEL,
         "quantized_ops": {op: counts.get(op, 0) for op in ("MatMulNBits", "GatherBlockQuantized", "MatMul", "Gather")},
     }

@@ -12,7 +12,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -42,6 +42,15 @@ class CacheLayout:
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
         shape = (batch, self.kv_heads, 0, self.head_dim)
         return {name: np.zeros(shape, dtype=np.float32) for name in self.past_names}
+
+
+def attention_windows(config: Any) -> list[Optional[int]]:
+    """Per layer, the sliding window (tokens) of its attention, or None for global attention: from the
+    config's `layer_types` (qwen2/qwen3, gemma3: sliding and full layers) or one `sliding_window` for
+    all layers (mistral, phi3)."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None) or ["sliding_attention"] * config.num_hidden_layers
+    return [window if kind == "sliding_attention" and window else None for kind in types]
 
 
 INPUT_NAMES = ["input_ids", "attention_mask", "position_ids"]

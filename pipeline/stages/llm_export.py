@@ -83,6 +83,7 @@ def onnx_logits(model_path: Path, prompt_ids: list[int], tokens: list[int]) -> l
 class LlmExportStage(Stage):
     name = "export"
     facts = ExportFacts
+    version = 2  # 2: checked against transformers' own cache (sliding-window layers), graph checked before caching
     outputs = ("model.onnx", "tokenizer")
 
     def config_slice(self, config: BuildConfig, model: ModelInfo) -> dict[str, Any]:
@@ -95,8 +96,8 @@ class LlmExportStage(Stage):
     def run(self, context: StageContext, out: Path) -> dict[str, Any]:
         from onnx import version_converter
 
-        from engines.onnx_io import save_model
-        from pipeline.models.kv_cache import export_kv_model
+        from engines.onnx_io import check_graph, save_model
+        from pipeline.models.kv_cache import attention_windows, export_kv_model
         from pipeline.models.loading import load_llm, load_llm_tokenizer
 
         info = context.model
@@ -110,7 +111,7 @@ class LlmExportStage(Stage):
             converted = version_converter.convert_version(onnx.load(str(traced)), LLM_OPSET)
         save_model(converted, out / "model.onnx")
         del converted
-        onnx.checker.check_model(str(out / "model.onnx"))
+        check_graph(out / "model.onnx")
         tokenizer.save_pretrained(str(out / "tokenizer"))
 
         prompt_ids = list(tokenizer(probe_prompt()).input_ids)
@@ -128,7 +129,10 @@ class LlmExportStage(Stage):
         return {
             "opset": LLM_OPSET,
             "parameters": int(sum(p.numel() for p in model.parameters())),
-            "kv_cache": {"layers": layout.layers, "kv_heads": layout.kv_heads, "head_dim": layout.head_dim},
+            # Sliding-window layers keep every past position in the graph's cache; their mask applies the window.
+            "kv_cache": {"layers": layout.layers, "kv_heads": layout.kv_heads, "head_dim": layout.head_dim,
+                         "sliding_windows": attention_windows(model.config),
+                         "tied_lm_head": bool(getattr(model.config, "tie_word_embeddings", False))},
             "onnx_bytes": (out / "model.onnx").stat().st_size,
             "torch_parity_max_abs": differences,
             "decode_steps": DECODE_STEPS,

@@ -15,7 +15,7 @@ from pipeline.stages.facts import ExportFacts, WeightOnlyFacts
 class LlmQuantizeStage(Stage):
     name = "quantize"
     facts = WeightOnlyFacts
-    version = 5  # float-offset 4-bit RTN blocks (zero_point)
+    version = 6  # 6: float-offset blocks keep a source 4-bit grid (Q4_K sub-blocks); the graph is checked
     outputs = ("model.onnx",)
 
     def depends_on(self, config: BuildConfig) -> tuple[str, ...]:
@@ -34,6 +34,7 @@ class LlmQuantizeStage(Stage):
     def run(self, context: StageContext, out: Path) -> dict[str, Any]:
         from calibration.readers import BatchReader
         from engines.cpu.weight_only import quantize_weight_only, uses_float_offsets
+        from engines.onnx_io import check_graph
         from pipeline.stages.llm_calibrate import calibration_feeds, load_chunks
 
         logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
@@ -52,6 +53,7 @@ class LlmQuantizeStage(Stage):
                               f"lm_head {q.lm_head}, embeddings {q.embeddings}")
         summary = quantize_weight_only(fp32, out / "model.onnx", q.mode, q.weight_bits, q.block_size, q.symmetric,
                                        q.lm_head, q.embeddings, reader, q.exclude, q.zero_point)
+        check_graph(out / "model.onnx")
         fp32_bytes = fp32.stat().st_size
         quantized_bytes = (out / "model.onnx").stat().st_size
         return {
