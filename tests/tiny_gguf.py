@@ -10,6 +10,7 @@ are 256 values, so these models are 256 wide. The tokenizer is SmolLM2's, copied
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,8 @@ def pack_q4_k(rows: np.ndarray) -> np.ndarray:
     dmin = ((-low).max(axis=1) / 63).astype(np.float16)
     safe_d = np.where(d > 0, d, 1).astype(np.float32)[:, None]
     safe_dmin = np.where(dmin > 0, dmin, 1).astype(np.float32)[:, None]
-    sc = np.clip(np.ceil(step / safe_d), 1, 63).astype(np.uint8)  # ceil: the rounded step still spans the block
+    # Rounded as llama.cpp rounds them: a sub-block whose 6-bit scale rounds up has codes that stop short of 15.
+    sc = np.clip(np.rint(step / safe_d), 1, 63).astype(np.uint8)
     m = np.clip(np.rint(-low / safe_dmin), 0, 63).astype(np.uint8)
     scale = (d.astype(np.float32)[:, None] * sc)[:, :, None]
     offset = (dmin.astype(np.float32)[:, None] * m)[:, :, None]
@@ -80,16 +82,24 @@ def tensor_types(file_type: str, name: str) -> Any:
     return {"Q8_0": T.Q8_0, "Q6_K": T.Q6_K, "Q4_K": T.Q4_K}[file_type]
 
 
+@functools.lru_cache(maxsize=1)
+def _tokenizer_source() -> Any:
+    """SmolLM2's GGUF, read once (its 49,152 tokens and merges take seconds to parse)."""
+    from gguf import GGUFReader
+
+    from pipeline.models.loading import smollm2_gguf
+
+    return GGUFReader(str(smollm2_gguf()))
+
+
 def write_tiny_gguf(path: Path, file_type: str, seed: int = 0) -> Path:
     """A random qwen2 causal LM as a GGUF file of `file_type` (Q4_K_M, Q4_K, Q6_K or Q8_0)."""
     import gguf
     import torch
-    from gguf import GGUFReader, GGUFWriter
+    from gguf import GGUFWriter
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from pipeline.models.loading import smollm2_gguf
-
-    source = GGUFReader(str(smollm2_gguf()))
+    source = _tokenizer_source()
     vocab = len(source.fields["tokenizer.ggml.tokens"].data)
     config = AutoConfig.for_model("qwen2", vocab_size=vocab, **WIDTH)
     torch.manual_seed(seed)

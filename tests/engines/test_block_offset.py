@@ -105,3 +105,33 @@ def test_a_weight_shared_by_two_matmuls_is_packed_once() -> None:
     y_a, y_b = session.run(None, {"a": a, "b": b})
     np.testing.assert_allclose(y_a, a @ weight, atol=1e-4)
     np.testing.assert_allclose(y_b, b @ weight, atol=1e-4)
+
+
+@pytest.mark.parametrize("qtype, on_grid", [("Q4_K", True), ("Q4_0", True), ("Q4_1", True),
+                                            ("Q6_K", False), ("Q8_0", False), ("F32", False)])
+def test_a_4_bit_gguf_grid_is_kept_and_wider_grids_are_rounded_once(qtype: str, on_grid: bool) -> None:
+    """De-quantized GGUF blocks: Q4_K sub-blocks (codes that need not reach 0 and 15), Q4_0 and Q4_1 come
+    back exactly; Q6_K, Q8_0 and FP32 have more than 16 levels and get min-max blocks (half a step)."""
+    from gguf import GGMLQuantizationType, quants
+
+    from tests.tiny_gguf import quantize_rows
+
+    rng = np.random.default_rng(3)
+    # GGUF rows [N, K]; sub-blocks of 32 of different magnitudes, as in real weights (Q4_K's small sub-blocks
+    # get coarse 6-bit scales).
+    rows = (rng.standard_normal((16, 512)) * np.repeat(rng.uniform(0.02, 0.2, (16, 16)), BLOCK, axis=1)).astype(np.float32)
+    kind = GGMLQuantizationType[qtype]
+    source = rows if qtype == "F32" else quants.dequantize(quantize_rows(rows, kind), kind)
+    blocks = quantize_offset_blocks(np.ascontiguousarray(source.T), BLOCK)
+    error = np.abs(blocks.dequantize() - source.T)
+    low, high = source.reshape(16, -1, BLOCK).min(axis=2), source.reshape(16, -1, BLOCK).max(axis=2)
+    min_max_step = np.repeat((high - low) / 15, BLOCK, axis=1).T
+    assert blocks.source_grid_blocks == (source.size // BLOCK if on_grid else 0)
+    if on_grid:
+        assert np.all(error <= 3e-4 * min_max_step)
+    else:
+        assert np.all(error <= 0.5 * min_max_step * (1 + 1e-3)) and error.max() > 0.1 * min_max_step.max()
+    if qtype == "Q4_K":  # min-max alone would round these a second time: the grid detection is what keeps them
+        plain = np.rint((source - np.repeat(low, BLOCK, axis=1)) / np.repeat((high - low) / 15, BLOCK, axis=1))
+        replayed = plain * np.repeat((high - low) / 15, BLOCK, axis=1) + np.repeat(low, BLOCK, axis=1)
+        assert np.abs(replayed - source).max() > 0.1 * min_max_step.max()
