@@ -10,13 +10,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline import __version__
+from pipeline.build.manifest_schema import MANIFEST_SCHEMA_VERSION, validate_manifest
 from pipeline.config import BuildConfig
+from pipeline.core.durable import fsync_file, fsync_tree, replace_durable, write_bytes_durable
 from pipeline.core.errors import InputError, read_json_input
+from pipeline.core.hashing import file_sha256
 from pipeline.models.registry import ModelInfo
 from pipeline.stages.base import StageOutput
 from pipeline.stages.facts import FACTS_VERSION, VerifyFacts
 
-MANIFEST_SCHEMA_VERSION = 1
 # build-dir name -> (stage, file in that stage's output); published only when parity passed.
 MODEL_ARTIFACTS = {
     "model.onnx": ("quantize", "model.onnx"),
@@ -38,10 +40,11 @@ def _place(source: Path, target: Path) -> None:
     if temporary.exists() or temporary.is_symlink():
         temporary.unlink()
     try:
-        os.link(source, temporary)
+        os.link(source, temporary)  # the stage output it links to was fsync'ed when the stage finished
     except OSError:
         shutil.copyfile(source, temporary)
-    os.replace(temporary, target)
+        fsync_file(temporary)
+    replace_durable(temporary, target)
 
 
 def _place_tree(source: Path, target: Path, ignore: tuple[str, ...] = ()) -> None:
@@ -58,8 +61,9 @@ def _place_tree(source: Path, target: Path, ignore: tuple[str, ...] = ()) -> Non
     if target.is_dir() and not target.is_symlink() and directory_hashes(target) == directory_hashes(temporary):
         shutil.rmtree(temporary)
         return
+    fsync_tree(temporary)
     _remove(target, retired)
-    os.replace(temporary, target)
+    replace_durable(temporary, target)
     shutil.rmtree(retired, ignore_errors=True)
 
 
@@ -71,10 +75,9 @@ def _remove(target: Path, retired: Path) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write beside the target and rename over it: a reader sees the old file or the new one."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+    """Write beside the target, fsync, rename over it: a reader sees the old file or the new one, even after
+    a power loss."""
+    write_bytes_durable(path, text.encode("utf-8"))
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -134,6 +137,7 @@ def publish_build(
     }
     if config.target == "cpu":
         manifest["runtime"] = cpu_runtime()
+    validate_manifest(manifest, "the manifest being written")  # what the reader will accept, checked here
     write_json_atomic(build_dir / "manifest.json", manifest)
     return passed
 
@@ -150,12 +154,14 @@ def cpu_runtime() -> dict[str, Any]:
 
 
 def _stage_entry(output: StageOutput) -> dict[str, Any]:
-    record = json.loads((output.directory / "stage.json").read_text(encoding="utf-8"))
+    record_file = output.directory / "stage.json"
+    record = json.loads(record_file.read_text(encoding="utf-8"))
     return {
         "stage": output.stage,
         "key": output.key,
         "reused": output.reused,
         "directory": str(output.directory.name),
+        "record_sha256": file_sha256(record_file),
         "config": record["config"],
         "inputs": record["inputs"],
         "outputs": output.files,
@@ -167,10 +173,10 @@ def _stage_entry(output: StageOutput) -> dict[str, Any]:
 
 
 def read_manifest(build_dir: Path) -> dict[str, Any]:
+    """The manifest as JSON, after its schema accepted it (pipeline.build.manifest_schema; one InputError if not)."""
     path = build_dir / "manifest.json"
-    if not path.is_file():
+    if path.is_symlink() or not path.is_file():
         raise InputError(f"{build_dir} is not a build directory (no manifest.json); run `pipeline build` first")
     manifest = read_json_input(path)
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("stages", []), list):
-        raise InputError(f"{path} is not a Quantpipe manifest (a JSON object with a list of stages)")
+    validate_manifest(manifest, str(path))
     return manifest

@@ -2,48 +2,43 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Optional
 
 from engines.onnx_io import check_onnx_file
-from pipeline.build.manifest import read_manifest
+from pipeline.build.manifest_schema import Manifest
+from pipeline.build.readback import check_stage_record, load_manifest
 from pipeline.config import BuildConfig
 from pipeline.core.errors import InputError, ParityError
-from pipeline.core.hashing import directory_hashes, file_sha256
+from pipeline.core.hashing import file_sha256
 from pipeline.core.progress import Progress
 from pipeline.parity.report import ParityReport
 from pipeline.reports.write import append_step_summary, write_reports
 from pipeline.stages.base import STAGE_RECORD, StageOutput
 
 NEEDED_STAGES = ("export", "optimize", "calibrate", "quantize")
-_STAGE_DIRECTORY = re.compile(r"[a-z]+-[0-9a-f]{16}")
 
 
 
-def stage_outputs(build_dir: Path, manifest: dict[str, Any], needed: tuple[str, ...]) -> dict[str, StageOutput]:
-    """The manifest's stage outputs, each checked against the hashes it recorded."""
+def stage_outputs(build_dir: Path, manifest: Manifest, needed: tuple[str, ...]) -> dict[str, StageOutput]:
+    """The manifest's stage outputs, each record and file checked against the hashes the manifest recorded."""
     from pipeline.build.runner import CACHE_DIR
 
-    entries = {entry.get("stage"): entry for entry in manifest.get("stages", []) if isinstance(entry, dict)}
     outputs = {}
     for stage in needed:
-        if stage not in entries:
+        entry = manifest.stage(stage)
+        if entry is None:
             raise InputError(f"the build in {build_dir} has no '{stage}' stage; run `pipeline build` to completion")
-        name = str(entries[stage].get("directory", ""))
-        if not _STAGE_DIRECTORY.fullmatch(name):  # never follow a manifest out of the build's cache
-            raise InputError(f"the manifest of {build_dir} names an invalid stage directory {name!r}")
-        directory = build_dir / CACHE_DIR / name
-        if not (directory / STAGE_RECORD).is_file():
+        directory = build_dir / CACHE_DIR / entry.directory  # the schema keeps it a plain name inside .stages/
+        if directory.is_symlink() or not (directory / STAGE_RECORD).is_file():
             raise InputError(f"stage output {directory} is missing; run `pipeline build` again to recreate it")
+        check_stage_record(directory, entry)
         try:
-            output = StageOutput.read(directory)
+            output = StageOutput.read(directory, signed=False)  # built elsewhere is fine: it matched the manifest
         except (ValueError, KeyError, TypeError) as exc:
             raise InputError(f"stage record {directory / STAGE_RECORD} is unreadable ({exc}); run `pipeline build` again") from None
-        actual = directory_hashes(directory)
-        actual.pop(STAGE_RECORD, None)
-        if actual != output.files:
-            raise InputError(f"stage output {directory} does not match its recorded hashes; run `pipeline build` again")
+        if output.files != entry.outputs or output.stage != stage:
+            raise InputError(f"stage record {directory / STAGE_RECORD} disagrees with the manifest; run `pipeline build` again")
         outputs[stage] = output
     return outputs
 
@@ -71,6 +66,7 @@ def reverify(
     progress: Progress,
     candidate: Optional[Path] = None,
     output_dir: Optional[Path] = None,
+    trust_remote_code: bool = False,
 ) -> ParityReport:
     """Run parity for the build's candidate (or another artifact) and write the four reports."""
     from pipeline.build.runner import build_lock
@@ -85,16 +81,18 @@ def reverify(
         check_onnx_file(candidate, runnable=True)
     # Under the build's lock from the first read: a build running meanwhile cannot swap files underneath.
     with build_lock(build_dir, progress):
-        manifest = read_manifest(build_dir)
+        manifest = load_manifest(build_dir)
+        config_data = manifest.config.to_dict()
+        # Trust comes from the user's flag, never from the build directory's manifest.
+        config_data["model"]["trust_remote_code"] = trust_remote_code
+        config_data["verify"] = {**config_data["verify"], **verify_overrides}
         try:
-            config_data = dict(manifest["config"])
-            config_data["verify"] = {**config_data.get("verify", {}), **verify_overrides}
             config = BuildConfig.model_validate(config_data)
-            manifest_task = manifest.get("model", {}).get("task")
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # pydantic's ValidationError is a ValueError
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError
             problem = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise InputError(f"cannot read the configuration in {build_dir / 'manifest.json'}: {problem}") from None
-        stages = {entry.get("stage") for entry in manifest.get("stages", []) if isinstance(entry, dict)}
+        manifest_task = manifest.model.task
+        stages = {entry.stage for entry in manifest.stages}
         if "export" in stages and "optimize" not in stages:  # only CPU encoder builds have an optimize stage
             kind = "a TensorRT" if config.target == "trt" else "a decoder LLM"
             raise InputError(f"{build_dir} is {kind} build; `pipeline verify` re-checks CPU encoder builds. Run the "

@@ -14,6 +14,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 from pipeline.build.manifest import publish_build
 from pipeline.config import BuildConfig
+from pipeline.core.durable import fsync_tree, replace_durable
 from pipeline.core.errors import (
     ConfigError,
     EngineError,
@@ -149,9 +150,11 @@ def _cached_output(directory: Path, progress: Progress) -> Optional[StageOutput]
     if not (directory / STAGE_RECORD).is_file():
         return None
     try:
-        output = StageOutput.read(directory)
-    except (ValueError, KeyError, OSError):
-        output = None
+        output = StageOutput.read(directory)  # signed by this user's Quantpipe, or not reused
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        progress.info(f"cached output in {directory.name} is not reusable ({exc}); running the stage again")
+        _remove_tree(directory)
+        return None
     if output is not None:
         actual = directory_hashes(directory)
         actual.pop(STAGE_RECORD, None)
@@ -191,9 +194,10 @@ def _run_stage(stage: Stage, context: StageContext, cache: Path, key: str,
         output = StageOutput(stage.name, key, staging, directory_hashes(staging), metrics,
                              round(time.perf_counter() - started, 3), facts=stage.record_facts(metrics))
         output.write_record(config_slice, inputs, config_read=sorted(reads))
+        fsync_tree(staging)  # every output on disk before the rename that makes the entry look finished
         if final.exists():
             _remove_tree(final)
-        os.replace(staging, final)
+        replace_durable(staging, final)
     except EngineError as exc:  # engines do not know which stage called them
         raise StageError(stage.name, exc.message) from exc
     except QuantpipeError:

@@ -29,9 +29,11 @@ _EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.option("--max-abs", type=float, help="Gate: maximum absolute error of the primary output.")
 @click.option("--min-snr-db", type=float, help="Gate: minimum SNR (dB) of the primary output.")
 @click.option("--eval-file", type=_EXISTING_FILE, help="Classifiers: labelled evaluation file.")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Run Python code shipped with the model or tokenizer (never taken from the build's manifest).")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors (for CI).")
 def verify(build_dir: Path, candidate: Optional[Path], output_dir: Optional[Path], quiet: bool,
-           **flags: Any) -> None:
+           trust_remote_code: bool, **flags: Any) -> None:
     """Run parity again for an existing build (reads BUILD_DIR/manifest.json and BUILD_DIR/.stages).
 
     \b
@@ -48,7 +50,7 @@ def verify(build_dir: Path, candidate: Optional[Path], output_dir: Optional[Path
     quiet_libraries()
     overrides = {key: str(value) if isinstance(value, Path) else value
                  for key, value in flags.items() if value is not None}
-    report = reverify(build_dir, overrides, Progress(quiet=quiet), candidate, output_dir)
+    report = reverify(build_dir, overrides, Progress(quiet=quiet), candidate, output_dir, trust_remote_code)
     if not quiet:
         click.echo(f"parity passed: {len(report.checks)} checks; reports in {output_dir or build_dir}")
 

@@ -67,7 +67,15 @@ class LockedError(QuantpipeError):
 def read_json_input(path: Path) -> Any:
     """A JSON file the user handed us (a model's config.json, a manifest, a report): bad bytes or
     bad JSON are an InputError naming the file, never a traceback."""
+    import stat
+
     try:
+        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO or device would block or never end
+            raise InputError(f"{path} is not a regular file")
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{path} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InputError(f"{path} is not valid JSON: nested too deeply") from None
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None

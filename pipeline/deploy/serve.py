@@ -51,22 +51,28 @@ class BuildModel:
         from transformers import AutoTokenizer
 
         from engines.ort_session import create_session
-        from pipeline.build.manifest import read_manifest
+        from pipeline.build.readback import checked_file, checked_tree, load_manifest
 
-        manifest_path = build_dir / "manifest.json"
-        if not manifest_path.is_file() or not (build_dir / "model.onnx").is_file():
+        if not (build_dir / "manifest.json").is_file() or not (build_dir / "model.onnx").is_file():
             raise InputError(f"{build_dir} holds no finished build (manifest.json and model.onnx); "
                              "run `pipeline build --target cpu` first")
-        manifest = read_manifest(build_dir)
-        if manifest.get("config", {}).get("target", "cpu") != "cpu":
-            raise InputError(f"{build_dir} is a '{manifest['config']['target']}' build; `pipeline serve` serves "
+        manifest = load_manifest(build_dir)  # schema-checked; its files are hash-checked below
+        if manifest.config.target != "cpu":
+            raise InputError(f"{build_dir} is a '{manifest.config.target}' build; `pipeline serve` serves "
                              "CPU builds (use `pipeline export-triton` for TensorRT)")
-        self.task = manifest["model"]["task"]
-        self.max_length = int(manifest["config"]["calibration"]["max_length"])
-        self.labels = self._labels(Path(manifest["model"]["path"]))
-        self.session = create_session(build_dir / "model.onnx", threads=threads)
+        if manifest.model.task not in ("feature-extraction", "text-classification"):
+            raise InputError(f"{build_dir} is a '{manifest.model.task}' build; `pipeline serve` serves encoder "
+                             "builds (feature-extraction, text-classification)")
+        self.task = manifest.model.task
+        self.max_length = manifest.config.calibration.max_length
+        self.labels = self._labels(Path(manifest.model.path))
+        self.session = create_session(checked_file(build_dir, manifest, "model.onnx"), threads=threads)
         self.input_names = [i.name for i in self.session.get_inputs()]
-        self.tokenizer = AutoTokenizer.from_pretrained(str(build_dir / "tokenizer"))
+        tokenizer_dir = checked_tree(build_dir, manifest, "tokenizer")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=False)
+        except Exception as exc:  # a tokenizer the library cannot load is bad input, whatever it raises
+            raise InputError(f"cannot load the tokenizer in {tokenizer_dir}: {str(exc).strip()[:200] or type(exc).__name__}") from None
         self.output = "logits" if self.task == "text-classification" else "sentence_embedding"
         self.padding_slack = padding_slack
 

@@ -15,20 +15,22 @@ that chains it to the model, so clients send text.
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from pipeline.build.manifest import read_manifest
-from pipeline.core.errors import InputError
+from pipeline.build.manifest_schema import Manifest
+from pipeline.build.readback import checked_bundle, checked_file, checked_tree, load_manifest
+from pipeline.core.errors import InputError, read_json_input
 
 DEFAULT_MAX_BATCH_SIZE = 32
 TEXT_INPUT = "TEXT"
 TOKENIZER_TEMPLATE = Path(__file__).with_name("triton_tokenizer_model.py")
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 # ONNX TensorProto element type -> Triton data type (model_config.proto DataType).
 ONNX_TO_TRITON = {
@@ -57,45 +59,55 @@ class ModelSource:
     max_length: int
 
 
-def _manifest(build_dir: Path) -> dict[str, Any]:
-    manifest = read_manifest(build_dir)
-    if manifest.get("status") != "passed":
-        raise InputError(f"build {build_dir} has status '{manifest.get('status')}'; only a build whose parity "
+def _manifest(build_dir: Path) -> Manifest:
+    manifest = load_manifest(build_dir)
+    if manifest.status != "passed":
+        raise InputError(f"build {build_dir} has status '{manifest.status}'; only a build whose parity "
                          "passed can be deployed")
     return manifest
 
 
+def _bundle_file(bundle: Path, name: object, default: str) -> Path:
+    """A file the bundle's build_config.json names: a plain name inside the (hash-checked) bundle."""
+    name = default if name is None else name
+    if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name) or name in (".", ".."):
+        raise InputError(f"{bundle / 'build_config.json'} names {name!r}, not a file name inside {bundle}")
+    return bundle / name
+
+
 def resolve_source(build_dir: Path, backend: str = "auto") -> ModelSource:
-    """Pick the artifact and backend for a build directory (see the module docstring)."""
+    """Pick the artifact and backend for a build directory (see the module docstring); every file it
+    names was checked against the manifest's hashes."""
     manifest = _manifest(build_dir)
-    config = manifest.get("config", {})
-    target = config.get("target", "cpu")
-    task = manifest.get("model", {}).get("task", "feature-extraction")
-    max_length = int(config.get("calibration", {}).get("max_length", 128))
-    graph = build_dir / "model.onnx"
+    target = manifest.config.target
+    task = manifest.model.task
+    max_length = manifest.config.calibration.max_length
     if target == "trt":
-        bundle = build_dir / "trt"
+        bundle = checked_bundle(build_dir, manifest, "trt")
         build_config_path = bundle / "build_config.json"
-        build_config = json.loads(build_config_path.read_text(encoding="utf-8")) if build_config_path.is_file() else {}
-        engine = bundle / str(build_config.get("engine", "model.plan"))
-        bundle_graph = bundle / str(build_config.get("onnx", "model.onnx"))
-        graph = bundle_graph if bundle_graph.is_file() else graph
-        batch_range = build_config.get("profile_ranges", {}).get("batch")
-        profile_max = int(batch_range[2]) if batch_range else None
+        build_config = read_json_input(build_config_path) if build_config_path.is_file() else {}
+        if not isinstance(build_config, dict):
+            raise InputError(f"{build_config_path} must hold a JSON object")
+        engine = _bundle_file(bundle, build_config.get("engine"), "model.plan")
+        bundle_graph = _bundle_file(bundle, build_config.get("onnx"), "model.onnx")
+        graph = bundle_graph if bundle_graph.is_file() else checked_file(build_dir, manifest, "model.onnx")
+        batch_range = build_config.get("profile_ranges", {}).get("batch") if isinstance(
+            build_config.get("profile_ranges"), dict) else None
+        try:
+            profile_max = int(batch_range[2]) if batch_range else None
+        except (TypeError, ValueError, IndexError, KeyError):
+            raise InputError(f"{build_config_path}: profile_ranges.batch must be [min, opt, max]") from None
         if backend in ("auto", "tensorrt"):
             if not engine.is_file():
                 raise InputError(
                     f"no TensorRT engine in {bundle} ({engine.name}); build it on a GPU host (docker/gpu, or "
                     f"`python {bundle}/build_engine.py`) or pass --backend onnxruntime to serve the ONNX graph")
             return ModelSource("tensorrt", engine, graph, profile_max, task, max_length)
-        if not graph.is_file():
-            raise InputError(f"{graph} is missing; the build directory is incomplete")
         return ModelSource("onnxruntime", graph, graph, None, task, max_length)
     if backend == "tensorrt":
         raise InputError(f"{build_dir} is a CPU build (target '{target}'); --backend tensorrt needs a "
                          "`pipeline build --target trt` directory with an engine")
-    if not graph.is_file():
-        raise InputError(f"{graph} is missing; the build directory is incomplete")
+    graph = checked_file(build_dir, manifest, "model.onnx")
     return ModelSource("onnxruntime", graph, graph, None, task, max_length)
 
 
@@ -201,6 +213,8 @@ def export_triton(build_dir: Path, repo_dir: Path, model_name: str, backend: str
                   inter_op_threads: int = 1, max_queue_delay_us: int = 1000,
                   with_tokenizer: bool = False) -> list[str]:
     """Write (or replace) the models of one build in a Triton repository; returns the model names written."""
+    if not _PLAIN_NAME.fullmatch(model_name) or model_name in (".", ".."):
+        raise InputError(f"model name {model_name!r} must be letters, digits, '.', '_' or '-' (a Triton model folder)")
     source = resolve_source(build_dir, backend)
     if max_batch_size is None:
         max_batch_size = source.profile_max_batch or DEFAULT_MAX_BATCH_SIZE
@@ -209,8 +223,8 @@ def export_triton(build_dir: Path, repo_dir: Path, model_name: str, backend: str
     if source.profile_max_batch is not None and source.backend == "tensorrt" and max_batch_size > source.profile_max_batch:
         raise InputError(f"--max-batch-size {max_batch_size} exceeds the engine's optimization profile "
                          f"(largest batch {source.profile_max_batch})")
-    if with_tokenizer and not (build_dir / "tokenizer").is_dir():
-        raise InputError(f"{build_dir / 'tokenizer'} is missing; --with-tokenizer needs the build's tokenizer")
+    if with_tokenizer:
+        checked_tree(build_dir, _manifest(build_dir), "tokenizer")
     inputs, outputs = graph_tensors(source.graph, batched=max_batch_size > 0)
 
     repo_dir.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Optional, TypeVar
 
 from pipeline.config import BuildConfig
+from pipeline.core import signing
+from pipeline.core.durable import write_bytes_durable
 from pipeline.core.errors import StageError
+from pipeline.core.hashing import canonical_json
 from pipeline.core.progress import Progress
 from pipeline.models.registry import ModelInfo
 from pipeline.stages.facts import FACTS_VERSION, Facts, NoFacts
@@ -47,8 +50,14 @@ class StageOutput:
         return combined_hash(self.files)
 
     @classmethod
-    def read(cls, directory: Path) -> "StageOutput":
+    def read(cls, directory: Path, signed: bool = True) -> "StageOutput":
+        """A stage record; signed=True (the runner's reuse): only one this user's Quantpipe signed
+        (pipeline.core.signing). `pipeline verify` reads unsigned ones and checks them against the manifest."""
         record = json.loads((directory / STAGE_RECORD).read_text(encoding="utf-8"))
+        if not isinstance(record, dict):
+            raise ValueError("the stage record is not a JSON object")
+        if signed and not signing.verify(_signed_payload(record), record.get("signature")):
+            raise ValueError("the stage record was not signed by this user's Quantpipe (edited, or built elsewhere)")
         if record.get("facts_version") != FACTS_VERSION:
             raise ValueError(f"facts version {record.get('facts_version')!r}, not {FACTS_VERSION}")
         return cls(
@@ -74,7 +83,15 @@ class StageOutput:
             "facts_version": FACTS_VERSION,
             "wall_time_s": self.wall_time_s,
         }
-        (self.directory / STAGE_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True), encoding="utf-8")
+        signature = signing.sign(_signed_payload(record))
+        if signature is not None:
+            record["signature"] = signature
+        data = json.dumps(record, indent=2, sort_keys=True).encode("utf-8")
+        write_bytes_durable(self.directory / STAGE_RECORD, data)
+
+
+def _signed_payload(record: dict[str, Any]) -> bytes:
+    return canonical_json({key: value for key, value in record.items() if key != "signature"}).encode("utf-8")
 
 
 @dataclass
