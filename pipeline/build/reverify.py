@@ -69,7 +69,7 @@ def reverify(
     trust_remote_code: bool = False,
 ) -> ParityReport:
     """Run parity for the build's candidate (or another artifact) and write the four reports."""
-    from pipeline.build.runner import build_lock
+    from pipeline.build.runner import build_lock, check_build_directory, mark_build_directory
     from pipeline.models.registry import inspect_model
     from pipeline.parity.verification import run_parity
     from pipeline.stages.base import StageContext
@@ -106,8 +106,12 @@ def reverify(
             inputs.candidate, inputs.candidate_sha256 = candidate, file_sha256(candidate)
             inputs.candidate_description = f"ONNX {candidate.name}"
         target = output_dir or build_dir
+        if output_dir is not None:  # only a new, empty or Quantpipe-marked folder: never a user's files
+            check_build_directory(output_dir, "--output")
         try:
             target.mkdir(parents=True, exist_ok=True)
+            if output_dir is not None:
+                mark_build_directory(output_dir)
         except OSError as exc:
             raise InputError(f"cannot write the reports to {target}: {exc.strerror or exc}") from None
         progress.stage("verify")

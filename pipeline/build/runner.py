@@ -14,7 +14,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 from pipeline.build.manifest import publish_build
 from pipeline.config import BuildConfig
-from pipeline.core.durable import fsync_tree, replace_durable
+from pipeline.core.durable import fsync_tree, replace_durable, write_bytes_durable
 from pipeline.core.errors import (
     ConfigError,
     EngineError,
@@ -34,6 +34,7 @@ from pipeline.stages.facts import VerifyFacts
 
 CACHE_DIR = ".stages"
 LOCK_FILE = ".lock"
+MARKER_FILE = ".quantpipe-build"
 
 
 @dataclass
@@ -50,15 +51,29 @@ def build_directory(config: BuildConfig, model: ModelInfo) -> Path:
     return Path("build") / f"{model.name}-{config.target}"
 
 
-def check_build_directory(build_dir: Path) -> None:
-    """A build writes model.onnx, parity.*, manifest.json and replaces tokenizer/ in its directory: never
-    in a folder that holds something else (an --output of `.` or `~` by mistake)."""
-    if build_dir.exists() and not build_dir.is_dir():
-        raise InputError(f"--output {build_dir} is a file; give a folder for the build")
-    markers = (LOCK_FILE, CACHE_DIR, "manifest.json")
-    if build_dir.is_dir() and any(build_dir.iterdir()) and not any((build_dir / m).exists() for m in markers):
-        raise InputError(f"refusing to build into {build_dir}: it is not empty and not a build directory "
-                         f"(no {CACHE_DIR}/ or manifest.json); give a new or empty --output")
+def check_build_directory(build_dir: Path, option: str = "--output") -> None:
+    """A build writes model.onnx, parity.*, manifest.json and replaces tokenizer/ in its directory: only in
+    a folder Quantpipe marked as its own (MARKER_FILE, written by the first build there) or an empty one;
+    never in a folder that holds a user's files (an --output of `.` or `~`, or one with a manifest.json)."""
+    if build_dir.is_symlink() or (build_dir.exists() and not build_dir.is_dir()):
+        raise InputError(f"{option} {build_dir} is a file or a symlink; give a folder for the build")
+    if not build_dir.is_dir():
+        return
+    marker = build_dir / MARKER_FILE
+    if marker.is_file() and not marker.is_symlink():
+        return
+    entries = {path.name for path in build_dir.iterdir()}
+    if entries <= {LOCK_FILE, CACHE_DIR}:  # empty, or a stage cache being seeded (no file of the user's)
+        return
+    raise InputError(f"refusing to build into {build_dir}: it is not empty and not a build directory Quantpipe "
+                     f"created (no {MARKER_FILE}); give a new or empty {option}")
+
+
+def mark_build_directory(build_dir: Path) -> None:
+    """Claim the folder: later builds (and `-o`) write only into folders that carry this marker."""
+    marker = build_dir / MARKER_FILE
+    if not marker.is_file():
+        write_bytes_durable(marker, b"This folder is a Quantpipe build directory; its files are rewritten by builds.\n")
 
 
 LOCK_POLL_S = 0.2
@@ -230,6 +245,8 @@ def run_build(
         raise ConfigError(f"--stop-after {stop_after}: target '{config.target}' has no such stage (stages: {names})")
     check_build_directory(build_dir)
     with build_lock(build_dir, progress, timeout=lock_timeout):
+        check_build_directory(build_dir)  # again under the lock: nothing changed it in between
+        mark_build_directory(build_dir)
         cache = build_dir / CACHE_DIR
         cache.mkdir(parents=True, exist_ok=True)
         clean_stale(build_dir, progress)

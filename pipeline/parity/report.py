@@ -38,10 +38,18 @@ class Heldout(_Strict):
 
 
 class Threshold(_Strict):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an infinite threshold gates nothing
+
     output: str
     metric: str
     threshold: float
     relation: Literal[">=", "<="]
+
+    @model_validator(mode="after")
+    def _relation_of_metric(self) -> "Threshold":
+        if self.relation != relation(self.metric):
+            raise ValueError(f"a threshold on {self.metric} is a '{relation(self.metric)}' bound, not '{self.relation}'")
+        return self
 
 
 class CheckResult(_Strict):
@@ -58,6 +66,12 @@ class CheckResult(_Strict):
 class Histogram(_Strict):
     log10_abs_error_edges: list[float]
     counts: list[int]
+
+
+# Metrics with a closed range: a value outside it (an infinite cosine) is a damaged report, not a pass.
+_RANGES = tuple((name, -1.0001, 1.0001) for name in ("cosine_mean", "cosine_min")) + tuple(
+    (name, 0.0, 1.0) for name in ("top1_agreement", "greedy_token_agreement", "greedy_prefix_agreement",
+                                  "accuracy_reference", "accuracy_candidate"))
 
 
 class OutputMetrics(_Strict):
@@ -96,6 +110,14 @@ class OutputMetrics(_Strict):
     decode_tokens_per_s_candidate: Optional[float] = None
     decode_speedup: Optional[float] = None
     histogram: Optional[Histogram] = None
+
+    @model_validator(mode="after")
+    def _in_range(self) -> "OutputMetrics":
+        for name, low, high in _RANGES:
+            value = getattr(self, name)
+            if value is not None and not low <= value <= high:  # NaN is caught here too
+                raise ValueError(f"{name} {value} is outside [{low}, {high}]")
+        return self
 
     @model_serializer(mode="wrap")
     def _without_absent(self, handler: Any) -> dict[str, Any]:

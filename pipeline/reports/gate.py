@@ -14,14 +14,17 @@ from pydantic import ValidationError
 
 from pipeline.core.errors import InputError, read_json_input
 from pipeline.parity.gates import PARITY_SCHEMA_VERSION, Check, evaluate_values
-from pipeline.parity.report import ParityReport
+from pipeline.parity.report import OutputMetrics, ParityReport
+
+GATEABLE_METRICS = frozenset(name for name in OutputMetrics.model_fields if name != "histogram")
 
 
 def _first_problem(error: ValidationError) -> str:
     first = error.errors()[0]
     where = ".".join(str(part) for part in first["loc"]) or "the report"
     more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
-    return f"{where}: {first['msg']}{more}"
+    # One printable line, whatever the report's keys hold.
+    return "".join(c if c.isprintable() else "?" for c in f"{where}: {first['msg']}{more}")[:300]
 
 
 def load_report(path: Path) -> ParityReport:
@@ -37,23 +40,30 @@ def load_report(path: Path) -> ParityReport:
             "(re-create the report with `pipeline verify` or `pipeline build`)"
         )
     try:
-        return ParityReport.model_validate(data)
+        # strict: `true` is not the number 1, "0.99" is not a number (a forged metric must not pass a gate).
+        return ParityReport.model_validate(data, strict=True)
     except ValidationError as exc:
         raise InputError(f"{path} is not a valid parity report: {_first_problem(exc)}") from None
+    except RecursionError:
+        raise InputError(f"{path} is not a valid parity report: nested too deeply") from None
 
 
 def regate(report: ParityReport, overrides: Mapping[tuple[str, str], float], keep_recorded: bool = True) -> list[Check]:
     """Check the saved metrics against the recorded gates, overridden (or extended) by new ones.
 
-    A recorded gate whose metric is missing or null fails; a new gate on a metric the report lacks is bad input.
+    A gate whose metric is missing or null fails (exit 4, named); a new gate on a metric no report has, or on
+    an output this report lacks, is bad input; no gate at all is refused.
     """
     values = report.metric_values()
     thresholds = report.recorded_thresholds() if keep_recorded else {}
     thresholds.update(overrides)
+    if not thresholds:  # nothing to check is not a pass
+        raise InputError("the report records no gate and none was given: add one (--min-cosine, --max-abs, "
+                         "--gate OUTPUT.METRIC=VALUE) or re-create the report with its thresholds")
     for output, metric in overrides:
         if output not in values:
             raise InputError(f"the report has no output '{output}' (it has: {', '.join(values)})")
-        if metric not in values[output]:
+        if metric not in values[output] and metric not in GATEABLE_METRICS:  # a known metric not measured fails below
             raise InputError(f"output '{output}' has no metric '{metric}' (it has: {', '.join(sorted(values[output]))})")
     return evaluate_values(values, thresholds)
 
