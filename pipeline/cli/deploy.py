@@ -58,7 +58,14 @@ def export_triton(build_dir: Path, repo_dir: Path, model_name: Optional[str], ba
               help="Most texts run in one batch.")
 @click.option("--max-wait-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
               help="Longest wait for more requests before a batch runs.")
-def serve(build_dir: Path, host: str, port: int, threads: int, max_batch: int, max_wait_ms: float) -> None:
+@click.option("--max-body-bytes", type=click.IntRange(min=1), default=1 << 20, show_default=True,
+              help="Largest request body (413 beyond).")
+@click.option("--max-texts", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Most texts in one request (422 beyond).")
+@click.option("--max-chars", type=click.IntRange(min=1), default=20_000, show_default=True,
+              help="Most characters in one text (413 beyond).")
+def serve(build_dir: Path, host: str, port: int, threads: int, max_batch: int, max_wait_ms: float,
+          max_body_bytes: int, max_texts: int, max_chars: int) -> None:
     """Serve a CPU build over HTTP: POST /v1/predict {"texts": [...]}, GET /health, GET /v1/stats.
 
     \b
@@ -67,10 +74,11 @@ def serve(build_dir: Path, host: str, port: int, threads: int, max_batch: int, m
       curl -s localhost:8000/v1/predict -H 'content-type: application/json' -d '{"text": "hello"}'
     """
     from pipeline.core.logs import quiet_libraries
+    from pipeline.deploy.limits import RequestLimits
     from pipeline.deploy.serve import serve as run
 
     quiet_libraries()
-    run(build_dir, host, port, threads, max_batch, max_wait_ms)
+    run(build_dir, host, port, threads, max_batch, max_wait_ms, RequestLimits(max_body_bytes, max_texts, max_chars))
 
 
 @click.command("bench-serve")

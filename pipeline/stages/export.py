@@ -14,6 +14,7 @@ from calibration.sources import default_source
 from pipeline.config import BuildConfig
 from pipeline.core.errors import InputError, StageError
 from pipeline.models.registry import ModelInfo, check_pickled_weights, folder_fingerprint, load_tokenizer
+from pipeline.models.validation import check_loaded_weights
 from pipeline.stages.base import Stage, StageContext
 from pipeline.stages.facts import ExportFacts
 
@@ -31,13 +32,16 @@ def load_torch_model(info: ModelInfo) -> Any:
         check_pickled_weights(info.path)
     try:
         # Eager attention exports the pattern ONNX Runtime's attention fusion matches (SDPA's does not).
-        model = factory.from_pretrained(
+        model, loading_info = factory.from_pretrained(
             str(info.path), attn_implementation="eager", use_safetensors=has_safetensors,
-            trust_remote_code=info.trust_remote_code, weights_only=True, dtype="float32",
+            trust_remote_code=info.trust_remote_code, weights_only=True, dtype="float32", output_loading_info=True,
         )
     except Exception as exc:  # a folder that is not a loadable model: bad input, whatever the library raises
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"cannot load the model in {info.path}: {message}") from None
+    # Missing/unexpected tensors, NaN weights: exit 2. Embeddings do not use the pooler or a classifier head.
+    unused = ("pooler.", "classifier.", "pre_classifier.", "cls.") if info.task.name == "feature-extraction" else ()
+    check_loaded_weights(info.path, model, loading_info, unused)
     return model.eval()
 
 
