@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from pipeline.core.errors import ConfigError
 
@@ -34,6 +34,19 @@ CalibrationMethod = Literal["max", "percentile", "mse"]
 class _Strict(BaseModel):
     # NaN and infinity are refused: a NaN threshold would make a gate meaningless.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """`samples: true` is not the number 1 (pydantic's lax mode would take it as 1)."""
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            if annotation in _NUMBERS:
+                raise ValueError(f"must be a number, not {str(value).lower()}")
+        return value
+
+
+_NUMBERS = (int, float, Optional[int], Optional[float])
 
 
 class ModelConfig(_Strict):

@@ -54,10 +54,15 @@ def _jsonl_samples(fields: Fields, path: Path) -> Iterator[Sample]:
 def _csv_samples(fields: Fields, path: Path) -> Iterator[Sample]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     with path.open("r", encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle, delimiter=delimiter)
+        # strict: an unbalanced quote is an error, not lines silently merged into one sample.
+        reader = csv.DictReader(handle, delimiter=delimiter, strict=True)
         try:
             _check_fields(list(reader.fieldnames or []), fields, f"the header row of {path}")
+            columns = len(reader.fieldnames or [])
             for row in reader:
+                if None in row or (columns and None in row.values()):
+                    raise InputError(f"{path}:{reader.line_num}: {columns} columns expected (the header's), got "
+                                     f"{columns + len(row.get(None) or []) if None in row else 'fewer'}")
                 sample = record_sample(row, fields)
                 if sample is not None:
                     yield sample

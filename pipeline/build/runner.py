@@ -244,6 +244,10 @@ def run_build(
         names = ", ".join(stage.name for stage in pipeline_stages)
         raise ConfigError(f"--stop-after {stop_after}: target '{config.target}' has no such stage (stages: {names})")
     check_build_directory(build_dir)
+    if config.verify.eval_file and model.task.name == "text-classification":  # bad data fails before export
+        from pipeline.parity.eval_data import read_labelled
+
+        read_labelled(Path(config.verify.eval_file), model.config)
     with build_lock(build_dir, progress, timeout=lock_timeout):
         check_build_directory(build_dir)  # again under the lock: nothing changed it in between
         mark_build_directory(build_dir)

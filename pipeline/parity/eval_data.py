@@ -31,7 +31,11 @@ def read_labelled(path: Path, model_config: Mapping[str, Any]) -> tuple[list[str
     label2id = {str(k): int(v) for k, v in (model_config.get("label2id") or {}).items()}
     num_labels = len(model_config.get("id2label") or label2id) or 2
     texts, labels = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise InputError(f"evaluation file {path}: bytes that are not UTF-8 at offset {exc.start}; re-encode it") from None
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"

@@ -34,9 +34,15 @@ def source_for(settings: CalibrationConfig) -> SampleSource:
 
 
 def check_source(settings: CalibrationConfig) -> None:
-    """Fail before any stage runs: open the source and read its first usable sample."""
+    """Fail before any stage runs: a streaming pass over a user's source (the first bad record stops the build,
+    naming its file and line); the bundled corpus is read up to its first sample."""
     source = source_for(settings)
-    if next(iter(source), None) is None:
+    usable = 0
+    for _ in source:
+        usable += 1
+        if settings.source is None:
+            break
+    if not usable:
         raise InputError(
             f"calibration source {settings.source or source.name} holds no usable sample (blank lines, or "
             f"records whose '{settings.text_field}' field is empty or not text); check the file and --text-field"
