@@ -49,8 +49,7 @@ def write_bytes_durable(path: Path, data: bytes) -> None:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    fsync_directory(path.parent)
+    replace_durable(temporary, path)
 
 
 def replace_durable(source: Path, target: Path) -> None:
