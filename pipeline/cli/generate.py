@@ -37,7 +37,12 @@ def run_generation(build_dir: Path, prompt: str, max_new_tokens: int, temperatur
         raise InputError(f"{build_dir} holds no finished LLM build ({model.name} and tokenizer/); run pipeline build first")
     if max_new_tokens < 1:
         raise InputError("--max-new-tokens must be at least 1")
-    tokenizer = AutoTokenizer.from_pretrained(str(build_dir / "tokenizer"))
+    from pipeline.build.readback import checked_file, checked_tree, load_manifest
+
+    manifest = load_manifest(build_dir)  # a build directory is untrusted: its files must match the manifest
+    checked_file(build_dir, manifest, model.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(checked_tree(build_dir, manifest, "tokenizer")),
+                                              trust_remote_code=False)
     text = prompt
     if chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,

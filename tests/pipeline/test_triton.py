@@ -129,6 +129,10 @@ def _trt_build(default_build, tmp_path: Path, engine: bool) -> Path:
         {"onnx": "model.onnx", "engine": "model.plan", "profile_ranges": {"batch": [1, 8, 32]}}), encoding="utf-8")
     if engine:
         (build / "trt" / "model.plan").write_bytes(b"engine bytes are opaque to the exporter")
+    from pipeline.core.hashing import combined_hash, directory_hashes
+
+    manifest["artifacts"]["trt/"] = combined_hash(directory_hashes(build / "trt"))  # as publish_build records it
+    (build / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     return build
 
 
