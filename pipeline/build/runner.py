@@ -95,7 +95,9 @@ def build_lock(build_dir: Path, progress: Progress, wait: bool = True,
     """
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
-        handle = (build_dir / LOCK_FILE).open("a+")
+        # O_NOFOLLOW: a `.lock` symlinked to a user's file (a hostile build directory) must not truncate it.
+        descriptor = os.open(build_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        handle = os.fdopen(descriptor, "r+")
     except OSError as exc:
         raise InputError(f"cannot use {build_dir} as a build directory: {exc.strerror or exc}") from None
     with handle:
@@ -119,6 +121,7 @@ def build_lock(build_dir: Path, progress: Progress, wait: bool = True,
                     raise_pending()
                     time.sleep(LOCK_POLL_S)
         try:
+            handle.seek(0)
             handle.truncate(0)
             handle.write(str(os.getpid()))
             handle.flush()

@@ -159,3 +159,12 @@ def test_verify_output_refuses_a_user_folder(build_copy: Path, tmp_path: Path) -
 def test_a_marked_build_directory_is_rebuilt_in_place(tiny_build: Path) -> None:
     assert (tiny_build / ".quantpipe-build").is_file()
     assert json.loads((tiny_build / "manifest.json").read_text())["status"] == "passed"
+
+
+def test_a_lock_file_symlinked_to_a_user_file_never_truncates_it(build_copy: Path, tmp_path: Path) -> None:
+    precious = tmp_path / "precious.txt"
+    precious.write_text("my work", encoding="utf-8")
+    (build_copy / ".lock").unlink()
+    os.symlink(precious, build_copy / ".lock")
+    one_line(cli("verify", str(build_copy), "-q"), 2, "build directory")
+    assert precious.read_text(encoding="utf-8") == "my work"
