@@ -121,3 +121,30 @@ def reseal(build_dir: Path, stage: str) -> None:
     entry["record_sha256"] = file_sha256(directory / "stage.json")
     entry["facts"] = record["facts"]
     write_json(build_dir / "manifest.json", manifest)
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_build(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A passed build of a tiny 2-label BERT classifier verified on a labelled file (its tokenizer is loaded
+    again by `pipeline verify`)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from pipeline.build.runner import run_build
+    from pipeline.config import load_config
+    from pipeline.core.progress import Progress
+
+    root = tmp_path_factory.mktemp("tiny-classifier")
+    folder = root / "model"
+    config = AutoConfig.from_pretrained(str(tiny_model), num_labels=2,
+                                        architectures=["BertForSequenceClassification"])
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(tiny_model)).save_pretrained(folder)
+    eval_file = root / "eval.txt"
+    eval_file.write_text("".join(f"{i % 2}\tsentence {i} about the weather\n" for i in range(16)), encoding="utf-8")
+    build_dir = root / "build"
+    settings = {"output_dir": str(build_dir), "model": {"path": str(folder)}, "calibration": TINY_CALIBRATION,
+                "verify": {"eval_file": str(eval_file), "min_top1_agreement": 0.5}}
+    run_build(load_config(None, settings), Progress(quiet=True))
+    return build_dir

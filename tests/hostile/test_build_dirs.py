@@ -23,18 +23,23 @@ def _stage_dir(build_dir: Path, stage: str) -> Path:
     return build_dir / ".stages" / next(e["directory"] for e in manifest["stages"] if e["stage"] == stage)
 
 
-def test_verify_never_runs_code_shipped_in_a_build_whose_manifest_trusts_it(build_copy: Path, tmp_path: Path) -> None:
+def test_verify_never_runs_code_shipped_in_a_build_whose_manifest_trusts_it(tiny_classifier_build: Path,
+                                                                             tmp_path: Path) -> None:
+    import shutil
+
+    build = tmp_path / "build"
+    shutil.copytree(tiny_classifier_build, build)
     sentinel = tmp_path / "executed"
-    tokenizer = _stage_dir(build_copy, "export") / "tokenizer"
+    tokenizer = _stage_dir(build, "export") / "tokenizer"  # loaded again by verify (evaluation file)
     (tokenizer / "evil_tokenizer.py").write_text(SENTINEL_CODE.format(sentinel=str(sentinel)), encoding="utf-8")
     config = read_json(tokenizer / "tokenizer_config.json")
-    config["auto_map"] = {"AutoTokenizer": [None, "evil_tokenizer.EvilTokenizer"]}
+    config["auto_map"] = {"AutoTokenizer": ["evil_tokenizer.EvilTokenizer", "evil_tokenizer.EvilTokenizer"]}
     write_json(tokenizer / "tokenizer_config.json", config)
-    reseal(build_copy, "export")
-    manifest = read_json(build_copy / "manifest.json")
+    reseal(build, "export")  # every hash agrees: only the trust decision stands between the build and the code
+    manifest = read_json(build / "manifest.json")
     manifest["config"]["model"]["trust_remote_code"] = True
-    write_json(build_copy / "manifest.json", manifest)
-    result = cli("verify", str(build_copy), "-q")
+    write_json(build / "manifest.json", manifest)
+    result = cli("verify", str(build), "-q")
     assert not sentinel.exists(), "verify ran Python code shipped in the build directory"
     assert "Traceback" not in result.stderr
     assert result.returncode in (0, 2, 4), result.stderr
