@@ -12,7 +12,7 @@ from typing import Any, Optional
 from pipeline import __version__
 from pipeline.build.manifest_schema import MANIFEST_SCHEMA_VERSION, validate_manifest
 from pipeline.config import BuildConfig
-from pipeline.core.durable import fsync_file, fsync_tree, replace_durable, write_bytes_durable
+from pipeline.core.durable import fsync_directory, fsync_file, fsync_tree, replace_durable, write_bytes_durable
 from pipeline.core.errors import InputError, read_json_input
 from pipeline.core.hashing import file_sha256
 from pipeline.models.registry import ModelInfo
@@ -97,6 +97,7 @@ def publish_build(
     # The old manifest goes first: while artifacts are swapped, and if the build is killed before the
     # new manifest is written, the directory has no manifest and cannot pass for a finished build.
     (build_dir / "manifest.json").unlink(missing_ok=True)
+    fsync_directory(build_dir)  # the removal is durable before any artifact is swapped (power loss included)
     artifacts: dict[str, str] = {}
     models = TRT_MODEL_ARTIFACTS if config.target == "trt" else MODEL_ARTIFACTS
     for name, (stage, file) in {**models, **REPORT_ARTIFACTS}.items():
