@@ -50,7 +50,7 @@ def check_config(config_file: Path, config: Mapping[str, Any]) -> None:
             raise InputError(f"{config_file}: '{key}' is {value}, outside the sane bound {low}..{high} "
                              f"(pipeline.models.validation.SIZE_BOUNDS)")
     hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
-    if isinstance(hidden, int) and isinstance(heads, int) and hidden % heads:
+    if isinstance(hidden, int) and isinstance(heads, int) and "head_dim" not in config and hidden % heads:
         raise InputError(f"{config_file}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
 
 
