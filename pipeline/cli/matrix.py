@@ -78,10 +78,12 @@ def matrix(matrix_file: Path, output: Path, jobs: Optional[int], ray_address: Op
 @click.option("--calib-samples", type=int, default=32, show_default=True)
 @click.option("--max-nodes", type=click.IntRange(min=1), default=4, show_default=True, help="Most nodes kept back.")
 @click.option("--jobs", "-j", "jobs", default="1,2", show_default=True, help="Worker counts to time, comma-separated.")
+@click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Runs per worker count, interleaved; the median is reported.")
 @click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path), default=Path("build/bench-fallback"),
               show_default=True, help="Build directory of the stages before the search (reused between runs).")
 def bench_fallback(model: Optional[str], target: str, quant: str, tolerable_loss: float, calib_samples: int,
-                   max_nodes: int, jobs: str, output: Path) -> None:
+                   max_nodes: int, jobs: str, repeat: int, output: Path) -> None:
     """Time the fallback search sequentially and with N worker processes; the chosen nodes must not change.
 
     \b
@@ -103,8 +105,9 @@ def bench_fallback(model: Optional[str], target: str, quant: str, tolerable_loss
                                      "max_fallback_nodes": max_nodes}
     else:
         overrides["trt"] = {"max_fallback_nodes": max_nodes}
-    timings = run(overrides, output, counts, lambda message: click.echo(message, err=True))
+    timings = run(overrides, output, counts, lambda message: click.echo(message, err=True), repeat)
     base = timings[0].seconds
     for timing in timings:
-        click.echo(f"jobs {timing.jobs}: {timing.seconds:.1f}s ({base / timing.seconds:.2f}x of jobs {timings[0].jobs}); "
-                   f"chosen: {', '.join(timing.chosen) or 'none'}")
+        runs = ", ".join(f"{seconds:.1f}" for seconds in timing.runs)
+        click.echo(f"jobs {timing.jobs}: median {timing.seconds:.1f}s of {runs} ({base / timing.seconds:.2f}x as fast as "
+                   f"jobs {timings[0].jobs}); {timing.candidates} graphs; chosen: {', '.join(timing.chosen) or 'none'}")

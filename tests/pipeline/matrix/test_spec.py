@@ -61,3 +61,21 @@ def test_cli_lists_jobs_and_refuses_a_bad_matrix_in_one_line(tmp_path: Path) -> 
     bad = write_matrix(tmp_path / "bad.yaml", {"product": {"model": {"a": {"target": "gpu"}}}})
     assert_one_line_error(run_cli("matrix", str(bad), "-o", str(tmp_path / "out")), ExitCode.BAD_INPUT, "job a")
     assert not (tmp_path / "out").exists(), "nothing was built or written"
+
+
+def test_ray_missing_is_one_line_and_exit_5(tmp_path: Path) -> None:
+    """Without Ray installed (an import that fails, as on a host without the `ray` extra)."""
+    import os
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "no-ray" / "ray"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('No module named ray')\n")
+    matrix = write_matrix(tmp_path / "m.yaml", {"product": AXES})
+    root = Path(__file__).resolve().parents[3]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker.parent), str(root)])}
+    result = subprocess.run([sys.executable, "-m", "pipeline", "matrix", str(matrix), "-o", str(tmp_path / "out"),
+                             "--ray", "auto"], capture_output=True, text=True, env=env, timeout=120)
+    assert_one_line_error(result, ExitCode.MISSING_DEPENDENCY, "--ray needs Ray", "quantpipe[ray]")
+    assert not (tmp_path / "out").exists()
