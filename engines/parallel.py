@@ -45,11 +45,19 @@ def _call_task(item: Any) -> Any:
     return _TASK[-1](item)
 
 
+def _share_cores(threads: int) -> None:
+    from engines import ort_session
+
+    ort_session.WORKER_THREADS[:] = [threads]
+
+
 def _local_map(function: Callable[[T], R], items: Sequence[T], jobs: int) -> list[R]:
     _TASK.append(function)
+    workers = min(jobs, len(items))
     try:
         context = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(max_workers=min(jobs, len(items)), mp_context=context) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_share_cores,
+                                 initargs=(max(1, (os.cpu_count() or 1) // workers),)) as pool:
             return list(pool.map(_call_task, items))
     finally:
         _TASK.pop()
@@ -67,7 +75,7 @@ def _ray_map(function: Callable[[T], R], items: Sequence[T]) -> Optional[list[R]
 
 
 def _apply(function: Callable[[T], R], item: T) -> R:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _share_cores(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))  # Ray sets it to the task's num_cpus
     return function(item)
 
 

@@ -110,4 +110,4 @@ def bench_fallback(model: Optional[str], target: str, quant: str, tolerable_loss
     for timing in timings:
         runs = ", ".join(f"{seconds:.1f}" for seconds in timing.runs)
         click.echo(f"jobs {timing.jobs}: median {timing.seconds:.1f}s of {runs} ({base / timing.seconds:.2f}x as fast as "
-                   f"jobs {timings[0].jobs}); {timing.candidates} graphs; chosen: {', '.join(timing.chosen) or 'none'}")
+                   f"jobs {timings[0].jobs}); {timing.trials} greedy trials; chosen: {', '.join(timing.chosen) or 'none'}")

@@ -29,14 +29,15 @@ class SearchTiming:
     seconds: float  # the search stage's wall time: the median of the runs
     runs: list[float]
     chosen: list[str]
-    candidates: int  # graphs evaluated: the sensitivity ranking plus the greedy trials
+    trials: int  # candidates of the greedy loop (after the sensitivity ranking, which scores one per node)
 
 
 def _chosen(target: str, metrics: dict[str, Any]) -> tuple[list[str], int]:
     if target == "cpu":
         record = metrics.get("fallback") or {}
-        return list(record.get("excluded_nodes", [])), len(record.get("ranking", [])) + len(record.get("trials", []))
-    return list(metrics.get("kept_higher_precision", [])), len(metrics.get("sensitivity_top", []))
+        return list(record.get("excluded_nodes", [])), len(record.get("trials", []))
+    kept = list(metrics.get("kept_higher_precision", []))
+    return kept, len(kept) + 1
 
 
 def bench_fallback(overrides: dict[str, Any], build_dir: Path, jobs: list[int], report: Callable[[str], None],
@@ -62,7 +63,8 @@ def bench_fallback(overrides: dict[str, Any], build_dir: Path, jobs: list[int], 
             chosen, candidates = _chosen(config.target, result.outputs[stage].metrics)
             if round_:
                 runs[count].append((round(time.perf_counter() - started, 2), chosen, candidates))
-            report(f"{'' if round_ else 'warm-up, '}--jobs {count}: {stage} with its fallback search ({candidates} graphs) in {time.perf_counter() - started:.1f}s; "
+            report(f"{'' if round_ else 'warm-up, '}--jobs {count}: {stage} with its fallback search in "
+                   f"{time.perf_counter() - started:.1f}s; "
                    f"{len(chosen)} node(s) chosen: {', '.join(chosen) or 'none'}")
     choices = {tuple(chosen) for values in runs.values() for _, chosen, _ in values}
     if len(choices) > 1:

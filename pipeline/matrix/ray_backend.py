@@ -65,6 +65,9 @@ def build_on_node(name: str, config: dict[str, Any], cache_dir: Optional[str],
     log = root / f"{name}.log"
     result = run_job(name, {**config, "output_dir": str(root / name)}, cache_dir, log)
     result.attempts = len((root / f"{name}.attempts").read_text(encoding="utf-8").split())
+    import ray
+
+    result.host = f"{result.host} node {ray.get_runtime_context().get_node_id()[:8]}"
     build_dir = root / name
     data = pack_build(build_dir) if result.status in ("passed", "parity_failed") and build_dir.is_dir() else b""
     return result.to_dict(), data, log.read_bytes() if log.is_file() else b""
