@@ -30,10 +30,12 @@ class MatrixFailed(QuantpipeError):
               help="Run the jobs as Ray tasks on the cluster at ADDRESS (host:port of the head) or `auto`.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Stage cache shared by all jobs (a local folder, or one every Ray node mounts). [default: each build's own]")
+@click.option("--search-jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Local runs: worker processes of each build's fallback search (same chosen nodes at any number).")
 @click.option("--list", "list_only", is_flag=True, help="Print the jobs and their configuration, run nothing.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors and the summary line.")
 def matrix(matrix_file: Path, output: Path, jobs: Optional[int], ray_address: Optional[str],
-           cache_dir: Optional[Path], list_only: bool, quiet: bool) -> None:
+           cache_dir: Optional[Path], search_jobs: int, list_only: bool, quiet: bool) -> None:
     """Run a build matrix: models x targets x options, each job a normal build with its own manifest and parity report.
 
     \b
@@ -58,7 +60,7 @@ def matrix(matrix_file: Path, output: Path, jobs: Optional[int], ray_address: Op
     from pipeline.matrix.run import run_matrix
 
     report = (lambda message: None) if quiet else (lambda message: click.echo(f"matrix: {message}", err=True))
-    results, data = run_matrix(plan, output, jobs or 1, ray_address, cache_dir, report)
+    results, data = run_matrix(plan, output, jobs or 1, ray_address, cache_dir, report, search_jobs)
     click.echo(f"matrix: {data['passed']}/{data['jobs']} builds passed in {data['wall_time_s']:.1f}s "
                f"({data['executor']}); summary: {output / 'matrix.md'}")
     failed = [result for result in results if not result.ok]

@@ -51,8 +51,13 @@ class JobResult:
         return cls(**data)
 
 
-def run_job(name: str, config: dict[str, Any], cache_dir: Optional[str], log: Path) -> JobResult:
-    """Build one job in this process; every failure the pipeline knows becomes a result, not an exception."""
+def run_job(name: str, config: dict[str, Any], cache_dir: Optional[str], log: Path,
+            search_jobs: int = 1) -> JobResult:
+    """Build one job in this process; every failure the pipeline knows becomes a result, not an exception.
+    search_jobs: worker processes of the job's fallback search (results are the same at any number)."""
+    from engines import parallel
+
+    parallel.configure(jobs=search_jobs)
     started = time.perf_counter()
     build = BuildConfig.model_validate(config)
     log.parent.mkdir(parents=True, exist_ok=True)

@@ -28,11 +28,12 @@ def job_files(out: Path, job: Job) -> tuple[Path, Path, Path]:
     return folder / f"{job.name}.json", folder / f"{job.name}.result.json", out / f"{job.name}.log"
 
 
-def _start(job: Job, out: Path, cache_dir: Optional[Path]) -> subprocess.Popen[bytes]:
+def _start(job: Job, out: Path, cache_dir: Optional[Path], search_jobs: int) -> subprocess.Popen[bytes]:
     spec, result, log = job_files(out, job)
     result.unlink(missing_ok=True)
     spec.write_text(json.dumps({"name": job.name, "config": job.config, "log": str(log), "result": str(result),
-                                "cache_dir": str(cache_dir) if cache_dir else None}), encoding="utf-8")
+                                "cache_dir": str(cache_dir) if cache_dir else None, "search_jobs": search_jobs}),
+                    encoding="utf-8")
     with log.open("ab") as stream:
         return subprocess.Popen([sys.executable, "-m", "pipeline.matrix.worker", str(spec)],
                                 stdout=stream, stderr=stream, stdin=subprocess.DEVNULL)
@@ -50,7 +51,7 @@ def _outcome(job: Job, out: Path, process: subprocess.Popen[bytes]) -> Optional[
 
 
 def run_local(jobs: list[Job], out: Path, cache_dir: Optional[Path], parallel: int, retries: int,
-              report: Report) -> list[JobResult]:
+              report: Report, search_jobs: int = 1) -> list[JobResult]:
     pending = deque((job, 1) for job in jobs)
     running: dict[str, tuple[Job, int, subprocess.Popen[bytes]]] = {}
     results: dict[str, JobResult] = {}
@@ -58,7 +59,7 @@ def run_local(jobs: list[Job], out: Path, cache_dir: Optional[Path], parallel: i
         while pending or running:
             while pending and len(running) < parallel:
                 job, attempt = pending.popleft()
-                running[job.name] = (job, attempt, _start(job, out, cache_dir))
+                running[job.name] = (job, attempt, _start(job, out, cache_dir, search_jobs))
                 report(f"{job.name}: started (attempt {attempt}, pid {running[job.name][2].pid})")
             time.sleep(POLL_S)
             raise_pending()

@@ -18,7 +18,7 @@ def main(job_file: Path) -> int:
     signal.signal(signal.SIGTERM, on_signal)  # unwinds like the build command: staging folders removed
     job = json.loads(job_file.read_text(encoding="utf-8"))
     quiet_libraries()
-    result = run_job(job["name"], job["config"], job["cache_dir"], Path(job["log"]))
+    result = run_job(job["name"], job["config"], job["cache_dir"], Path(job["log"]), job.get("search_jobs", 1))
     write_result(Path(job["result"]), result)
     return result.exit_code
 
