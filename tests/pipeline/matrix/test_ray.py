@@ -55,7 +55,8 @@ def ray_cluster():
     temp = Path(tempfile.mkdtemp(prefix="qp-ray-", dir="/tmp"))  # short: Ray's socket paths have a length limit
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    os.environ["RAY_AUTH_MODE"] = "disabled"
+    previous_auth = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # for this process's ray.init
     address = f"127.0.0.1:{_free_port()}"
     command = [str(Path(sys.executable).with_name("ray")), "start", "--block", "--num-cpus=1",
                "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
@@ -77,6 +78,10 @@ def ray_cluster():
             _stop(process)
         for log in logs:
             log.close()
+        if previous_auth is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = previous_auth
 
 
 @pytest.fixture(scope="module")
