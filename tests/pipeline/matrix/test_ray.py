@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -78,6 +79,7 @@ def ray_cluster():
             _stop(process)
         for log in logs:
             log.close()
+        shutil.rmtree(temp, ignore_errors=True)
         if previous_auth is None:
             os.environ.pop("RAY_AUTH_MODE", None)
         else:
@@ -103,7 +105,14 @@ def ray_matrix(ray_cluster: str, tiny_models: dict, tmp_path_factory: pytest.Tem
         "product": {"model": tiny_models, "target": {"cpu": {"target": "cpu"}, "trt": {"target": "trt"}}}})
     result = subprocess.run([sys.executable, "-m", "pipeline", "matrix", str(matrix), "-o", str(root / "out"),
                              "--ray", ray_cluster], capture_output=True, text=True, timeout=900)
-    return result, root / "out"
+    yield result, root / "out"
+    shutil.rmtree(_node_root(root / "out"), ignore_errors=True)
+
+
+def _node_root(out: Path) -> Path:
+    from pipeline.matrix.ray_backend import node_work_root
+
+    return Path(node_work_root(out))  # where the tasks built (both nodes are this host)
 
 
 def test_four_builds_on_ray_are_byte_identical_to_local_builds_one_by_one(
@@ -129,12 +138,10 @@ def test_four_builds_on_ray_are_byte_identical_to_local_builds_one_by_one(
 
 def test_a_killed_ray_worker_is_retried_and_resumes_from_the_shared_cache(
         ray_cluster: str, tiny_models: dict, tmp_path: Path) -> None:
-    from pipeline.matrix.ray_backend import node_work_root
-
     matrix = write_matrix(tmp_path / "m.yaml", {"product": {"model": {"bert": tiny_models["bert"]},
                                                             "target": {"cpu": {"target": "cpu"}}}, "retries": 2})
     out, cache = tmp_path / "out", tmp_path / "cache"
-    node_build = Path(node_work_root(out)) / "bert-cpu"  # where the task builds (both nodes are this host)
+    node_build = _node_root(out) / "bert-cpu"
     killed: list[int] = []
 
     def kill_after_export() -> None:
@@ -158,6 +165,7 @@ def test_a_killed_ray_worker_is_retried_and_resumes_from_the_shared_cache(
     assert manifest["status"] == "passed"
     assert directory_hashes(out / "bert-cpu")["model.onnx"] == manifest["artifacts"]["model.onnx"]
     assert str(killed[0]) not in (node_build / LOCK_FILE).read_text()
+    shutil.rmtree(_node_root(out), ignore_errors=True)
 
 
 def test_the_fallback_search_on_ray_tasks_picks_the_nodes_of_the_sequential_search(
