@@ -68,7 +68,7 @@ def _ray_map(function: Callable[[T], R], items: Sequence[T]) -> Optional[list[R]
 
     try:
         shared = ray.put(function)
-    except Exception:  # noqa: BLE001 - a closure over something cloudpickle cannot serialize
+    except Exception:  # a closure over something cloudpickle cannot serialize
         return None
     task = ray.remote(_apply).options(num_cpus=1, max_retries=2)
     return ray.get([task.remote(shared, item) for item in items])

@@ -59,7 +59,7 @@ def killed_matrix(tiny_bert_folder: Path, tmp_path_factory: pytest.TempPathFacto
 
 
 def test_a_killed_worker_is_retried_and_resumes_from_the_shared_cache(killed_matrix) -> None:
-    returncode, stdout, stderr, out, cache, victim = killed_matrix
+    returncode, stdout, stderr, out, _, victim = killed_matrix
     assert returncode == 0, stderr
     assert "2/2 builds passed" in stdout
     assert f"tiny-cpu: worker died (signal {signal.SIGKILL})" in stderr
