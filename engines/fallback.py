@@ -9,12 +9,16 @@ within the tolerable loss (or after max_nodes).
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import onnx
+
+from engines.parallel import parallel_map, width
 
 Batch = dict[str, np.ndarray]
 QUANTIZABLE_OP_TYPES = ("MatMul", "Gemm", "Attention", "EmbedLayerNormalization", "Gather", "Conv")
@@ -114,12 +118,18 @@ def rank_sensitivity(
         and any(n.op_type in QUANTIZED_OP_TYPES for n in _region(quantized, node.output[0], boundary))
     ]
     baseline = evaluate(fp32)
-    ranking = []
-    path = scratch / "include-one.onnx"
-    for name in candidates:
+
+    def include_one(name: str) -> float:
+        folder = scratch if scratch.is_dir() else Path(tempfile.gettempdir())  # a Ray node without the build
+        path = folder / f"include-{os.getpid()}-{candidates.index(name)}.onnx"
         onnx.save(transplant(reference, quantized, name, boundary), str(path))
-        ranking.append((name, baseline - evaluate(path)))
-    return order_ranking(ranking)
+        try:
+            return evaluate(path)
+        finally:
+            path.unlink(missing_ok=True)
+
+    metrics = parallel_map(include_one, candidates)
+    return order_ranking([(name, baseline - metric) for name, metric in zip(candidates, metrics)])
 
 
 def order_ranking(ranking: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
@@ -150,17 +160,21 @@ def greedy_search(
     first candidate whose metric reaches `target`, or after `max_nodes`. `initial` is the metric with
     nothing chosen (trial 0).
     """
-    chosen: list[str] = []
-    metric = initial
+    order = [name for name, _ in order_ranking(ranking)[:max(max_nodes, 0)]]
+    taken, metric = 0, initial
     trials = [Trial([], initial)]
-    for name, _ in order_ranking(ranking)[:max(max_nodes, 0)]:
-        if metric >= target:
-            break
-        chosen.append(name)
-        metric = score(list(chosen))
-        trials.append(Trial(list(chosen), metric))
-        progress(list(chosen), metric)
-    return GreedyOutcome(chosen, metric, metric >= target, trials)
+    while metric < target and taken < len(order):
+        # The candidates are the ranking's prefixes, so the next `width()` of them are scored at once (in
+        # parallel) and read in order: the first that reaches the target stops the search as it would have
+        # sequentially; the ones after it are discarded.
+        sizes = list(range(taken + 1, min(taken + width(), len(order)) + 1))
+        for size, value in zip(sizes, parallel_map(lambda size: score(order[:size]), sizes)):
+            taken, metric = size, value
+            trials.append(Trial(order[:size], metric))
+            progress(order[:size], metric)
+            if metric >= target:
+                break
+    return GreedyOutcome(order[:taken], metric, metric >= target, trials)
 
 
 def search(
@@ -179,15 +193,17 @@ def search(
     metric = evaluate(first)
     report(f"all nodes INT8: tuning metric {metric:.5f} (target >= {target:.5f})")
     ranking = order_ranking(rank_sensitivity(fp32, first, evaluate, scratch)) if metric < target else []
-    latest = [first]
 
     def score(excluded: list[str]) -> float:
-        latest[0] = scratch / f"trial-{len(excluded)}.onnx"
-        quantize(excluded, latest[0])
-        return evaluate(latest[0])
+        path = scratch / f"trial-{len(excluded)}.onnx"
+        quantize(excluded, path)
+        return evaluate(path)
 
     outcome = greedy_search(
         ranking, score, target, max_nodes, metric,
         lambda chosen, value: report(f"{len(chosen)} node(s) in FP32 (+{chosen[-1]}): tuning metric {value:.5f}"),
     )
-    return latest[0], FallbackResult(outcome.chosen, outcome.metric, outcome.met, ranking, outcome.trials)
+    chosen = scratch / f"trial-{len(outcome.chosen)}.onnx"
+    if outcome.chosen and width() > 1:  # scored in another process: quantize the choice here, for its record
+        quantize(outcome.chosen, chosen)
+    return chosen, FallbackResult(outcome.chosen, outcome.metric, outcome.met, ranking, outcome.trials)

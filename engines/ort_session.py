@@ -31,6 +31,11 @@ TENSORRT_SIMULATION_CONFIG = {
 }
 
 
+# Set in a worker process of engines.parallel: the cores it shares with its sibling workers. A session that
+# would take every core (threads=0) takes this many, without spinning, so workers do not oversubscribe.
+WORKER_THREADS: list[int] = []
+
+
 def create_session(
     model_path: Path | bytes,
     threads: int = 0,
@@ -46,6 +51,9 @@ def create_session(
     deployment.
     """
     options = ort.SessionOptions()
+    if threads == 0 and WORKER_THREADS:
+        threads = WORKER_THREADS[0]
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]

@@ -30,8 +30,9 @@ ALLOWED["pipeline.stages"] = set(ALLOWED) | {"pipeline.reports"}
 ALLOWED["pipeline.build"] = ALLOWED["pipeline.stages"] | {"pipeline.stages"}
 ALLOWED["pipeline.deploy"] = ALLOWED["pipeline.build"] | {"pipeline.build"}
 ALLOWED["pipeline.bench"] = ALLOWED["pipeline.deploy"] | {"pipeline.deploy"}
+ALLOWED["pipeline.matrix"] = ALLOWED["pipeline.build"] | {"pipeline.build"}
 ALLOWED["pipeline.api"] = ALLOWED["pipeline.bench"]
-ALLOWED["pipeline.cli"] = ALLOWED["pipeline.bench"] | {"pipeline.bench", "pipeline.api"}
+ALLOWED["pipeline.cli"] = ALLOWED["pipeline.bench"] | {"pipeline.bench", "pipeline.api", "pipeline.matrix"}
 ALLOWED["pipeline.__main__"] = {"pipeline.cli"}
 
 

@@ -21,6 +21,7 @@ import onnx
 
 from engines.fallback import greedy_search, order_ranking
 from engines.onnx_io import save_model
+from engines.parallel import parallel_map
 from engines.ort_session import OrtRunner, create_session
 from engines.trt.calibration import (
     TensorStats,
@@ -80,6 +81,9 @@ class _Evaluator:
         self.weights: dict[tuple[str, int, int, int], tuple[np.ndarray, object]] = {}
         with OrtRunner(fp32_path, output_names=[output]) as runner:
             self.reference = [runner.infer(batch)[output] for batch in self.batches]
+
+    def __getstate__(self) -> dict[str, object]:  # a Ray task's copy: ONNX Runtime values are rebuilt there
+        return {**self.__dict__, "weights": {}}
 
     def _strip_weights(self, model: onnx.ModelProto) -> tuple[list[str], list[object]]:
         import onnxruntime as ort
@@ -187,13 +191,15 @@ def _sensitivity(base: onnx.ModelProto, nodes: Sequence[QuantizableNode], amax: 
                  evaluator: _Evaluator, log: Log) -> list[tuple[str, float]]:
     """Nodes by the cosine lost when only that node is quantized, worst first."""
     log(f"ranking {len(nodes)} nodes by sensitivity on {SENSITIVITY_BATCHES} calibration batches")
-    losses = []
-    for node in nodes:
+
+    def quantize_one(node: QuantizableNode) -> float:
         model = onnx.ModelProto()
         model.CopyFrom(base)
         insert_qdq(model, [node], amax, quant)
-        losses.append((node.name, 1.0 - evaluator.score(model, SENSITIVITY_BATCHES)))
-    return order_ranking(losses)
+        return 1.0 - evaluator.score(model, SENSITIVITY_BATCHES)
+
+    losses = parallel_map(quantize_one, nodes)
+    return order_ranking([(node.name, loss) for node, loss in zip(nodes, losses)])
 
 
 def _relative_error(values: np.ndarray, scale: np.ndarray, quant: str) -> float:

@@ -35,6 +35,7 @@ from pipeline.stages.facts import VerifyFacts
 CACHE_DIR = ".stages"
 LOCK_FILE = ".lock"
 MARKER_FILE = ".quantpipe-build"
+SHARED_LOCKS = ".locks"  # a shared stage cache's per-entry lock files
 
 
 @dataclass
@@ -109,25 +110,61 @@ def build_lock(build_dir: Path, progress: Progress, wait: bool = True,
                 raise LockedError(f"another build{holder} is running in {build_dir}; "
                                   "wait for it, give --lock-timeout SECONDS, or use another --output") from None
             progress.info(f"another build{holder} holds {build_dir}; waiting for it to finish")
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while True:  # polled, so that Ctrl-C and SIGTERM are honoured while waiting
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if deadline is not None and time.monotonic() >= deadline:
-                        raise LockedError(f"another build{holder} still holds {build_dir} after waiting "
-                                          f"{timeout:g}s (--lock-timeout); try again later or use another --output") from None
-                    raise_pending()
-                    time.sleep(LOCK_POLL_S)
-        try:
-            handle.seek(0)
-            handle.truncate(0)
-            handle.write(str(os.getpid()))
-            handle.flush()
+            if not _wait_for_lock(handle, timeout):
+                raise LockedError(f"another build{holder} still holds {build_dir} after waiting "
+                                  f"{timeout:g}s (--lock-timeout); try again later or use another --output")
+        with _holding(handle):
             yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _wait_for_lock(handle: Any, timeout: Optional[float]) -> bool:
+    """Polled, so that Ctrl-C and SIGTERM are honoured while waiting; False when `timeout` ran out."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            raise_pending()
+            time.sleep(LOCK_POLL_S)
+
+
+@contextmanager
+def _holding(handle: Any) -> Iterator[None]:
+    try:
+        handle.seek(0)
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
+def entry_lock(cache: Path, entry: str, progress: Progress, shared: bool) -> Iterator[None]:
+    """One writer per stage output of a shared cache (--cache-dir): held from the cache check until the entry
+    is published, so two builds sharing it (processes, or nodes mounting one folder) never both run the same
+    stage; the second waits and reuses the first's output. Its staging leftovers (`tmp-<entry>-*`, of a
+    killed holder) are removed under this lock, where no live build can be writing them. A build directory's
+    own cache needs none: the build lock already admits one build."""
+    if not shared:
+        yield
+        return
+    locks = cache / SHARED_LOCKS
+    locks.mkdir(exist_ok=True)
+    with (locks / f"{entry}{LOCK_FILE}").open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress.info(f"another build{_holder(handle)} is running this stage ({entry}); waiting for it")
+            _wait_for_lock(handle, None)
+        with _holding(handle):
+            for leftover in cache.glob(f"tmp-{entry}-*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+            yield
 
 
 def clean_stale(build_dir: Path, progress: Progress) -> int:
@@ -200,7 +237,7 @@ def _remove_tree(directory: Path) -> None:
 def _run_stage(stage: Stage, context: StageContext, cache: Path, key: str,
                config_slice: dict[str, Any], inputs: dict[str, str]) -> StageOutput:
     final = cache / f"{stage.name}-{key[:16]}"
-    staging = Path(tempfile.mkdtemp(prefix=f"tmp-{stage.name}-", dir=cache))
+    staging = Path(tempfile.mkdtemp(prefix=f"tmp-{final.name}-", dir=cache))
     started = time.perf_counter()
     reads: set[str] = set()
     viewed = StageContext(config=ConfigReads(context.config, reads), model=context.model,  # type: ignore[arg-type]
@@ -235,7 +272,10 @@ def run_build(
     stop_after: Optional[str] = None,
     stages: Optional[Sequence[Stage]] = None,
     lock_timeout: Optional[float] = None,
+    cache_dir: Optional[Path] = None,
 ) -> BuildResult:
+    """`cache_dir`: a stage cache shared with other builds (a local folder, or one every node mounts);
+    default: the build directory's own `.stages/`. Keys are content hashes, so sharing changes no output."""
     started = time.perf_counter()
     from pipeline.build.plan import plan_build
 
@@ -254,11 +294,13 @@ def run_build(
     with build_lock(build_dir, progress, timeout=lock_timeout):
         check_build_directory(build_dir)  # again under the lock: nothing changed it in between
         mark_build_directory(build_dir)
-        cache = build_dir / CACHE_DIR
-        cache.mkdir(parents=True, exist_ok=True)
+        local = build_dir / CACHE_DIR
+        local.mkdir(parents=True, exist_ok=True)
         clean_stale(build_dir, progress)
-        with scratch_space(cache):
-            context = _run_stages(config, model, progress, pipeline_stages, cache, force, stop_after)
+        cache = local if cache_dir is None else _shared_cache(Path(cache_dir))
+        with scratch_space(local):
+            context = _run_stages(config, model, progress, pipeline_stages, cache, force, stop_after,
+                                  shared=cache_dir is not None)
         progress.stage("publish")
         passed = publish_build(build_dir, config, model, context.inputs, time.perf_counter() - started)
         if "verify" in context.inputs:
@@ -268,6 +310,14 @@ def run_build(
         failures = context.facts("verify", VerifyFacts).failures
         raise ParityError("parity failed: " + "; ".join(failures) + f" (report: {build_dir / 'parity.md'})")
     return result
+
+
+def _shared_cache(folder: Path) -> Path:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot use {folder} as a stage cache (--cache-dir): {exc.strerror or exc}") from None
+    return folder
 
 
 def stage_cache_key(stage: Stage, config: BuildConfig, model: ModelInfo,
@@ -281,20 +331,21 @@ def stage_cache_key(stage: Stage, config: BuildConfig, model: ModelInfo,
 
 
 def _run_stages(config: BuildConfig, model: ModelInfo, progress: Progress, pipeline_stages: Sequence[Stage],
-                cache: Path, force: bool, stop_after: Optional[str]) -> StageContext:
+                cache: Path, force: bool, stop_after: Optional[str], shared: bool = False) -> StageContext:
     context = StageContext(config=config, model=model, progress=progress)
     for stage in pipeline_stages:
         progress.stage(stage.name)
         upstream = {name: context.input(name).content_hash for name in stage.depends_on(config)}
         key, config_slice, inputs = stage_cache_key(stage, config, model, upstream)
         directory = cache / f"{stage.name}-{key[:16]}"
-        output = None if force else _cached_output(directory, progress)
-        if output is not None:
-            progress.info(f"reused cached output {directory.name} (built in {output.wall_time_s:.1f}s)")
-        else:
-            progress.info("running")
-            output = _run_stage(stage, context, cache, key, config_slice, inputs)
-            progress.info(f"done in {output.wall_time_s:.1f}s")
+        with entry_lock(cache, directory.name, progress, shared):
+            output = None if force else _cached_output(directory, progress)
+            if output is not None:
+                progress.info(f"reused cached output {directory.name} (built in {output.wall_time_s:.1f}s)")
+            else:
+                progress.info("running")
+                output = _run_stage(stage, context, cache, key, config_slice, inputs)
+                progress.info(f"done in {output.wall_time_s:.1f}s")
         context.inputs[stage.name] = output
         if stop_after == stage.name:
             break

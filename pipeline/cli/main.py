@@ -12,6 +12,7 @@ import yaml
 
 from pipeline import __version__
 from pipeline.cli.deploy import bench_serve, export_triton, serve
+from pipeline.cli.matrix import bench_fallback, matrix
 from pipeline.cli.report import report, verify
 from pipeline.config import STAGE_NAMES, load_config
 from pipeline.core.errors import ExitCode, QuantpipeError
@@ -257,6 +258,8 @@ cli.add_command(report)
 cli.add_command(export_triton)
 cli.add_command(serve)
 cli.add_command(bench_serve)
+cli.add_command(matrix)
+cli.add_command(bench_fallback)
 
 
 @cli.command()
