@@ -74,7 +74,9 @@ def _polygraphy_statistics(name: str, reference: np.ndarray, candidate: np.ndarr
     snr = SnrCompareFunc(snr_threshold=-math.inf)
     with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
         # (candidate, reference): Polygraphy divides by the second output, so relative error is against the reference.
-        accuracy = Comparator.compare_accuracy(results, compare_func=[statistics, snr], comparisons=[(1, 0)])
+        accuracy = Comparator.compare_accuracy(results, compare_func=[statistics], comparisons=[(1, 0)])
+        # (reference, candidate): Polygraphy's SNR takes the first output's power as the signal.
+        signal = Comparator.compare_accuracy(results, compare_func=[snr], comparisons=[(0, 1)])
     pair = (CANDIDATE_RUNNER, REFERENCE_RUNNER)
     simple = accuracy[0][pair][0][name]
     return {
@@ -86,7 +88,7 @@ def _polygraphy_statistics(name: str, reference: np.ndarray, candidate: np.ndarr
         "mean_rel": simple.mean_reldiff,
         "median_rel": simple.median_reldiff,
         "p99_rel": simple.quantile_reldiff,
-        "snr_db": float(accuracy[1][pair][0][name].snr),
+        "snr_db": float(signal[0][(REFERENCE_RUNNER, CANDIDATE_RUNNER)][0][name].snr),
     }
 
 

@@ -91,7 +91,7 @@ def _link_or_copy(source: Path, target: Path) -> None:
 class BundleStage(Stage):
     name = "bundle"
     facts = BundleFacts
-    version = 2  # 2: engine_parity.json is the ParityReport model (schema 3)
+    version = 3  # 3: SNR takes the reference's power as the signal; 2: engine_parity.json is the ParityReport model (schema 3)
     outputs = ("model.onnx", "build_config.json", TRTEXEC_FILE, BUILD_SCRIPT, "parity.json", "parity.md",
                "precision.json")
 

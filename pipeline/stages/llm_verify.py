@@ -22,7 +22,7 @@ from pipeline.stages.facts import CalibrationFacts, ExportFacts, PrecisionFacts,
 class LlmVerifyStage(Stage):
     name = "verify"
     facts = VerifyFacts
-    version = 2  # 2: parity.json is the ParityReport model (schema 3)
+    version = 3  # 3: SNR takes the reference's power as the signal; 2: parity.json is the ParityReport model (schema 3)
     outputs = REPORT_FILES
 
     def __init__(self, candidate: str = "quantize") -> None:

@@ -63,7 +63,7 @@ def _describe_candidate(config: BuildConfig, quantized: QuantizeFacts) -> str:
 class VerifyStage(Stage):
     name = "verify"
     facts = VerifyFacts
-    version = 4  # 4: parity.json is the ParityReport model (schema 3); 3: candidate names its FP32 nodes; 2: reports gained relative-error statistics, SNR, histograms, localization, HTML and JUnit
+    version = 5  # 5: SNR takes the reference's power as the signal (it took the candidate's); 4: parity.json is the ParityReport model (schema 3); 3: candidate names its FP32 nodes; 2: reports gained relative-error statistics, SNR, histograms, localization, HTML and JUnit
     outputs = REPORT_FILES
 
     def __init__(self, reference: str = "optimize", candidate: str = "quantize") -> None:

@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -116,10 +115,15 @@ def test_html_is_self_contained_with_plots(broken_run) -> None:
     assert page.count('src="data:image/png;base64,') == 3, "two error histograms and the error-per-layer plot"
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
 def test_html_renders_in_headless_chromium(broken_run, tmp_path: Path) -> None:
     from matplotlib.image import imread
 
+    if not CHROMIUM.exists():
+        # .ci/run installs chromium and sets CI: there a missing browser is a failure, not a silent skip.
+        message = "needs Debian's chromium at /usr/bin/chromium"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set: {message}")
+        pytest.skip(message)
     _, reports, _ = broken_run
     screenshot = tmp_path / "parity.png"
     result = subprocess.run(
@@ -139,11 +143,8 @@ def test_html_renders_in_headless_chromium(broken_run, tmp_path: Path) -> None:
 
 def test_report_check_regates_without_a_model(default_build) -> None:
     parity = str(default_build.build_dir / "parity.json")
-    started = time.perf_counter()
     result = run_cli("report", "check", parity, "--min-cosine", "0.99", "--max-abs", "0.2")
-    elapsed = time.perf_counter() - started
     assert result.returncode == 0, result.stderr
-    assert elapsed < 2.0, f"report check took {elapsed:.2f}s"
     assert result.stdout.count("pass  ") == 2
     strict = run_cli("report", "check", parity, "--min-cosine", "0.9999", "--gate", "last_hidden_state.snr_db=40")
     assert_one_line_error(strict, ExitCode.PARITY_FAILED, "sentence_embedding cosine_mean", "last_hidden_state snr_db")

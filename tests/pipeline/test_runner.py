@@ -31,13 +31,14 @@ def _reran(result) -> list[str]:
     return [name for name, output in result.outputs.items() if not output.reused]
 
 
-def test_identical_build_reuses_every_stage_quickly(default_build, cached_copy: Path) -> None:
+def test_identical_build_reuses_every_stage(default_build, cached_copy: Path) -> None:
+    """The behaviour, not the speed (benchmarks time it): no stage runs, the same bytes are published."""
     result = _build(cached_copy)
     assert _reran(result) == []
-    assert result.wall_time_s < 0.25 * default_build.wall_time_s
     manifest = json.loads((cached_copy / "manifest.json").read_text())
     assert [stage["reused"] for stage in manifest["stages"]] == [True] * 5
-    assert (cached_copy / "model.onnx").stat().st_size == (default_build.build_dir / "model.onnx").stat().st_size
+    for name in ("model.onnx", "model.fp32.onnx", "parity.json"):
+        assert (cached_copy / name).read_bytes() == (default_build.build_dir / name).read_bytes(), name
 
 
 def test_cli_says_which_stages_were_reused(cached_copy: Path) -> None:

@@ -10,14 +10,42 @@ from engines.ort_session import create_session
 from pipeline.bench.serve_load import ServerProcess, load_test, request, sentences
 
 
-def test_short_load_test_has_no_errors_and_batches(default_build) -> None:
-    result = load_test(default_build.build_dir, clients=4, duration=3.0, threads=2)
+def test_concurrent_requests_are_all_answered_and_batched(default_build) -> None:
+    """A fixed number of requests (not a rate): 4 clients x 4 texts, released together, every one answered
+    with an embedding; the server's 250 ms batching window makes simultaneous requests share model runs."""
+    import threading
+
+    clients, per_client = 4, 4
+    texts = sentences(clients * per_client)
+    start = threading.Barrier(clients)
+    answers: list[list] = [[] for _ in range(clients)]
+
+    def client(index: int) -> None:
+        connection = server.connect()
+        start.wait(timeout=60)
+        for text in texts[index::clients]:
+            answers[index].append(request(connection, "POST", "/v1/predict", {"text": text}))
+        connection.close()
+
+    with ServerProcess(default_build.build_dir, threads=2, max_batch=32, max_wait_ms=250.0) as server:
+        before = server.stats()
+        workers = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=120)
+        after = server.stats()
+    replies = [reply for replies in answers for reply in replies]
+    assert len(replies) == clients * per_client
+    assert all(status == 200 and len(answer["embeddings"]) == 1 for status, answer in replies), replies[:2]
+    assert after["texts"] - before["texts"] == clients * per_client
+    assert after["largest_batch"] > 1 and after["batches"] - before["batches"] < clients * per_client
+
+
+def test_load_test_reports_its_requests_without_errors(default_build) -> None:
+    result = load_test(default_build.build_dir, clients=2, duration=1.0, threads=2)
     assert result["errors"] == 0, result["first_errors"]
-    assert result["requests"] >= 8
-    assert result["requests_per_s"] > 0 and 0 < result["latency_ms"]["p50"] <= result["latency_ms"]["p99"]
-    # concurrent requests really ran together: fewer model runs than requests
-    assert result["server"]["largest_batch"] > 1
-    assert result["server"]["batches"] < result["requests"]
+    assert result["requests"] > 0 and 0 < result["latency_ms"]["p50"] <= result["latency_ms"]["p99"]
 
 
 def test_served_embedding_is_the_models(default_build) -> None:

@@ -1,0 +1,111 @@
+"""Parity numbers recomputed without the pipeline: plain `onnxruntime.InferenceSession` runs of two graphs on
+the held-out batches, and the metrics in numpy, to compare with what a `parity.json` claims.
+
+Nothing here imports `pipeline.parity` (the code under test): the held-out file is read with safetensors,
+the sessions are ONNX Runtime's own, and the formulas are written out again below.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+Batch = dict[str, np.ndarray]
+
+# Q/DQ kept as exact fake quantization for graphs meant for TensorRT (ONNX Runtime's session config keys
+# from onnxruntime_session_options_config_keys.h), as TensorRT computes them: no integer kernels.
+TENSORRT_SIMULATION = {"session.disable_quant_qdq": "1", "session.disable_double_qdq_remover": "1"}
+
+# How far a recomputed value may be from the report's: float32 summation order between two sessions and
+# the quantile method; an edited digit in the third decimal place is far outside them.
+TOLERANCE = {"cosine_mean": 1e-5, "cosine_min": 1e-5, "top1_agreement": 1e-9, "relative_l2": 1e-4}
+RELATIVE_TOLERANCE = {"max_abs": 1e-3, "mean_abs": 1e-3, "snr_db": 1e-3}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def heldout_batches(path: Path) -> list[Batch]:
+    """The held-out file as saved by calibrate: safetensors keys "<batch index>/<input name>"."""
+    from safetensors.numpy import load_file
+
+    batches: dict[int, Batch] = {}
+    for key, array in load_file(str(path)).items():
+        index, name = key.split("/", 1)
+        batches.setdefault(int(index), {})[name] = array
+    return [batches[index] for index in sorted(batches)]
+
+
+def run_graph(model: Path, batches: Sequence[Batch], outputs: Sequence[str],
+              simulate_tensorrt: bool = False) -> dict[str, list[np.ndarray]]:
+    """One plain ONNX Runtime session over every batch."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if simulate_tensorrt:
+        for key, value in TENSORRT_SIMULATION.items():
+            options.add_session_config_entry(key, value)
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    names = [item.name for item in session.get_inputs()]
+    results: dict[str, list[np.ndarray]] = {name: [] for name in outputs}
+    for batch in batches:
+        for name, value in zip(outputs, session.run(list(outputs), {n: batch[n] for n in names})):
+            results[name].append(value)
+    return results
+
+
+def _rows(arrays: Sequence[np.ndarray], masks: Sequence[Optional[np.ndarray]]) -> np.ndarray:
+    """One row per sample; per-token outputs ([batch, sequence, hidden]): one row per real (unmasked) token."""
+    rows = [a[m.astype(bool)] if a.ndim == 3 and m is not None else a.reshape(a.shape[0], -1)
+            for a, m in zip(arrays, masks)]
+    return np.concatenate(rows).astype(np.float64)
+
+
+def metrics(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray],
+            masks: Sequence[Optional[np.ndarray]], classification: bool = False) -> dict[str, float]:
+    ref, cand = _rows(reference, masks), _rows(candidate, masks)
+    error = cand - ref
+    cosine = np.einsum("ij,ij->i", ref, cand) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1))
+    values = {
+        "rows": float(ref.shape[0]),
+        "cosine_mean": float(cosine.mean()),
+        "cosine_min": float(cosine.min()),
+        "max_abs": float(np.abs(error).max()),
+        "mean_abs": float(np.abs(error).mean()),
+        "relative_l2": float(np.linalg.norm(error) / np.linalg.norm(ref)),
+        "snr_db": float(10 * np.log10(np.mean(ref ** 2) / np.mean(error ** 2))),
+    }
+    if classification:
+        values["top1_agreement"] = float(np.mean(ref.argmax(axis=1) == cand.argmax(axis=1)))
+    return values
+
+
+def recompute(reference: Path, candidate: Path, heldout: Path, outputs: Sequence[str],
+              simulate_tensorrt: bool = False, classification: Sequence[str] = ()) -> dict[str, dict[str, float]]:
+    """{output: metrics} of the candidate graph against the reference graph on the held-out batches."""
+    batches = heldout_batches(heldout)
+    ref = run_graph(reference, batches, outputs, simulate_tensorrt)
+    cand = run_graph(candidate, batches, outputs, simulate_tensorrt)
+    masks = [batch.get("attention_mask") for batch in batches]
+    return {name: metrics(ref[name], cand[name], masks, name in classification) for name in outputs}
+
+
+def discrepancies(report: dict, recomputed: dict[str, dict[str, float]]) -> list[str]:
+    """Every metric where the report and the recomputation disagree beyond the tolerances ([] when they agree)."""
+    problems = []
+    for output, values in recomputed.items():
+        claimed = report["outputs"].get(output, {})
+        for name, value in values.items():
+            if name not in claimed:
+                problems.append(f"{output} {name}: missing from the report (recomputed {value:.6g})")
+                continue
+            allowed = (0.0 if name == "rows" else TOLERANCE[name] if name in TOLERANCE
+                       else RELATIVE_TOLERANCE[name] * abs(value))
+            if not abs(claimed[name] - value) <= allowed:
+                problems.append(f"{output} {name}: report {claimed[name]:.6g}, recomputed {value:.6g}")
+    return problems
