@@ -120,3 +120,57 @@ def tiny_llama_folder(tmp_path_factory: pytest.TempPathFactory):
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def default_parity_recomputed(default_build):
+    """The default build's parity numbers recomputed without the pipeline (tests/independent.py): plain ONNX
+    Runtime sessions of the published model.fp32.onnx and model.onnx on the held-out batches, numpy metrics."""
+    import json
+
+    from tests.independent import recompute
+
+    build = default_build.build_dir
+    report = json.loads((build / "parity.json").read_text())
+    return recompute(build / "model.fp32.onnx", build / "model.onnx",
+                     default_build.outputs["calibrate"].path("heldout.safetensors"), list(report["outputs"]))
+
+
+@pytest.fixture(scope="session")
+def minilm_classifier(tmp_path_factory: pytest.TempPathFactory):
+    """all-MiniLM-L6-v2 with a seeded two-label head (no fine-tuned classifier installs offline), saved once."""
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from pipeline.models.registry import default_model_path
+
+    folder = tmp_path_factory.mktemp("classifier")
+    torch.manual_seed(0)
+    model = BertForSequenceClassification.from_pretrained(
+        str(default_model_path()), num_labels=2, id2label={0: "NEGATIVE", 1: "POSITIVE"},
+        label2id={"NEGATIVE": 0, "POSITIVE": 1},
+    )
+    model.save_pretrained(str(folder))
+    AutoTokenizer.from_pretrained(str(default_model_path())).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def reduce_range_build(default_build, tmp_path_factory: pytest.TempPathFactory):
+    """The default build as a host without VNNI (AVX2 only) makes it: the same export, optimize and calibrate
+    outputs, then the real quantizer with 7-bit weights (`reduce_range`, which the quantizer otherwise picks
+    from this host's CPU flags) and a real verify. Both ISA paths of the INT8 graph thus run on every host."""
+    from engines.cpu import neural_compressor
+    from pipeline.build.runner import run_build
+    from pipeline.config import load_config
+    from pipeline.core.progress import Progress
+    from tests.helpers import seed_stage_cache
+
+    build_dir = tmp_path_factory.mktemp("reduce-range-build")
+    # quantize's cache key does not hold the CPU's instruction set: seed only the stages before it
+    seed_stage_cache(build_dir, default_build.outputs, ("export", "optimize", "calibrate"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(neural_compressor, "_reduce_range", lambda: True)
+        result = run_build(load_config(None, {"output_dir": str(build_dir)}), Progress(quiet=True))
+    assert result.outputs["quantize"].metrics["reduce_range"] is True
+    return result

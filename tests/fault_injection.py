@@ -5,13 +5,16 @@ check that the result is byte-identical to an uninterrupted build's and that the
     python -m tests.fault_injection --runs 3 --seed 7    # a short one
 
 Each run starts from a copy of a finished build directory whose cache entries from a randomly drawn
-stage onwards are deleted (or all of them, or none: then the kill lands in start-up or publishing),
-so the killed build has real stages to run. The kill time is drawn uniformly over the expected
-duration of that build (start-up plus the reference's wall time of the stages to run). Some runs are
-killed twice. After each kill the directory must not look finished unless it is (a manifest, when
-present, matches every artifact it lists); after the final, uninterrupted run every artifact (the
-published files and every stage output, calibration cache included) must hash as in the reference,
-and every manifest record must match the files on disk.
+stage onwards are deleted (or all of them, or none), so the killed build has real stages to run. Each
+kill aims at one place: the first stage to run (cold from that stage; "empty": export) or, with a warm
+cache ("none"), publishing. The build's progress lines say when it got there; the kill lands a random
+time later, drawn over the reference's wall time of that stage, and where it landed is read back from
+the progress lines. A kill that lands elsewhere (the stage finished first) is undone and retried
+earlier; a run whose kills did not all land where they aimed is a failed run. Some runs are killed
+twice. After each kill the directory must not look finished unless it is (a manifest, when present,
+matches every artifact it lists); after the final, uninterrupted run every artifact (the published
+files and every stage output, calibration cache included) must hash as in the reference, and every
+manifest record must match the files on disk.
 """
 
 from __future__ import annotations
@@ -50,8 +53,9 @@ class Reference:
 class RunResult:
     run: int
     cold_from: str  # first stage whose cache entry was deleted ("none": warm cache, "empty": no directory)
-    kills: list[float] = field(default_factory=list)  # seconds after start
-    killed_in: list[str] = field(default_factory=list)  # the stage the build was in when killed
+    aimed_at: str = ""  # where every kill of the run was meant to land: a stage, or "publish"
+    kills: list[float] = field(default_factory=list)  # seconds after the aimed stage started
+    killed_in: list[str] = field(default_factory=list)  # where the build was when killed ("finished": it was not)
     leftovers: int = 0  # staging folders and .tmp files the kills left (removed by the next build)
     problems: list[str] = field(default_factory=list)
 
@@ -68,20 +72,60 @@ def run_build(build_dir: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(build_command(build_dir), capture_output=True, text=True, timeout=1800)
 
 
-def kill_build_after(build_dir: Path, delay: float, log: Path) -> Optional[str]:
-    """Start a build, SIGKILL its process group after `delay` seconds; the stage it was in (None: it
-    finished before the kill)."""
-    with log.open("w") as errors:
-        process = subprocess.Popen(build_command(build_dir), stdout=subprocess.DEVNULL, stderr=errors,
-                                   start_new_session=True)
+def aim_of(cold_from: str) -> str:
+    """Where the kills of a run aim: the first stage the build really runs, or publishing."""
+    return {"empty": STAGES[0], "none": "publish"}.get(cold_from, cold_from)
+
+
+def _place(line: str) -> Optional[str]:
+    """The place a progress line says the build is in; after the last stage finished (or was reused): publish."""
+    match = _PROGRESS.match(line)
+    if not match:
+        return None
+    stage, message = match.group(1), line[match.end():]
+    if stage == STAGES[-1] and (message.startswith("done in") or message.startswith("reused cached output")):
+        return "publish"
+    return stage
+
+
+def _started(line: str, aim: str) -> bool:
+    if aim == "publish":
+        return _place(line) == "publish"
+    return line.startswith("[") and f"] {aim}: running" in line
+
+
+def kill_build_at(build_dir: Path, aim: str, delay: float, log: Path) -> str:
+    """Start a build, SIGKILL its process group `delay` seconds after it reached `aim` (the progress line of
+    that stage starting, or of the last stage ending for "publish"). Returns where the build was when the
+    kill landed, from its progress lines ("start-up" before any; "finished" when it ended before the kill
+    or never reached `aim`)."""
+    lines: list[str] = []
+    process = subprocess.Popen(build_command(build_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        assert process.stderr is not None
+        for line in process.stderr:
+            lines.append(line)
+            if _started(line, aim):
+                break
+        else:  # the build ended without reaching the aimed place
+            process.wait()
+            return "finished"
         try:
             process.wait(timeout=delay)
-            return None
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-    stages = [m.group(1) for m in map(_PROGRESS.match, log.read_text(errors="replace").splitlines()) if m]
-    return stages[-1] if stages else "start-up"
+            lines += process.stderr.readlines()
+            places = [place for place in map(_place, lines) if place]
+            return places[-1] if places else "start-up"
+        lines += process.stderr.readlines()
+        return "finished"
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.write_text("".join(lines), encoding="utf-8")
 
 
 def artifact_hashes(build_dir: Path) -> dict[str, str]:
@@ -155,36 +199,52 @@ def prepare(reference: Reference, build_dir: Path, cold_from: str) -> None:
             shutil.rmtree(build_dir / CACHE / entry["directory"])
 
 
-def expected_seconds(reference: Reference, cold_from: str) -> float:
-    """How long the build from this state takes, with a margin so that some kills land in publishing
-    (and a few after the end: those runs are then plain resumptions)."""
-    cold = STAGES if cold_from == "empty" else STAGES[STAGES.index(cold_from):] if cold_from != "none" else ()
-    return 1.2 * (reference.startup_seconds + sum(reference.stage_seconds[stage] for stage in cold))
+def aimed_seconds(reference: Reference, aim: str) -> float:
+    """How long the aimed place lasts in the reference build (publishing: start-up's share at most)."""
+    return reference.stage_seconds.get(aim, min(reference.startup_seconds, 1.0))
+
+
+def _reached(log: Path, aim: str) -> bool:
+    return any(_started(line, aim) for line in log.read_text(encoding="utf-8").splitlines(keepends=True))
 
 
 def run_scenario(reference: Reference, work: Path, run: int, rng: random.Random,
-                 cold_from: Optional[str] = None) -> RunResult:
-    """One run: prepare a state, kill the build once or twice at random times, resume, compare."""
+                 cold_from: Optional[str] = None, aim: Optional[str] = None) -> RunResult:
+    """One run: prepare a state, kill the build once or twice where it aims (default: `aim_of(cold_from)`)
+    at random times, resume, compare."""
     cold_from = cold_from or rng.choice(("empty", *STAGES, "none"))
     kills = 2 if rng.random() < 0.25 else 1
-    result = RunResult(run, cold_from)
+    result = RunResult(run, cold_from, aimed_at=aim or aim_of(cold_from))
     build_dir = work / f"run-{run:02d}"
     shutil.rmtree(build_dir, ignore_errors=True)
     prepare(reference, build_dir, cold_from)
-    duration = expected_seconds(reference, cold_from)
+    duration = aimed_seconds(reference, result.aimed_at)
     for attempt in range(kills):
-        delay = round(rng.uniform(0.5, duration), 2)
-        stage = kill_build_after(build_dir, delay, work / f"run-{run:02d}.kill{attempt}.log")
-        # The first kill must land: a build that finished first is undone and killed earlier.
+        # The state this kill starts from, to retry from when the kill lands after the aimed place ended.
+        snapshot = work / f"run-{run:02d}.snapshot" if attempt and build_dir.is_dir() else None
+        if snapshot:
+            shutil.rmtree(snapshot, ignore_errors=True)
+            shutil.copytree(build_dir, snapshot)
+        delay = round(rng.uniform(0.0, duration), 2)
+        log = work / f"run-{run:02d}.kill{attempt}.log"
+        landed = kill_build_at(build_dir, result.aimed_at, delay, log)
+        # A build that never reached the aimed place is not retried: no shorter delay would help.
         for _ in range(4):
-            if attempt or stage is not None:
+            if landed == result.aimed_at or not _reached(log, result.aimed_at):
                 break
             shutil.rmtree(build_dir, ignore_errors=True)
-            prepare(reference, build_dir, cold_from)
-            delay = round(rng.uniform(0.5, delay), 2)
-            stage = kill_build_after(build_dir, delay, work / f"run-{run:02d}.kill{attempt}.log")
+            if snapshot:
+                shutil.copytree(snapshot, build_dir)
+            elif not attempt:
+                prepare(reference, build_dir, cold_from)
+            delay = round(delay / 3, 2)
+            landed = kill_build_at(build_dir, result.aimed_at, delay, log)
+        if snapshot:
+            shutil.rmtree(snapshot, ignore_errors=True)
         result.kills.append(delay)
-        result.killed_in.append(stage or "finished")
+        result.killed_in.append(landed)
+        if landed != result.aimed_at:
+            result.problems.append(f"kill {attempt + 1} aimed at {result.aimed_at} landed in {landed}")
         if build_dir.is_dir():
             result.leftovers += len(leftovers(build_dir))
             result.problems += [f"after kill {attempt + 1}: {p}" for p in manifest_problems(build_dir, finished=False)]
@@ -242,16 +302,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     for run in range(1, args.runs + 1):
         result = run_scenario(reference, args.work, run, rng)
         results.append(result)
-        print(f"run {run:2d}: cold from {result.cold_from:9s} killed at "
-              + ", ".join(f"{t:5.1f}s ({s})" for t, s in zip(result.kills, result.killed_in))
+        print(f"run {run:2d}: cold from {result.cold_from:9s} aimed at {result.aimed_at:9s} killed "
+              + ", ".join(f"{t:5.1f}s in ({s})" for t, s in zip(result.kills, result.killed_in))
               + f"; leftovers {result.leftovers}; " + ("ok" if result.passed else "FAILED: " + "; ".join(result.problems)),
               flush=True)
     passed = sum(result.passed for result in results)
     (args.work / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=1) + "\n")
-    landed = sum(stage != "finished" for r in results for stage in r.killed_in)
+    landed = sum(stage == r.aimed_at for r in results for stage in r.killed_in)
     print(f"{passed}/{len(results)} runs passed (seed {args.seed}) in {time.perf_counter() - started:.0f}s; "
-          f"{landed} SIGKILLs landed in a running build, "
-          f"{sum(len(r.kills) for r in results) - landed} builds finished before their kill time", flush=True)
+          f"{landed} of {sum(len(r.kills) for r in results)} SIGKILLs landed where they aimed", flush=True)
     return 0 if passed == len(results) else 1
 
 

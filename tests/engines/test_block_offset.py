@@ -67,8 +67,15 @@ def test_block_sum_matrix_sums_each_block() -> None:
     np.testing.assert_array_equal(x @ block_sum_matrix(64, BLOCK), [x[:32].sum(), x[32:].sum()])
 
 
-@pytest.mark.parametrize("accuracy_level, tolerance", [(0, 1e-5), (4, 2e-2)])
-def test_graph_computes_x_times_w_in_onnx_runtime(accuracy_level: int, tolerance: float) -> None:
+def int8_activation_bound(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """The most that quantizing each activation row to 8 bits can move x @ W, whatever the CPU's kernel: a
+    symmetric int8 step (per block or per row, max|x| / 127) or an unsigned one ((max - min) / 255) rounds each
+    element by at most max|x_row| / 254, so each output moves by at most that times sum_k |W_kn|."""
+    return np.abs(x).max(axis=-1, keepdims=True) / 254 * np.abs(weight).sum(axis=0)
+
+
+@pytest.mark.parametrize("accuracy_level", [0, 4])
+def test_graph_computes_x_times_w_in_onnx_runtime(accuracy_level: int) -> None:
     weights = {"wq": q4_1_weight(96, 40, seed=2), "wk": q4_1_weight(96, 16, seed=3)}
     model = matmul_graph(weights, 96)
     assert sorted(replace_matmuls(model, {"mm_wq", "mm_wk"}, BLOCK, accuracy_level)) == ["mm_wk", "mm_wq"]
@@ -79,7 +86,10 @@ def test_graph_computes_x_times_w_in_onnx_runtime(accuracy_level: int, tolerance
         x = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
         for actual, weight in zip(run(model, x), weights.values()):
             expected = x @ weight
-            assert np.abs(actual - expected).max() <= tolerance * np.abs(expected).max()
+            # accuracy level 0: float activations, float32 summation order only; level 4: int8 activations
+            # (measured at 11-27% of the bound here)
+            allowed = 1e-5 * np.abs(expected).max() + (int8_activation_bound(x, weight) if accuracy_level else 0)
+            assert np.all(np.abs(actual - expected) <= allowed), np.abs(actual - expected).max()
 
 
 def test_a_weight_whose_rows_are_not_whole_blocks_is_left_alone() -> None:

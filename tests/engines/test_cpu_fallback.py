@@ -21,17 +21,28 @@ from pipeline.core.progress import Progress
 from pipeline.models.registry import TASKS
 from pipeline.stages.calibrate import CACHE_FILE
 from pipeline.stages.quantize import tuning_metric
+from tests.helpers import int8_weight_range
 
 FFN_OUTPUT = "/model/encoder/layer.{}/output/dense/MatMul"
 
 
+@pytest.fixture(scope="module", params=[False, True], ids=["8-bit-weights", "reduce-range"])
+def reduce_range(request: pytest.FixtureRequest) -> bool:
+    """The quantizer's ISA-dependent choice, both ways on every host: 8-bit weights (VNNI) or 7-bit (AVX2)."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def static_int8(default_build, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def static_int8(default_build, reduce_range: bool, tmp_path_factory: pytest.TempPathFactory) -> Path:
     ranges = RangeCache.load(default_build.outputs["calibrate"].path(CACHE_FILE)).ranges
     path = tmp_path_factory.mktemp("static") / "static.onnx"
-    neural_compressor.quantize(
-        default_build.outputs["optimize"].path("model.onnx"), path, QuantizationConfig(mode="static"), ranges=ranges
-    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(neural_compressor, "_reduce_range", lambda: reduce_range)
+        summary = neural_compressor.quantize(
+            default_build.outputs["optimize"].path("model.onnx"), path, QuantizationConfig(mode="static"), ranges=ranges
+        )
+    assert summary["reduce_range"] is reduce_range
+    print("weights", int8_weight_range(path))
     return path
 
 
@@ -51,6 +62,7 @@ def test_transplanting_one_quantized_node_costs_only_that_node(default_build, st
     assert ops["DequantizeLinear"] >= 2 and ops["QuantizeLinear"] >= 1, "Q/DQ on the activation and the weight"
     assert ops["MatMul"] == Counter(n.op_type for n in fp32.graph.node)["MatMul"], "the node itself is kept"
     evaluate = _evaluate(default_build)
+    print("transplant", evaluate(fp32_path), evaluate(tmp_path / "mixed.onnx"), evaluate(static_int8))
     assert evaluate(fp32_path) == pytest.approx(1.0, abs=1e-6)
     assert 0.9 < evaluate(tmp_path / "mixed.onnx") < 0.9999 < evaluate(fp32_path) + 1e-6
     assert evaluate(static_int8) < evaluate(tmp_path / "mixed.onnx"), "one node costs less than all of them"
@@ -60,6 +72,7 @@ def test_sensitivity_ranking_finds_the_post_gelu_matmuls(default_build, static_i
     ranking = cpu_fallback.rank_sensitivity(
         default_build.outputs["optimize"].path("model.onnx"), static_int8, _evaluate(default_build, 2), tmp_path
     )
+    print("ranking", ranking[:6], ranking[-1])
     assert len(ranking) >= 18
     top = [name for name, _ in ranking[:4]]
     # FACTS.md: the FFN-output MatMuls read post-GELU activations with outliers.
@@ -67,9 +80,10 @@ def test_sensitivity_ranking_finds_the_post_gelu_matmuls(default_build, static_i
     assert ranking[0][1] > 10 * ranking[-1][1]
 
 
-def test_fallback_build_records_its_choice(default_build, tmp_path) -> None:
+def test_fallback_build_records_its_choice(default_build, reduce_range: bool, tmp_path, monkeypatch) -> None:
     import shutil
 
+    monkeypatch.setattr(neural_compressor, "_reduce_range", lambda: reduce_range)
     build_dir = tmp_path / "build"
     shutil.copytree(default_build.build_dir, build_dir)
     config = load_config(None, {
@@ -81,6 +95,7 @@ def test_fallback_build_records_its_choice(default_build, tmp_path) -> None:
     fallback = result.outputs["quantize"].metrics["fallback"]
     assert len(fallback["excluded_nodes"]) == 2 and not fallback["met"]
     metrics = [trial["metric"] for trial in fallback["trials"]]
+    print("fallback", reduce_range, metrics)
     assert metrics[0] < metrics[1] < metrics[2], "each node kept in FP32 helps"
     model = onnx.load(str(result.outputs["quantize"].path("model.onnx")))
     kept = {node.name for node in model.graph.node if node.op_type == "MatMul"}

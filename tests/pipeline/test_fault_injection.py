@@ -25,8 +25,19 @@ def test_reference_manifest_is_consistent(reference) -> None:
 
 
 # Quantize and verify are the stages worth killing in the short suite (a few seconds each here);
-# "none" kills a build that only reuses the cache: start-up, hash checks, publishing.
-@pytest.mark.parametrize("run, cold_from", [(1, "quantize"), (2, "verify"), (3, "none")])
-def test_killed_build_resumes_to_identical_artifacts(reference, tmp_path: Path, run: int, cold_from: str) -> None:
+# "none" kills a build that only reuses the cache, while it publishes.
+@pytest.mark.parametrize("run, cold_from, aim", [(1, "quantize", "quantize"), (2, "verify", "verify"),
+                                                 (3, "none", "publish")])
+def test_killed_build_resumes_to_identical_artifacts(reference, tmp_path: Path, run: int, cold_from: str,
+                                                     aim: str) -> None:
     result = run_scenario(reference, tmp_path, run, random.Random(run), cold_from=cold_from)
+    assert result.aimed_at == aim and result.killed_in == [aim] * len(result.kills), result.killed_in
     assert result.passed, (result.kills, result.killed_in, result.problems)
+
+
+def test_a_run_whose_kill_never_landed_fails(reference, tmp_path: Path) -> None:
+    """The check can fail: aimed at quantize while only verify runs (quantize is reused), no kill lands, and
+    the run is not a pass even though the resumed build is byte-identical."""
+    result = run_scenario(reference, tmp_path, 4, random.Random(2), cold_from="verify", aim="quantize")  # one kill
+    assert result.killed_in == ["finished"]
+    assert result.problems == ["kill 1 aimed at quantize landed in finished"] and not result.passed

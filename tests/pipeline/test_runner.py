@@ -51,8 +51,9 @@ def test_cli_says_which_stages_were_reused(cached_copy: Path) -> None:
 def test_changing_one_option_reruns_only_downstream_stages(cached_copy: Path) -> None:
     result = _build(cached_copy, verify={"min_cosine": 0.98})
     assert _reran(result) == ["verify"]
-    # Plain static INT8 of MiniLM reaches cosine ~0.93 (the known outlier problem), so gate it lower here.
-    result = _build(cached_copy, quantization={"mode": "static"}, verify={"min_cosine": 0.9})
+    # What re-runs is under test here, not static INT8's accuracy (cosine ~0.93 on MiniLM, the known outlier
+    # problem, and different with 7-bit weights on hosts without VNNI): a gate no INT8 graph of it misses.
+    result = _build(cached_copy, quantization={"mode": "static"}, verify={"min_cosine": 0.5})
     assert _reran(result) == ["quantize", "verify"]
     manifest = json.loads((cached_copy / "manifest.json").read_text())
     quantize = next(stage for stage in manifest["stages"] if stage["stage"] == "quantize")

@@ -113,20 +113,21 @@ def test_tokenizer_ensemble_feeds_the_model(default_build, repo: Path, model_con
     reference = fp32.run(["sentence_embedding"], {k: np.asarray(v, np.int64) for k, v in unpadded.items()})[0][0]
     # Padding to max_length (so Triton can batch) shifts dynamic INT8's per-batch activation scales: measured
     # cosine 0.9936 against the unpadded INT8 run; the FP32 reference of the unpadded sentence is the check.
+    # The bound is the build's own: the worst held-out row this host's INT8 graph gave (7-bit weights without
+    # VNNI change it), less the 0.01 that padding may cost.
     cosine = float(served @ reference / (np.linalg.norm(served) * np.linalg.norm(reference)))
-    assert cosine > 0.98, cosine
+    worst = json.loads((default_build.build_dir / "parity.json").read_text())["outputs"]["sentence_embedding"]
+    assert cosine > worst["cosine_min"] - 0.01, (cosine, worst["cosine_min"])
 
 
-def _trt_build(default_build, tmp_path: Path, engine: bool) -> Path:
-    """A TensorRT build directory's layout (manifest target trt, bundle with build_config.json)."""
+def _trt_build(trt_build, tmp_path: Path, engine: bool) -> Path:
+    """A real TensorRT-target build (its manifest and trt/ bundle, as `pipeline build --target trt` published
+    them); with engine=True, plan bytes are added where TensorRT would write them (no TensorRT here)."""
     build = tmp_path / "trt-build"
-    (build / "trt").mkdir(parents=True)
-    manifest = json.loads((default_build.build_dir / "manifest.json").read_text(encoding="utf-8"))
-    manifest["config"]["target"] = "trt"
-    (build / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
-    shutil.copyfile(default_build.build_dir / "model.onnx", build / "trt" / "model.onnx")
-    (build / "trt" / "build_config.json").write_text(json.dumps(
-        {"onnx": "model.onnx", "engine": "model.plan", "profile_ranges": {"batch": [1, 8, 32]}}), encoding="utf-8")
+    source = trt_build("int8").build_dir
+    shutil.copytree(source, build, ignore=shutil.ignore_patterns(".stages", ".lock"))
+    assert json.loads((build / "manifest.json").read_text(encoding="utf-8"))["config"]["target"] == "trt"
+    assert not (build / "trt" / "model.plan").exists()
     if engine:
         (build / "trt" / "model.plan").write_bytes(b"engine bytes are opaque to the exporter")
     from pipeline.core.hashing import combined_hash, directory_hashes
@@ -136,8 +137,8 @@ def _trt_build(default_build, tmp_path: Path, engine: bool) -> Path:
     return build
 
 
-def test_tensorrt_engine_gets_a_tensorrt_config(default_build, tmp_path: Path, model_config_pb2: ModuleType) -> None:
-    build = _trt_build(default_build, tmp_path, engine=True)
+def test_tensorrt_engine_gets_a_tensorrt_config(trt_build, tmp_path: Path, model_config_pb2: ModuleType) -> None:
+    build = _trt_build(trt_build, tmp_path, engine=True)
     export_triton(build, tmp_path / "repo", "minilm_trt")
     config = parse(model_config_pb2, tmp_path / "repo" / "minilm_trt" / "config.pbtxt")
     assert config.platform == "tensorrt_plan" and config.max_batch_size == 32  # from the profile
@@ -150,8 +151,8 @@ def test_tensorrt_engine_gets_a_tensorrt_config(default_build, tmp_path: Path, m
 
 
 def test_tensorrt_build_without_engine_is_refused_or_served_by_onnxruntime(
-        default_build, tmp_path: Path, model_config_pb2: ModuleType) -> None:
-    build = _trt_build(default_build, tmp_path, engine=False)
+        trt_build, tmp_path: Path, model_config_pb2: ModuleType) -> None:
+    build = _trt_build(trt_build, tmp_path, engine=False)
     result = run_cli("export-triton", str(build), str(tmp_path / "repo"))
     assert_one_line_error(result, 2, "no TensorRT engine", "--backend onnxruntime")
     assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").iterdir())

@@ -15,7 +15,7 @@ def test_transformer_fusions_match(default_build) -> None:
     assert ops["Attention"] == 6
     names = [node.name for node in model.graph.node]
     assert all(names) and len(names) == len(set(names)), "every node needs a unique name"
-    assert max(optimize.metrics["export_parity_max_abs"].values()) < 1e-3
+    # Its outputs against transformers' own model: tests/pipeline/stages/test_export.py (both FP32 graphs).
 
 
 def test_sessions_keep_the_residual_adds_unfused(default_build, tmp_path) -> None:

@@ -15,6 +15,7 @@ from pipeline.build.plan import plan_build
 from pipeline.config import load_config
 from pipeline.core.errors import ConfigError, ExitCode
 from tests.helpers import assert_one_line_error, run_cli
+from tests.independent import discrepancies, recompute, sha256
 
 GATES = {"int8": 0.99, "fp8": 0.98, "fp16": 0.999}
 
@@ -24,7 +25,14 @@ def test_simulated_parity_meets_the_precision_gate(trt_build, precision: str) ->
     result = trt_build(precision)
     report = json.loads(result.outputs["verify"].path("parity.json").read_text())
     assert report["status"] == "pass"
-    embedding = report["outputs"]["sentence_embedding"]
+    # Recomputed without the pipeline: plain ONNX Runtime sessions (Q/DQ as exact fake quantization) of the
+    # exported FP32 graph and the TensorRT graph on the held-out batches, metrics in numpy.
+    recomputed = recompute(result.outputs["export"].path("model.onnx"), result.outputs["precision"].path("model.onnx"),
+                           result.outputs["calibrate"].path("heldout.safetensors"), list(report["outputs"]),
+                           simulate_tensorrt=True)
+    assert discrepancies(report, recomputed) == []
+    assert report["candidate"]["sha256"] == sha256(result.outputs["precision"].path("model.onnx"))
+    embedding = recomputed["sentence_embedding"]
     assert embedding["rows"] >= 200
     assert embedding["cosine_mean"] >= GATES[precision]
     assert embedding["max_abs"] > 0, "the candidate is a different graph, not the reference itself"
