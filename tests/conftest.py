@@ -174,3 +174,12 @@ def reduce_range_build(default_build, tmp_path_factory: pytest.TempPathFactory):
         result = run_build(load_config(None, {"output_dir": str(build_dir)}), Progress(quiet=True))
     assert result.outputs["quantize"].metrics["reduce_range"] is True
     return result
+
+
+@pytest.fixture
+def cached_copy(default_build, tmp_path):
+    """A copy of the default build's directory, cache included (the original stays as built)."""
+    target = tmp_path / "build"
+    # Not the runner's scratch folders: a stale one would be cleaned by the next build and spoil the listing.
+    shutil.copytree(default_build.build_dir, target, ignore=shutil.ignore_patterns("tmp-*"))
+    return target

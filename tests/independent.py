@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -60,7 +60,7 @@ def run_graph(model: Path, batches: Sequence[Batch], outputs: Sequence[str],
     return results
 
 
-def _rows(arrays: Sequence[np.ndarray], masks: Sequence[Optional[np.ndarray]]) -> np.ndarray:
+def _rows(arrays: Sequence[np.ndarray], masks: Sequence[np.ndarray | None]) -> np.ndarray:
     """One row per sample; per-token outputs ([batch, sequence, hidden]): one row per real (unmasked) token."""
     rows = [a[m.astype(bool)] if a.ndim == 3 and m is not None else a.reshape(a.shape[0], -1)
             for a, m in zip(arrays, masks)]
@@ -68,7 +68,7 @@ def _rows(arrays: Sequence[np.ndarray], masks: Sequence[Optional[np.ndarray]]) -
 
 
 def metrics(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray],
-            masks: Sequence[Optional[np.ndarray]], classification: bool = False) -> dict[str, float]:
+            masks: Sequence[np.ndarray | None], classification: bool = False) -> dict[str, float]:
     ref, cand = _rows(reference, masks), _rows(candidate, masks)
     error = cand - ref
     absolute = np.abs(error)
@@ -164,7 +164,7 @@ def onnx_outputs(model: Path | bytes, feed: Batch) -> dict[str, np.ndarray]:
 
 
 def max_abs_differences(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray],
-                        mask: Optional[np.ndarray] = None) -> dict[str, float]:
+                        mask: np.ndarray | None = None) -> dict[str, float]:
     """Per output, the largest |actual - expected| (per-token outputs: real tokens only)."""
     differences = {}
     for name, want in expected.items():
@@ -187,3 +187,65 @@ def perturbed_onnx(path: Path, initializer_contains: str, factor: float) -> byte
                   if initializer_contains in t.name and t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 1)
     tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * np.float32(factor), tensor.name))
     return model.SerializeToString()
+
+
+# --- Decoder LLMs: transformers' own model (from the GGUF file) and plain ONNX Runtime runs of the graphs ---
+
+def transformers_causal_lm(gguf: Path):
+    """The decoder as transformers loads it from a GGUF file (`gguf_file=`), FP32, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name).eval()
+
+
+def transformers_logits(model, ids: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.inference_mode():
+        return model(input_ids=torch.from_numpy(ids)).logits.float().numpy()
+
+
+class PlainDecoder:
+    """An exported decoder graph (logits + present.* outputs) in a plain ONNX Runtime session."""
+
+    def __init__(self, model: Path, simulate_tensorrt: bool = False) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if simulate_tensorrt:
+            for key, value in TENSORRT_SIMULATION.items():
+                options.add_session_config_entry(key, value)
+        self.session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        self.past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        self.outputs = ["logits"] + ["present." + i.name[len("past_key_values."):] for i in self.past]
+
+    def run(self, ids: np.ndarray, past: list[np.ndarray] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Logits of `ids` ([1, n]) after `past` (None: an empty cache), and the cache with them."""
+        if past is None:
+            past = [np.zeros((1, int(i.shape[1]), 0, int(i.shape[3])), np.float32) for i in self.past]
+        start = past[0].shape[2]
+        feed = {"input_ids": ids, "attention_mask": np.ones((1, start + ids.shape[1]), np.int64),
+                "position_ids": np.arange(start, start + ids.shape[1], dtype=np.int64)[None, :]}
+        feed.update({i.name: value for i, value in zip(self.past, past)})
+        feed = {name: value for name, value in feed.items() if name in {i.name for i in self.session.get_inputs()}}
+        logits, *present = self.session.run(self.outputs, feed)
+        return logits, present
+
+
+def perplexity(logits: Sequence[np.ndarray], chunks: Sequence[np.ndarray]) -> float:
+    """exp of the mean negative log-likelihood of every next token (logits [n, vocab] per chunk of n tokens)."""
+    total, count = 0.0, 0
+    for scores, ids in zip(logits, chunks):
+        scores = scores[:-1].astype(np.float64)
+        shifted = scores - scores.max(axis=1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        total += float(log_probs[np.arange(len(ids) - 1), ids[1:]].sum())
+        count += len(ids) - 1
+    return float(np.exp(-total / count))
+
+
+def row_cosines(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> np.ndarray:
+    ref = np.concatenate([r.reshape(-1, r.shape[-1]) for r in reference]).astype(np.float64)
+    cand = np.concatenate([c.reshape(-1, c.shape[-1]) for c in candidate]).astype(np.float64)
+    return np.einsum("ij,ij->i", ref, cand) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1))

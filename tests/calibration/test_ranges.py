@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from onnxruntime.quantization.calibrate import HistogramCollector
 
-from calibration.ranges import RangeCache, compute_ranges
+from calibration.ranges import HISTOGRAM_BINS, QUANTIZED_BINS, RangeCache, compute_ranges
 
 HIDDEN = 4
 
@@ -59,7 +62,21 @@ def test_percentile_and_entropy_clip_outliers(tmp_path: Path) -> None:
     percentile = compute_ranges(model, batches, ["scaled"], "percentile", percentile=99.0)["scaled"]
     entropy = compute_ranges(model, batches, ["scaled"], "entropy")["scaled"]
     assert minmax == (-8.0, 38.0)
-    assert percentile[1] < 20 and entropy[1] < 38.0, (percentile, entropy)
+    # References on the real tokens' values computed here in numpy (the table row times 2, padding dropped):
+    table = np.arange(-20, 20, dtype=np.float32).reshape(10, HIDDEN)
+    real = [(table[b["input_ids"]] * 2)[b["attention_mask"].astype(bool)].ravel() for b in batches]
+    # percentile 99: numpy's 0.5th and 99.5th percentiles, within one of the 2048 histogram bins
+    bin_width = (minmax[1] - minmax[0]) / HISTOGRAM_BINS
+    expected = np.percentile(np.concatenate(real), [0.5, 99.5], method="inverted_cdf")
+    np.testing.assert_allclose(percentile, expected, atol=bin_width)
+    assert percentile[1] < 7, "the outlier row (32..38) is clipped"
+    # entropy: ONNX Runtime's own histogram collector and KL search, fed the same batches one by one
+    collector = HistogramCollector("entropy", False, HISTOGRAM_BINS, QUANTIZED_BINS, 99.999, "same")
+    with contextlib.redirect_stdout(io.StringIO()):
+        for values in real:
+            collector.collect({"scaled": values})
+        reference = collector.compute_collection_result()["scaled"]
+    assert entropy == (float(reference[0]), float(reference[1])) and entropy[1] < 38.0, (entropy, reference)
 
 
 def test_cache_is_deterministic_json(tmp_path: Path) -> None:

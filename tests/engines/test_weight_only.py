@@ -30,7 +30,8 @@ def test_dropped_constant_is_restored_and_the_graph_runs() -> None:
     assert restore_dropped_constants(broken, original) == 1
     session = ort.InferenceSession(broken.SerializeToString(), providers=["CPUExecutionProvider"])
     (result,) = session.run(None, {"x": np.array([1.0, 2.0, 3.0], dtype=np.float32)})
-    assert result.shape == (1, 3)
+    np.testing.assert_array_equal(result, [[1.0, 2.0, 3.0]])  # Unsqueeze on the restored axes [0]
+    assert [node.op_type for node in broken.graph.node] == ["Constant", "Unsqueeze"]
 
 
 def test_a_lost_non_constant_producer_is_a_stage_error() -> None:

@@ -40,7 +40,13 @@ def test_labelled_accuracy_of_both_graphs_is_reported(minilm_classifier: Path, t
     recomputed = recompute(next(stages.glob("optimize-*")) / "model.onnx", next(stages.glob("quantize-*")) / "model.onnx",
                            next(stages.glob("calibrate-*")) / "heldout.safetensors", ["logits"], classification=["logits"])
     assert discrepancies(report, recomputed) == []
-    print(recomputed, report["status"], report["failures"])
+    # A seeded, untrained head makes near ties, which INT8 may flip (measured top-1 agreement 0.953 on 64
+    # held-out rows here, on AVX-512 VNNI): the gate's decision must follow the recomputed number either way.
+    gate = next(check for check in report["checks"] if check["metric"] == "top1_agreement")
+    assert gate["threshold"] == 0.98, "the classifier default"
+    passed = recomputed["logits"]["top1_agreement"] >= gate["threshold"]
+    assert gate["passed"] is passed and report["status"] == ("pass" if passed else "fail")
+    assert result.returncode == (ExitCode.OK if passed else ExitCode.PARITY_FAILED), result.stderr
     assert report["task"] == "text-classification" and "top1_agreement" in logits
     assert logits["labelled_samples"] == len(EVAL_LINES)
     assert report["evaluation"] == {"file": "eval.tsv", "samples": len(EVAL_LINES)}

@@ -17,12 +17,6 @@ def test_folder_that_is_not_a_model_is_one_line_exit_2(tmp_path: Path) -> None:
     assert_one_line_error(result, ExitCode.BAD_INPUT, "no config.json")
 
 
-def test_unknown_flag_value_is_exit_2() -> None:
-    result = run_cli("build", "--quant", "int3")
-    assert result.returncode == ExitCode.BAD_INPUT
-    assert "Traceback" not in result.stderr
-
-
 def test_help_documents_build() -> None:
     result = run_cli("build", "--help")
     assert result.returncode == 0

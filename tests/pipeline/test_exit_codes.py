@@ -164,7 +164,6 @@ BAD_INPUTS = {
     "build: wrong type": lambda t: ["build", "--calib-samples", "many"],
     "build: output is a file": lambda t: ["build", "-o", _garbage(t, "file", b"x"), "--stop-after", "export"],
     "calibrate: garbage parquet": lambda t: ["calibrate", "--calib-source", _garbage(t, "d.parquet", b"PAR1garbagePAR1")],
-    "calibrate: missing source": lambda t: ["calibrate", "--calib-source", str(t / "none.jsonl")],
     "verify: garbage manifest": lambda t: ["verify", str(Path(_garbage(t, "manifest.json", b"[1, 2]")).parent)],
     "verify: missing directory": lambda t: ["verify", str(t / "nothing")],
     "report check: garbage bytes": lambda t: ["report", "check", _garbage(t, "p.json", b"\x89PNG\x00\x01")],

@@ -162,7 +162,7 @@ def test_report_check_regates_without_a_model(default_build) -> None:
 
 
 def test_report_check_bad_input_is_exit_2(default_build, tmp_path: Path) -> None:
-    assert_one_line_error(run_cli("report", "check", str(tmp_path / "none.json")), ExitCode.BAD_INPUT, "not found")
+    # a missing report: the exit-code table (tests/pipeline/test_exit_codes.py, code 2)
     (tmp_path / "bad.json").write_text("{ not json")
     assert_one_line_error(run_cli("report", "check", str(tmp_path / "bad.json")), ExitCode.BAD_INPUT, "not valid JSON")
     future = json.loads((default_build.build_dir / "parity.json").read_text())

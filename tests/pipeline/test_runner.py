@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
-
-import pytest
 
 from pipeline.build.runner import CACHE_DIR, run_build
 from pipeline.config import load_config
 from pipeline.core.progress import Progress
 from tests.helpers import run_cli
-
-
-@pytest.fixture
-def cached_copy(default_build, tmp_path: Path) -> Path:
-    """A copy of the default build's directory, cache included."""
-    target = tmp_path / "build"
-    shutil.copytree(default_build.build_dir, target)
-    return target
 
 
 def _build(build_dir: Path, **overrides):

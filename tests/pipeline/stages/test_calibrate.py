@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -70,15 +69,6 @@ def test_same_seed_same_cache_bytes_other_seed_other_bytes(kind: str, default_bu
     assert first["calibration.safetensors"] != other["calibration.safetensors"]
     if "text_pair_field" in options:
         assert load_batches(tmp_path / "a" / "calibration.safetensors")[0]["token_type_ids"].max() == 1
-
-
-@pytest.fixture
-def cached_copy(default_build, tmp_path: Path) -> Path:
-    """A copy of the default build's directory, cache included (the original stays as built)."""
-    target = tmp_path / "build"
-    # Not the runner's scratch folders: a stale one would be cleaned by the next build and spoil the listing.
-    shutil.copytree(default_build.build_dir, target, ignore=shutil.ignore_patterns("tmp-*"))
-    return target
 
 
 def test_too_long_samples_are_refused_by_policy_and_nothing_is_half_written(cached_copy: Path, tmp_path: Path) -> None:
