@@ -155,27 +155,6 @@ def minilm_classifier(tmp_path_factory: pytest.TempPathFactory):
     return folder
 
 
-@pytest.fixture(scope="session")
-def reduce_range_build(default_build, tmp_path_factory: pytest.TempPathFactory):
-    """The default build as a host without VNNI (AVX2 only) makes it: the same export, optimize and calibrate
-    outputs, then the real quantizer with 7-bit weights (`reduce_range`, which the quantizer otherwise picks
-    from this host's CPU flags) and a real verify. Both ISA paths of the INT8 graph thus run on every host."""
-    from engines.cpu import neural_compressor
-    from pipeline.build.runner import run_build
-    from pipeline.config import load_config
-    from pipeline.core.progress import Progress
-    from tests.helpers import seed_stage_cache
-
-    build_dir = tmp_path_factory.mktemp("reduce-range-build")
-    # quantize's cache key does not hold the CPU's instruction set: seed only the stages before it
-    seed_stage_cache(build_dir, default_build.outputs, ("export", "optimize", "calibrate"))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(neural_compressor, "_reduce_range", lambda: True)
-        result = run_build(load_config(None, {"output_dir": str(build_dir)}), Progress(quiet=True))
-    assert result.outputs["quantize"].metrics["reduce_range"] is True
-    return result
-
-
 @pytest.fixture
 def cached_copy(default_build, tmp_path):
     """A copy of the default build's directory, cache included (the original stays as built)."""
@@ -183,3 +162,13 @@ def cached_copy(default_build, tmp_path):
     # Not the runner's scratch folders: a stale one would be cleaned by the next build and spoil the listing.
     shutil.copytree(default_build.build_dir, target, ignore=shutil.ignore_patterns("tmp-*"))
     return target
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_cli_build(tiny_llama_folder, tmp_path_factory: pytest.TempPathFactory):
+    """`pipeline build --model <tiny Llama folder>` with no other flag, run once: (completed process, build dir).
+    The plan test checks its outcome; the cache-key test re-opens the same folder (every stage reused)."""
+    from tests.helpers import run_cli
+
+    out = tmp_path_factory.mktemp("tiny-llama-build") / "build"
+    return run_cli("build", "--model", str(tiny_llama_folder), "-o", str(out), "-q"), out

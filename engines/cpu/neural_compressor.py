@@ -163,28 +163,9 @@ def _static_quantize(prepared_path: Path, output_path: Path, quant_config, range
         optypes_to_exclude_output_quant=quant_config.optypes_to_exclude_output_quant,
         dedicated_qdq_pair=quant_config.dedicated_qdq_pair,
         add_qdq_pair_to_weight=quant_config.add_qdq_pair_to_weight,
-        reduce_range=quant_config.reduce_range,  # the library's entry drops it: weights stayed 8-bit without VNNI
     )
     static.quantize_model()
     static.model.save(str(output_path))
-
-
-def _dynamic_quantize(prepared_path: Path, output_path: Path, quant_config) -> None:
-    """The library's `dynamic_quantize_entry`, which never hands the config's reduce_range to its quantizer
-    (onnx-neural-compressor 1.0: 7-bit weights were asked for on hosts without VNNI and 8-bit ones written)."""
-    from onnx_neural_compressor.algorithms.post_training_quant import quantizer
-    from onnx_neural_compressor.quantization import config as inc_config
-
-    model_info = inc_config.DynamicQuantConfig.get_model_info(model=str(prepared_path))
-    dynamic = quantizer.DynamicQuantizer(
-        str(prepared_path),
-        quant_config.to_config_mapping(model_info=model_info),
-        op_types_to_quantize=quant_config.op_types_to_quantize,
-        execution_provider=quant_config.execution_provider,
-    )
-    dynamic.reduce_range = quant_config.reduce_range  # DynamicQuantizer.__init__ does not pass it on either
-    dynamic.quantize_model()
-    dynamic.model.save(str(output_path))
 
 
 def pad_to_common_length(batches: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
@@ -238,8 +219,7 @@ def quantize(
                 per_channel=settings.per_channel, nodes_to_exclude=excluded, reduce_range=reduce_range,
                 extra_options=extra_options,
             )
-            prepared = prepare_graph(fp32_path, Path(scratch) / "prepared.onnx")
-            _dynamic_quantize(prepared, out_dir / "model.onnx", quant_config)
+            inc_quantize(str(named_input), str(out_dir / "model.onnx"), quant_config)
         elif settings.smoothquant:
             if not calibration:
                 raise InputError("SmoothQuant needs calibration samples, and none were given")

@@ -42,7 +42,7 @@ def tuning_metric(task: TaskSpec, fp32: Path, batches: Sequence[Batch]) -> Calla
 class QuantizeStage(Stage):
     name = "quantize"
     facts = QuantizeFacts
-    version = 4  # 4: reduce_range reaches the quantizer (7-bit weights without VNNI; onnx-neural-compressor dropped it)
+    version = 3
     outputs = ("model.onnx",)
 
     def depends_on(self, config: BuildConfig) -> tuple[str, ...]:

@@ -26,24 +26,39 @@ from tests.helpers import int8_weight_range
 FFN_OUTPUT = "/model/encoder/layer.{}/output/dense/MatMul"
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["8-bit-weights", "reduce-range"])
-def reduce_range(request: pytest.FixtureRequest) -> bool:
-    """The quantizer's ISA-dependent choice, both ways on every host: 8-bit weights (VNNI) or 7-bit (AVX2)."""
-    return request.param
-
-
 @pytest.fixture(scope="module")
-def static_int8(default_build, reduce_range: bool, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def static_int8(default_build, tmp_path_factory: pytest.TempPathFactory) -> Path:
     ranges = RangeCache.load(default_build.outputs["calibrate"].path(CACHE_FILE)).ranges
     path = tmp_path_factory.mktemp("static") / "static.onnx"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(neural_compressor, "_reduce_range", lambda: reduce_range)
-        summary = neural_compressor.quantize(
-            default_build.outputs["optimize"].path("model.onnx"), path, QuantizationConfig(mode="static"), ranges=ranges
-        )
-    assert summary["reduce_range"] is reduce_range
-    print("weights", int8_weight_range(path))
+    neural_compressor.quantize(
+        default_build.outputs["optimize"].path("model.onnx"), path, QuantizationConfig(mode="static"), ranges=ranges
+    )
     return path
+
+
+def _weights(path: Path) -> dict[str, bytes]:
+    return {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in onnx.load(str(path)).graph.initializer}
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_the_int8_graph_is_the_same_with_and_without_vnni(default_build, static_int8, mode: str, tmp_path,
+                                                          monkeypatch) -> None:
+    """The ISA-dependent choice run both ways on this host: the quantizer asks for 7-bit weights (reduce_range)
+    where the CPU lacks VNNI, and onnx-neural-compressor 1.0 drops that option (its entries never hand it to
+    their quantizers, and DynamicQuantizer would not pass it on): AVX2 and AVX-512 VNNI hosts get the same 8-bit
+    graph, so the suite's bounds on it do not depend on the host's choice (ONNX Runtime's integer kernels, which
+    differ per ISA, still run it). If this fails, 7-bit weights took effect: re-measure every INT8 bound (with
+    7-bit weights the default build measured cosine 0.9855 here, under its 0.99 gate)."""
+    host = neural_compressor._reduce_range()
+    built = default_build.outputs["quantize"].path("model.onnx") if mode == "dynamic" else static_int8
+    ranges = RangeCache.load(default_build.outputs["calibrate"].path(CACHE_FILE)).ranges if mode == "static" else None
+    monkeypatch.setattr(neural_compressor, "_reduce_range", lambda: not host)
+    other = tmp_path / "other-host.onnx"
+    summary = neural_compressor.quantize(default_build.outputs["optimize"].path("model.onnx"), other,
+                                         QuantizationConfig(mode=mode), ranges=ranges)
+    assert summary["reduce_range"] is (not host), "the quantizer was asked for the other host's weights"
+    assert int8_weight_range(built) == int8_weight_range(other) == (-127, 127)
+    assert _weights(built) == _weights(other)
 
 
 def _evaluate(default_build, batches: int = 4):
@@ -62,7 +77,6 @@ def test_transplanting_one_quantized_node_costs_only_that_node(default_build, st
     assert ops["DequantizeLinear"] >= 2 and ops["QuantizeLinear"] >= 1, "Q/DQ on the activation and the weight"
     assert ops["MatMul"] == Counter(n.op_type for n in fp32.graph.node)["MatMul"], "the node itself is kept"
     evaluate = _evaluate(default_build)
-    print("transplant", evaluate(fp32_path), evaluate(tmp_path / "mixed.onnx"), evaluate(static_int8))
     assert evaluate(fp32_path) == pytest.approx(1.0, abs=1e-6)
     assert 0.9 < evaluate(tmp_path / "mixed.onnx") < 0.9999 < evaluate(fp32_path) + 1e-6
     assert evaluate(static_int8) < evaluate(tmp_path / "mixed.onnx"), "one node costs less than all of them"
@@ -72,7 +86,6 @@ def test_sensitivity_ranking_finds_the_post_gelu_matmuls(default_build, static_i
     ranking = cpu_fallback.rank_sensitivity(
         default_build.outputs["optimize"].path("model.onnx"), static_int8, _evaluate(default_build, 2), tmp_path
     )
-    print("ranking", ranking[:6], ranking[-1])
     assert len(ranking) >= 18
     top = [name for name, _ in ranking[:4]]
     # FACTS.md: the FFN-output MatMuls read post-GELU activations with outliers.
@@ -80,10 +93,9 @@ def test_sensitivity_ranking_finds_the_post_gelu_matmuls(default_build, static_i
     assert ranking[0][1] > 10 * ranking[-1][1]
 
 
-def test_fallback_build_records_its_choice(default_build, reduce_range: bool, tmp_path, monkeypatch) -> None:
+def test_fallback_build_records_its_choice(default_build, tmp_path) -> None:
     import shutil
 
-    monkeypatch.setattr(neural_compressor, "_reduce_range", lambda: reduce_range)
     build_dir = tmp_path / "build"
     shutil.copytree(default_build.build_dir, build_dir)
     config = load_config(None, {
@@ -95,7 +107,6 @@ def test_fallback_build_records_its_choice(default_build, reduce_range: bool, tm
     fallback = result.outputs["quantize"].metrics["fallback"]
     assert len(fallback["excluded_nodes"]) == 2 and not fallback["met"]
     metrics = [trial["metric"] for trial in fallback["trials"]]
-    print("fallback", reduce_range, metrics)
     assert metrics[0] < metrics[1] < metrics[2], "each node kept in FP32 helps"
     model = onnx.load(str(result.outputs["quantize"].path("model.onnx")))
     kept = {node.name for node in model.graph.node if node.op_type == "MatMul"}

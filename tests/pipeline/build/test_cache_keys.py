@@ -147,14 +147,22 @@ def test_trt_encoder_stages_key_what_they_read(trt_build, tmp_path: Path) -> Non
     assert check_reads_are_keyed(trt_build("int8"), tmp_path, config) == []
 
 
-@pytest.mark.parametrize("target", ["cpu", "trt"])
-def test_decoder_stages_key_what_they_read(target: str, tiny_llama_folder: Path, tmp_path: Path) -> None:
-    overrides: dict[str, Any] = {"target": target, "model": {"path": str(tiny_llama_folder)},
+def test_cpu_decoder_stages_key_what_they_read(tiny_llama_folder: Path, tiny_llama_cli_build, tmp_path: Path) -> None:
+    """The session's `pipeline build --model <tiny Llama>` (CPU, defaults), re-opened: every stage reused."""
+    completed, build_dir = tiny_llama_cli_build
+    assert completed.returncode == 0, completed.stderr
+    config = load_config(None, {"model": {"path": str(tiny_llama_folder)}, "output_dir": str(build_dir)})
+    result = run_build(config, Progress(quiet=True))
+    assert all(output.reused for output in result.outputs.values()), "the same configuration as the CLI's"
+    assert_keys_recomputed(result)
+    assert check_reads_are_keyed(result, tmp_path) == []
+
+
+def test_trt_decoder_stages_key_what_they_read(tiny_llama_folder: Path, tmp_path: Path) -> None:
+    overrides: dict[str, Any] = {"target": "trt", "model": {"path": str(tiny_llama_folder)},
                                  "output_dir": str(tmp_path / "build"),
                                  "calibration": {"samples": 16, "heldout_samples": 64},
-                                 "verify": {"greedy_prompts": 2}}
-    if target == "trt":
-        overrides["trt"] = {"precision": "fp16"}
+                                 "verify": {"greedy_prompts": 2}, "trt": {"precision": "fp16"}}
     result = run_build(load_config(None, overrides), Progress(quiet=True))
     assert_keys_recomputed(result)
     assert check_reads_are_keyed(result, tmp_path) == []

@@ -93,10 +93,9 @@ def test_an_encoder_refuses_weight_only_schemes() -> None:
                               model)
 
 
-def test_a_tiny_llama_folder_builds_with_rtn_and_no_other_flag(tiny_llama_folder, tmp_path: Path) -> None:
+def test_a_tiny_llama_folder_builds_with_rtn_and_no_other_flag(tiny_llama_cli_build) -> None:
     """`pipeline build --model <Llama folder>`: the decoder default (4-bit RTN) and the LLM stages, parity passed."""
-    out = tmp_path / "build"
-    result = run_cli("build", "--model", str(tiny_llama_folder), "-o", str(out), "-q")
+    result, out = tiny_llama_cli_build
     assert result.returncode == 0, result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["config"]["quantization"]["mode"] == "rtn"
