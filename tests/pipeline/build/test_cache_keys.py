@@ -14,7 +14,6 @@ import typing
 from pathlib import Path
 from typing import Any, Optional
 
-import pytest
 from pydantic import BaseModel
 
 from pipeline.build.plan import plan_build
