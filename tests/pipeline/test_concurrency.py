@@ -29,23 +29,30 @@ def _copy_without(default_build, target: Path, *stages: str) -> Path:
 
 
 def test_two_concurrent_builds_one_does_the_work_the_other_waits_and_reuses(default_build, tmp_path: Path) -> None:
+    """No race: the test holds the directory's lock until both builds have said they wait for it; released,
+    one takes it and runs the missing stages while the other keeps waiting, then reuses all of them."""
     build_dir = _copy_without(default_build, tmp_path / "build", "quantize", "verify")
     command = [sys.executable, "-m", "pipeline", "build", "-o", str(build_dir)]
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first_log = []
-    for line in first.stderr:  # start the second build once the first holds the lock and is working
-        first_log.append(line)
-        if "quantize: running" in line:
-            break
-    second = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first_out, first_rest = first.communicate(timeout=600)
-    second_out, second_err = second.communicate(timeout=600)
-    first_err = "".join(first_log) + first_rest
-    assert first.returncode == 0 and second.returncode == 0, (first_err, second_err)
-    assert "quantize: running" in first_err and "verify: running" in first_err
-    assert "waiting for it to finish" in second_err
-    assert second_err.count("reused cached output") == 5 and "running" not in second_err.replace("waiting", "")
-    assert "reused 5/5 stages" in second_out
+    logs: list[list[str]] = [[], []]
+    with (build_dir / LOCK_FILE).open("a+") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        builds = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                  for _ in range(2)]
+        for build, log in zip(builds, logs):
+            assert build.stderr is not None
+            for line in build.stderr:
+                log.append(line)
+                if "waiting for it to finish" in line:
+                    break
+    finished = [build.communicate(timeout=600) for build in builds]
+    errors = ["".join(log) + rest for log, (_, rest) in zip(logs, finished)]
+    assert [build.returncode for build in builds] == [0, 0], errors
+    assert all("waiting for it to finish" in error for error in errors)
+    (worker,) = [i for i, error in enumerate(errors) if "quantize: running" in error]
+    other = 1 - worker
+    assert "verify: running" in errors[worker] and "reused 3/5 stages" in finished[worker][0]
+    assert errors[other].count("reused cached output") == 5 and "running" not in errors[other].replace("waiting", "")
+    assert "reused 5/5 stages" in finished[other][0]
     assert manifest_problems(build_dir, finished=True) == []
     assert artifact_hashes(build_dir) == artifact_hashes(default_build.build_dir)
 
