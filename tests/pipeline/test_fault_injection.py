@@ -36,8 +36,8 @@ def test_killed_build_resumes_to_identical_artifacts(reference, tmp_path: Path, 
 
 
 def test_a_run_whose_kill_never_landed_fails(reference, tmp_path: Path) -> None:
-    """The check can fail: aimed at quantize while only verify runs (quantize is reused), no kill lands, and
-    the run is not a pass even though the resumed build is byte-identical."""
-    result = run_scenario(reference, tmp_path, 4, random.Random(2), cold_from="verify", aim="quantize")  # one kill
+    """The check can fail: aimed at quantize in a build that reuses every stage, no kill lands, and the run is
+    not a pass even though the resumed build is byte-identical."""
+    result = run_scenario(reference, tmp_path, 4, random.Random(2), cold_from="none", aim="quantize")  # one kill
     assert result.killed_in == ["finished"]
     assert result.problems == ["kill 1 aimed at quantize landed in finished"] and not result.passed
