@@ -43,15 +43,19 @@ def heldout_batches(path: Path) -> list[Batch]:
 
 def run_graph(model: Path, batches: Sequence[Batch], outputs: Sequence[str],
               simulate_tensorrt: bool = False) -> dict[str, list[np.ndarray]]:
-    """One plain ONNX Runtime session over every batch."""
+    """One plain ONNX Runtime session over every batch. The TensorRT simulation's session also keeps the
+    residual adds unfused (the `disabled_optimizers` a build's manifest records under `runtime`)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    disabled: list[str] = []
     if simulate_tensorrt:
         for key, value in TENSORRT_SIMULATION.items():
             options.add_session_config_entry(key, value)
-    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        disabled = ["SkipLayerNormFusion"]
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"],
+                                   disabled_optimizers=disabled)
     names = [item.name for item in session.get_inputs()]
     results: dict[str, list[np.ndarray]] = {name: [] for name in outputs}
     for batch in batches:
