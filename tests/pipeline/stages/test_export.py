@@ -14,8 +14,13 @@ from pipeline.core.progress import Progress
 from pipeline.models.registry import inspect_model
 from pipeline.stages.base import StageContext
 from pipeline.stages.export import ExportStage
-from tests.independent import (max_abs_differences, minilm_folder, onnx_outputs, perturbed_onnx,
-                               sentence_embedding_reference)
+from tests.independent import (
+    max_abs_differences,
+    minilm_folder,
+    onnx_outputs,
+    perturbed_onnx,
+    sentence_embedding_reference,
+)
 
 
 def test_export_is_checked_and_recorded(default_build) -> None:
