@@ -30,6 +30,21 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
         onnx.save_model(model, str(path))
 
 
+def declare_domains(model: onnx.ModelProto) -> None:
+    """Add the opset import of every node domain the graph uses but does not declare (ONNX Runtime's
+    transformer optimizer writes com.microsoft nodes without importing the domain, which the checker refuses)."""
+    declared = {opset.domain for opset in model.opset_import}
+    for domain in sorted({node.domain for node in model.graph.node} - declared - {"", "ai.onnx"}):
+        model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
+
+
+def graph_input_names(path: Path) -> list[str]:
+    """The inputs a graph reads at run time (initializers listed as inputs excluded), in order."""
+    model = onnx.load_model(str(path), load_external_data=False)
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    return [value.name for value in model.graph.input if value.name not in initializers]
+
+
 def check_onnx_file(path: Path, runnable: bool = False) -> None:
     """Refuse, with one line (InputError), a file that is not an ONNX model: garbage bytes, an empty or
     truncated file, a protobuf without a graph; with runnable=True also one ONNX Runtime cannot load.
@@ -50,6 +65,23 @@ def check_onnx_file(path: Path, runnable: bool = False) -> None:
             create_session(path, threads=1, optimization="disable")
         except Exception as exc:  # ONNX Runtime's Fail / InvalidGraph / NotImplemented
             raise InputError(f"ONNX Runtime cannot load {path}: {_first_line(exc)}") from None
+
+
+def graph_problem(path: Path) -> str | None:
+    """Why a graph a stage just wrote is not fit to cache, or None: the ONNX checker (with strict shape
+    inference: a node with an empty required input or mismatched types fails here) and an ONNX Runtime load
+    (kernels exist for every node). Graphs past protobuf's limit are checked by path (external data)."""
+    from engines.ort_session import create_session
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:  # ValidationError, InferenceError
+        return f"ONNX checker: {_first_line(exc)}"
+    try:
+        create_session(path, threads=1, optimization="disable")
+    except Exception as exc:  # ONNX Runtime's Fail / InvalidGraph / NotImplemented
+        return f"ONNX Runtime cannot load it: {_first_line(exc)}"
+    return None
 
 
 def _first_line(exc: BaseException) -> str:

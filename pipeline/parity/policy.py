@@ -17,6 +17,8 @@ Gates = dict[tuple[str, str], float]
 TASK_THRESHOLDS: dict[str, Gates] = {
     "feature-extraction": {("sentence_embedding", "cosine_mean"): 0.99},
     "text-classification": {("logits", "top1_agreement"): 0.98},
+    # Per-token top-1 agreement over real tokens (padding is not a token).
+    "token-classification": {("logits", "top1_agreement"): 0.98},
 }
 # TensorRT target: default gate on the primary output's mean cosine, per precision.
 TRT_MIN_COSINE = {"int8": 0.99, "fp8": 0.98, "fp16": 0.999, "best": 0.99}
@@ -34,7 +36,7 @@ def family_of(task: TaskSpec) -> Family:
 def encoder_thresholds(task: TaskSpec, verify: VerifyConfig) -> Gates:
     thresholds = dict(TASK_THRESHOLDS[task.name])
     primary = task.primary_output
-    classifier = task.name == "text-classification"
+    classifier = task.classifier
     if verify.min_cosine is not None:
         thresholds[(primary, "cosine_mean")] = verify.min_cosine
     if verify.max_abs is not None:
@@ -43,7 +45,7 @@ def encoder_thresholds(task: TaskSpec, verify: VerifyConfig) -> Gates:
         thresholds[(primary, "top1_agreement")] = verify.min_top1_agreement
     if verify.min_snr_db is not None:
         thresholds[(primary, "snr_db")] = verify.min_snr_db
-    if verify.max_accuracy_drop is not None and classifier and verify.eval_file:
+    if verify.max_accuracy_drop is not None and task.name == "text-classification" and verify.eval_file:
         thresholds[(primary, "accuracy_drop")] = verify.max_accuracy_drop
     return thresholds
 

@@ -150,3 +150,16 @@ class Stage(ABC):
         missing = [name for name in self.outputs if not (out / name).exists()]
         if missing:
             raise StageError(self.name, f"did not write {', '.join(missing)}")
+        check_graphs(self.name, out, self.outputs)
+
+
+def check_graphs(stage: str, out: Path, outputs: tuple[str, ...]) -> None:
+    """Every ONNX graph a stage writes passes the ONNX checker and loads in ONNX Runtime before it is cached:
+    an invalid graph fails the stage that made it, not a later one."""
+    from engines.onnx_io import graph_problem
+
+    for name in outputs:
+        if name.endswith(".onnx") and (out / name).is_file():
+            problem = graph_problem(out / name)
+            if problem:
+                raise StageError(stage, f"wrote an invalid graph {name}: {problem}")

@@ -15,7 +15,7 @@ import os
 import shlex
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
 from engines.trt import builder as trt_engine
 from pipeline.config import BuildConfig
@@ -41,7 +41,8 @@ def _round_up(value: float, multiple: int = 8) -> int:
     return int(math.ceil(value / multiple) * multiple)
 
 
-def optimization_profile(config: BuildConfig, model: ModelInfo, lengths: dict[str, float]) -> dict[str, Any]:
+def optimization_profile(config: BuildConfig, model: ModelInfo, lengths: dict[str, float],
+                         input_names: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """(min, opt, max) batch and sequence; by default from the calibration samples' token counts.
 
     Sequence: the shortest calibration sample, the median rounded up to a multiple of 8
@@ -56,7 +57,7 @@ def optimization_profile(config: BuildConfig, model: ModelInfo, lengths: dict[st
     )
     shapes = {
         name: {kind: f"{b}x{s}" for kind, b, s in zip(("min", "opt", "max"), batch, sequence)}
-        for name in model.architecture.input_names
+        for name in (input_names or model.architecture.input_names)
     }
     return {"batch": list(batch), "sequence": list(sequence), "shapes": shapes,
             "derived_from_calibration": config.trt.sequence is None, "calibration_tokens": lengths}
@@ -161,7 +162,8 @@ class BundleStage(Stage):
             ranges = {k: v for k, v in profiles.items() if k != "profiles"}
             return {"build_config": {"profiles": profiles["profiles"], "profile_ranges": ranges}, "metrics": ranges}
         tokens = context.facts("calibrate", CalibrationFacts).calibration_tokens
-        profile = optimization_profile(config, model, tokens.model_dump() if tokens else {})
+        profile = optimization_profile(config, model, tokens.model_dump() if tokens else {},
+                                       context.facts("export", ExportFacts).input_names)
         return {"build_config": {
             "profile": profile["shapes"],
             "profile_ranges": {"batch": profile["batch"], "sequence": profile["sequence"],

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import onnx
 
 from calibration.batches import to_batches
 from calibration.sources import default_source
+from engines.onnx_io import graph_input_names
 from pipeline.config import BuildConfig
 from pipeline.core.errors import InputError, StageError
 from pipeline.models.registry import ModelInfo, check_pickled_weights, folder_fingerprint, load_tokenizer
+from pipeline.models.sentence_modules import pool, sentence_head
 from pipeline.models.validation import check_loaded_weights
 from pipeline.stages.base import Stage, StageContext
 from pipeline.stages.facts import ExportFacts
@@ -24,9 +27,9 @@ EXPORT_MAX_ABS = 1e-3
 
 def load_torch_model(info: ModelInfo) -> Any:
     """Weights from safetensors when present; pickled .bin only through weights-only loading."""
-    from transformers import AutoModel, AutoModelForSequenceClassification
+    import transformers
 
-    factory = AutoModelForSequenceClassification if info.task.name == "text-classification" else AutoModel
+    factory = getattr(transformers, info.task.auto_class)
     has_safetensors = any(info.path.glob("*.safetensors"))
     if not has_safetensors:
         check_pickled_weights(info.path)
@@ -45,39 +48,68 @@ def load_torch_model(info: ModelInfo) -> Any:
     return model.eval()
 
 
-def build_export_module(model: Any, info: ModelInfo) -> Any:
+def candidate_inputs(model: Any, info: ModelInfo) -> list[str]:
+    """The family's inputs that the model's forward takes (DistilBERT takes no token_type_ids); the exported
+    graph then keeps those the model reads."""
+    parameters = inspect.signature(model.forward).parameters
+    return [name for name in info.architecture.input_names if name in parameters]
+
+
+def build_export_module(model: Any, info: ModelInfo, input_names: Sequence[str]) -> Any:
     import torch
 
-    input_names = info.architecture.input_names
+    names = list(input_names)
+    head = sentence_head(info.sentence_modules) if info.sentence_modules else None
 
     class FeatureExtraction(torch.nn.Module):
-        """Mean pooling over real tokens, as sentence-transformers computes it."""
+        """The sentence embedding as the folder's sentence-transformers modules compute it (mean pooling over
+        real tokens when the folder has none), and the token embeddings."""
 
         def __init__(self) -> None:
             super().__init__()
             self.model = model
+            self.head = head
 
         def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            kwargs = dict(zip(input_names, inputs))
+            kwargs = dict(zip(names, inputs))
             hidden = self.model(**kwargs).last_hidden_state
-            mask = kwargs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            embedding = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            if info.normalize_embeddings:
-                embedding = torch.nn.functional.normalize(embedding, p=2, dim=1)
+            if self.head is not None:
+                return self.head(hidden, kwargs["attention_mask"]), hidden
+            embedding = pool(("mean",), hidden, kwargs["attention_mask"])
             return embedding, hidden
 
-    class TextClassification(torch.nn.Module):
+    class Logits(torch.nn.Module):
+        """Sequence logits [batch, labels] or per-token logits [batch, sequence, labels]."""
+
         def __init__(self) -> None:
             super().__init__()
             self.model = model
 
         def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-            return self.model(**dict(zip(input_names, inputs))).logits
+            return self.model(**dict(zip(names, inputs))).logits
 
-    wrapper = FeatureExtraction() if info.task.name == "feature-extraction" else TextClassification()
+    wrapper = FeatureExtraction() if info.task.name == "feature-extraction" else Logits()
     # eval() on the wrapper too: the exporter restores the wrapper's mode recursively afterwards,
     # and a wrapper left in training mode would switch dropout back on in the model it wraps.
     return wrapper.eval()
+
+
+def sentence_transformers_check(info: ModelInfo, onnx_path: Path, probes: list[dict[str, np.ndarray]],
+                                tokenizer: Any) -> float:
+    """Largest difference between the graph's sentence_embedding and `SentenceTransformer(folder).encode` on
+    the probe sentences: the reference is sentence-transformers itself, not our pooling code."""
+    from sentence_transformers import SentenceTransformer
+
+    from engines.ort_session import OrtRunner
+
+    sentences = [tokenizer.decode(row[mask.astype(bool)], skip_special_tokens=True)
+                 for batch in probes for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    reference = SentenceTransformer(str(info.path), device="cpu", trust_remote_code=info.trust_remote_code)
+    expected = reference.encode(sentences, batch_size=8, convert_to_numpy=True)
+    batches = to_batches(sentences, tokenizer, info.architecture.input_names, batch_size=8, max_length=128)
+    with OrtRunner(onnx_path, output_names=["sentence_embedding"]) as runner:
+        actual = np.concatenate([runner.infer(batch)["sentence_embedding"] for batch in batches])
+    return float(np.max(np.abs(actual - expected)))
 
 
 def probe_batches(info: ModelInfo, tokenizer: Any) -> list[dict[str, np.ndarray]]:
@@ -118,37 +150,46 @@ class ExportStage(Stage):
         info = context.model
         tokenizer = load_tokenizer(info)
         model = load_torch_model(info)
-        module = build_export_module(model, info)
+        candidates = candidate_inputs(model, info)
+        module = build_export_module(model, info, candidates)
         probes = probe_batches(info, tokenizer)
-        input_names = list(info.architecture.input_names)
         output_names = list(info.task.output_names)
-        axes = {name: {0: "batch", 1: "sequence"} for name in input_names}
+        axes = {name: {0: "batch", 1: "sequence"} for name in candidates}
         axes.update({name: {0: "batch"} for name in output_names})
-        if "last_hidden_state" in axes:
-            axes["last_hidden_state"] = {0: "batch", 1: "sequence"}
-        example = tuple(torch.from_numpy(probes[0][name]) for name in input_names)
+        if "last_hidden_state" in axes or info.task.per_token:
+            axes["last_hidden_state" if "last_hidden_state" in axes else "logits"] = {0: "batch", 1: "sequence"}
+        example = tuple(torch.from_numpy(probes[0][name]) for name in candidates)
         context.progress.info(f"exporting {info.name} ({info.task.name}, opset {context.config.model.opset})")
         with warnings.catch_warnings(), torch.inference_mode():
             warnings.simplefilter("ignore")
-            # The TorchScript exporter: its graphs match ONNX Runtime's transformer fusions.
+            # The TorchScript exporter: its graphs match ONNX Runtime's transformer fusions. It drops the
+            # inputs the model never reads, so the graph's own inputs are the model's.
             torch.onnx.export(
-                module, example, str(out / "model.onnx"), input_names=input_names, output_names=output_names,
+                module, example, str(out / "model.onnx"), input_names=candidates, output_names=output_names,
                 dynamic_axes=axes, opset_version=context.config.model.opset, dynamo=False,
             )
-        onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
+        input_names = graph_input_names(out / "model.onnx")
         tokenizer.save_pretrained(str(out / "tokenizer"))
 
         context.progress.info(f"checking ONNX Runtime against PyTorch on {PROBE_SENTENCES} real sentences")
         with torch.inference_mode():
             torch_outputs = []
             for batch in probes:
-                result = module(*(torch.from_numpy(batch[name]) for name in input_names))
+                result = module(*(torch.from_numpy(batch[name]) for name in candidates))
                 result = result if isinstance(result, tuple) else (result,)
                 torch_outputs.append({n: t.numpy() for n, t in zip(output_names, result)})
         with OrtRunner(out / "model.onnx", output_names=output_names) as runner:
             onnx_outputs = [runner.infer(batch) for batch in probes]
         differences = max_abs_differences(torch_outputs, onnx_outputs)
         broken = {name: diff for name, diff in differences.items() if not diff <= EXPORT_MAX_ABS}
+        reference: dict[str, Any] = {}
+        if info.sentence_modules is not None:
+            context.progress.info(f"checking the sentence embedding against sentence-transformers' encode "
+                                  f"({info.sentence_modules.describe()})")
+            diff = sentence_transformers_check(info, out / "model.onnx", probes, tokenizer)
+            reference = {"sentence_transformers_max_abs": diff, "sentence_modules": info.sentence_modules.describe()}
+            if not diff <= EXPORT_MAX_ABS:
+                broken["sentence_embedding against SentenceTransformer.encode"] = diff
         if broken:
             detail = ", ".join(f"{name} max |diff| {diff:.3g}" for name, diff in broken.items())
             raise StageError(self.name, f"ONNX graph disagrees with PyTorch (limit {EXPORT_MAX_ABS}): {detail}")
@@ -156,6 +197,8 @@ class ExportStage(Stage):
             "opset": context.config.model.opset,
             "parameters": int(sum(p.numel() for p in model.parameters())),
             "onnx_bytes": (out / "model.onnx").stat().st_size,
+            "input_names": input_names,
             "torch_parity_max_abs": differences,
             "probe_sentences": PROBE_SENTENCES,
+            **reference,
         }

@@ -40,6 +40,7 @@ class KvCacheFacts(Facts):
 class ExportFacts(Facts):
     opset: int
     parameters: int
+    input_names: Optional[list[str]] = None  # encoders: the exported graph's own inputs, in order
     torch_parity_max_abs: dict[str, float]  # output name -> largest difference against PyTorch
     kv_cache: Optional[KvCacheFacts] = None  # decoder LLMs: the past/present tensors of the graph
 

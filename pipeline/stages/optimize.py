@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from engines.cpu.neural_compressor import name_all_nodes
-from engines.onnx_io import save_model
+from engines.onnx_io import declare_domains, save_model
 from pipeline.config import BuildConfig
 from pipeline.core.errors import StageError
 from pipeline.models.registry import ModelInfo, load_tokenizer
@@ -22,6 +22,8 @@ OPTIMIZE_MAX_ABS = 1e-3
 # of a 70 ms MiniLM forward pass. The residual Adds stay unfused here, and sessions keep ONNX Runtime
 # from re-fusing them (engines.ort_session.DISABLED_OPTIMIZERS).
 FUSE_SKIP_LAYER_NORM = False
+# The FusionOptions flags a family declares (Architecture.ort_fusions) or leaves off.
+DECLARED_FUSIONS = ("attention", "embed_layer_norm", "gelu", "bias_gelu", "layer_norm")
 
 
 class OptimizeStage(Stage):
@@ -38,6 +40,7 @@ class OptimizeStage(Stage):
             "num_heads": model.num_heads,
             "hidden_size": model.hidden_size,
             "fuse_skip_layer_norm": FUSE_SKIP_LAYER_NORM,
+            "fusions": list(model.architecture.ort_fusions),
         }
 
     def run(self, context: StageContext, out: Path) -> dict[str, Any]:
@@ -50,6 +53,8 @@ class OptimizeStage(Stage):
         exported = context.input("export").path("model.onnx")
         options = FusionOptions(info.architecture.ort_optimizer_type)
         options.enable_skip_layer_norm = FUSE_SKIP_LAYER_NORM
+        for fusion in DECLARED_FUSIONS:
+            setattr(options, f"enable_{fusion}", fusion in info.architecture.ort_fusions)
         options.enable_bias_skip_layer_norm = FUSE_SKIP_LAYER_NORM
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -61,6 +66,7 @@ class OptimizeStage(Stage):
             )
         fusions = {op: count for op, count in optimized.get_fused_operator_statistics().items() if count}
         model = optimized.model
+        declare_domains(model)
         name_all_nodes(model)
         save_model(model, out / "model.onnx")
 
@@ -72,9 +78,10 @@ class OptimizeStage(Stage):
         broken = {name: diff for name, diff in differences.items() if not diff <= OPTIMIZE_MAX_ABS}
         if broken:
             raise StageError(self.name, f"fused graph disagrees with the export: {broken}")
-        context.progress.info("fused: " + ", ".join(f"{op} x{n}" for op, n in fusions.items()))
+        context.progress.info("fused: " + (", ".join(f"{op} x{n}" for op, n in fusions.items()) or "nothing"))
         return {
             "fusions": fusions,
+            "fusions_enabled": list(info.architecture.ort_fusions),
             "onnx_bytes": (out / "model.onnx").stat().st_size,
             "export_parity_max_abs": differences,
         }

@@ -50,6 +50,8 @@ class PrecisionStage(Stage):
             "max_fallback_nodes": trt.max_fallback_nodes,
             "fallback_target": fallback_target(config, model),
             "primary_output": model.task.primary_output,
+            "qdq_ops": list(model.architecture.trt_qdq_ops),
+            "qdq_weights_only": model.architecture.trt_qdq_weights_only,
         }
 
     def run(self, context: StageContext, out: Path) -> dict[str, Any]:
@@ -71,6 +73,8 @@ class PrecisionStage(Stage):
             percentile=settings.percentile,
             max_fallback_nodes=settings.max_fallback_nodes,
             log=context.progress.info,
+            qdq_ops=context.model.architecture.trt_qdq_ops,
+            qdq_weights_only=context.model.architecture.trt_qdq_weights_only,
             **extra,
         )
         (out / "precision.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

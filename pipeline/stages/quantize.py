@@ -27,8 +27,8 @@ def tuning_metric(task: TaskSpec, fp32: Path, batches: Sequence[Batch]) -> Calla
     output = task.primary_output
     with OrtRunner(fp32, output_names=[output]) as reference:
         expected = [reference.infer(batch)[output] for batch in batches]
-    masks = [batch["attention_mask"] for batch in batches]
-    classification = task.name == "text-classification"
+    masks = [batch["attention_mask"] for batch in batches]  # per-token outputs: real tokens only
+    classification = task.classifier
 
     def evaluate(candidate_path: Path) -> float:
         with OrtRunner(candidate_path, output_names=[output]) as candidate:
