@@ -11,8 +11,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 HIDDEN, LAYERS, HEADS, FFN = 32, 2, 2, 64
-NUM_LABELS = 3
+# Sequence classifiers: BBC News' 5 topics; token classifiers: 3 tags (special or punctuation, word start,
+# word continuation).
+NUM_LABELS = {"feature-extraction": 2, "text-classification": 5, "token-classification": 3}
+SEQUENCE_MARGIN = 3.0
+FIT_SENTENCES_PER_TOPIC = 24
+# Wider than the families' 0.02: trained weights are, and with 0.02 every sentence of a random model gets
+# nearly the same representation, so its class logits are near-ties that any rounding flips.
+INIT_RANGE = 0.1
 
 # model_type -> config keywords beyond the shared size (families name their sizes differently).
 FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
@@ -36,6 +45,20 @@ TASK_FACTORIES = {
 }
 
 
+def write_sentences(path: Path, count: int = 96) -> Path:
+    """The first real BBC News sentences of the default calibration source, one per line: a small source that
+    opens in milliseconds (the whole corpus takes a second to read, in every calibrate stage)."""
+    from calibration.sources import default_source
+
+    sentences = []
+    for sentence in default_source():
+        sentences.append(str(getattr(sentence, "text", sentence)).replace("\n", " "))
+        if len(sentences) == count:
+            break
+    path.write_text("\n".join(sentences) + "\n", encoding="utf-8")
+    return path
+
+
 def minilm_tokenizer() -> Any:
     from transformers import AutoTokenizer
 
@@ -44,7 +67,7 @@ def minilm_tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(str(default_model_path()))
 
 
-def family_config(model_type: str, tokenizer: Any) -> Any:
+def family_config(model_type: str, tokenizer: Any, task: str = "feature-extraction") -> Any:
     from transformers import AutoConfig
 
     sizes = {"hidden_size": HIDDEN, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
@@ -56,7 +79,8 @@ def family_config(model_type: str, tokenizer: Any) -> Any:
         special.update(bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
                        cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id)
     return AutoConfig.for_model(
-        model_type, vocab_size=len(tokenizer), max_position_embeddings=256, num_labels=NUM_LABELS,
+        model_type, vocab_size=len(tokenizer), max_position_embeddings=256, num_labels=NUM_LABELS[task],
+        initializer_range=INIT_RANGE,
         **sizes, **special, **FAMILY_CONFIGS[model_type],
     )
 
@@ -69,11 +93,67 @@ def write_folder(folder: Path, model_type: str, task: str, tokenizer: Any = None
     tokenizer = tokenizer or minilm_tokenizer()
     torch.manual_seed(seed)
     factory = getattr(transformers, TASK_FACTORIES[task])
-    model = factory.from_config(family_config(model_type, tokenizer))
+    model = factory.from_config(family_config(model_type, tokenizer, task))
+    if task != "feature-extraction":
+        fit_classifier(model, tokenizer, task)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+_LABELLED: list[tuple[str, str]] = []
+
+
+def labelled_sentences() -> list[tuple[str, str]]:
+    """BBC News sentences with their topic, FIT_SENTENCES_PER_TOPIC of each (read once per session)."""
+    if not _LABELLED:
+        from calibration.sources import default_source
+
+        counts: dict[str, int] = {}
+        for sample in default_source():
+            if counts.get(str(sample.label), 0) < FIT_SENTENCES_PER_TOPIC:
+                counts[str(sample.label)] = counts.get(str(sample.label), 0) + 1
+                _LABELLED.append((sample.text, str(sample.label)))
+    return _LABELLED
+
+
+def fit_classifier(model: Any, tokenizer: Any, task: str, scale: float = 4.0) -> None:
+    """Give a random classifier a decisive head, as training would (training itself costs too much here).
+
+    The last linear layer (the one with num_labels outputs) is set to read the directions in which its own
+    input features vary most over real sentences, standardized: per real token for token classifiers (each
+    token's tag is then the direction it leans to most). A random head's classes are near-ties, so its top-1
+    parity would measure luck, not the build. A random model gives nearly the same representation to every
+    sentence (the spread between sentences is of the order of INT8 noise), so a sequence classifier is made
+    the one thing a random model can be honestly: confident, its first class ahead by SEQUENCE_MARGIN standard
+    deviations of the others, which then follow the sentences' spread.
+    """
+    import torch
+
+    labels = NUM_LABELS[task]
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == labels][-1]
+    texts = [text for text, _ in labelled_sentences()]
+    encoded = tokenizer(texts, padding=True, truncation=True, max_length=48, return_tensors="pt")
+    captured: list[Any] = []
+    hook = head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].detach()))
+    with torch.inference_mode():
+        model.eval()(**encoded)
+    hook.remove()
+    features = captured[0].numpy().astype(np.float64)
+    if task == "token-classification":
+        features = features[encoded["attention_mask"].numpy().astype(bool)]
+    mean = features.mean(axis=0)
+    _, spread, directions = np.linalg.svd(features - mean, full_matrices=False)
+    weight = scale * directions[:labels] / (spread[:labels, None] / np.sqrt(len(features)))
+    bias = -weight @ mean
+    if task == "text-classification":
+        weight[0] = 0.0
+        bias[0] = scale * SEQUENCE_MARGIN
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(weight.astype(np.float32)))
+        if head.bias is not None:
+            head.bias.copy_(torch.from_numpy(bias.astype(np.float32)))
 
 
 def write_sentence_transformer(folder: Path, model_type: str = "bert", pooling: str = "cls",

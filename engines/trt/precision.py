@@ -66,6 +66,17 @@ class Score:
 COSINE = Score("cosine", lambda reference, candidate, batches: mean_cosine(reference, candidate))
 
 
+def _centered(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    return [array - array.mean(axis=-1, keepdims=True) for array in arrays]
+
+
+# Classifiers: logits are defined up to a constant per row (softmax does not see it), and a large common
+# offset makes the plain cosine blind to the differences that decide the class: [5.00, 5.01, 4.99] against
+# [5.01, 5.00, 4.99] has cosine 0.99999 and another top-1. Centered per row, the cosine sees them.
+CENTERED_COSINE = Score("centered_cosine", lambda reference, candidate, batches: mean_cosine(
+    _centered(reference), _centered(candidate)))
+
+
 class _Evaluator:
     """Primary-output score of candidate graphs against the FP32 graph on fixed batches.
 

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 import onnx
 
-from calibration.batches import to_batches
+from calibration.batches import to_batches, token_lengths
 from calibration.sources import default_source
 from engines.onnx_io import graph_input_names
 from pipeline.config import BuildConfig
@@ -94,31 +94,38 @@ def build_export_module(model: Any, info: ModelInfo, input_names: Sequence[str])
     return wrapper.eval()
 
 
-def sentence_transformers_check(info: ModelInfo, onnx_path: Path, probes: list[dict[str, np.ndarray]],
-                                tokenizer: Any) -> float:
+def sentence_transformers_check(info: ModelInfo, onnx_path: Path, tokenizer: Any) -> float:
     """Largest difference between the graph's sentence_embedding and `SentenceTransformer(folder).encode` on
     the probe sentences: the reference is sentence-transformers itself, not our pooling code."""
     from sentence_transformers import SentenceTransformer
 
     from engines.ort_session import OrtRunner
 
-    sentences = [tokenizer.decode(row[mask.astype(bool)], skip_special_tokens=True)
-                 for batch in probes for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
     reference = SentenceTransformer(str(info.path), device="cpu", trust_remote_code=info.trust_remote_code)
+    # Truncated where sentence-transformers truncates (its max_seq_length), so both see the same tokens; in
+    # to_batches' order (by token length), so row i of both is sentence i.
+    max_length = int(reference.max_seq_length or 128)
+    unsorted = probe_sentences()
+    lengths = token_lengths(unsorted, tokenizer, max_length).lengths
+    sentences = [unsorted[i] for i in sorted(range(len(unsorted)), key=lambda i: (lengths[i], i))]
     expected = reference.encode(sentences, batch_size=8, convert_to_numpy=True)
-    batches = to_batches(sentences, tokenizer, info.architecture.input_names, batch_size=8, max_length=128)
+    batches = to_batches(sentences, tokenizer, info.architecture.input_names, batch_size=8, max_length=max_length)
     with OrtRunner(onnx_path, output_names=["sentence_embedding"]) as runner:
         actual = np.concatenate([runner.infer(batch)["sentence_embedding"] for batch in batches])
     return float(np.max(np.abs(actual - expected)))
 
 
-def probe_batches(info: ModelInfo, tokenizer: Any) -> list[dict[str, np.ndarray]]:
+def probe_sentences() -> list[str]:
     sentences = []
-    for sentence in default_source():
-        sentences.append(sentence)
+    for sample in default_source():
+        sentences.append(sample.text)
         if len(sentences) == PROBE_SENTENCES:
             break
-    return to_batches(sentences, tokenizer, info.architecture.input_names, batch_size=8, max_length=128)
+    return sentences
+
+
+def probe_batches(info: ModelInfo, tokenizer: Any) -> list[dict[str, np.ndarray]]:
+    return to_batches(probe_sentences(), tokenizer, info.architecture.input_names, batch_size=8, max_length=128)
 
 
 def max_abs_differences(reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np.ndarray]]) -> dict[str, float]:
@@ -186,7 +193,7 @@ class ExportStage(Stage):
         if info.sentence_modules is not None:
             context.progress.info(f"checking the sentence embedding against sentence-transformers' encode "
                                   f"({info.sentence_modules.describe()})")
-            diff = sentence_transformers_check(info, out / "model.onnx", probes, tokenizer)
+            diff = sentence_transformers_check(info, out / "model.onnx", tokenizer)
             reference = {"sentence_transformers_max_abs": diff, "sentence_modules": info.sentence_modules.describe()}
             if not diff <= EXPORT_MAX_ABS:
                 broken["sentence_embedding against SentenceTransformer.encode"] = diff

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from calibration.batches import load_batches
-from engines.trt.precision import build_precision_graph
+from engines.trt.precision import CENTERED_COSINE, build_precision_graph
 from pipeline.config import BuildConfig
 from pipeline.models.registry import ModelInfo
 from pipeline.parity.policy import trt_min_cosine
@@ -35,7 +35,7 @@ def fallback_target(config: BuildConfig, model: ModelInfo) -> float:
 class PrecisionStage(Stage):
     name = "precision"
     facts = PrecisionFacts
-    version = 3  # 3: decoder LLMs; the summary names how nodes were ranked
+    version = 4  # 4: classifiers held to the cosine of centered logits; 3: decoder LLMs; the summary names how nodes were ranked
     outputs = ("model.onnx", "precision.json")
 
     def depends_on(self, config: BuildConfig) -> tuple[str, ...]:
@@ -61,7 +61,7 @@ class PrecisionStage(Stage):
             batches = prefill_feeds(calibration, context.facts("export", ExportFacts).kv_cache.layout, PRECISION_CHUNKS)
             extra: dict[str, Any] = {"score": PERPLEXITY_RATIO}
         else:
-            batches, extra = load_batches(calibration), {}
+            batches, extra = load_batches(calibration), {"score": CENTERED_COSINE} if context.model.task.classifier else {}
         summary = build_precision_graph(
             context.input("export").path("model.onnx"),
             out / "model.onnx",
