@@ -5,10 +5,9 @@ from __future__ import annotations
 import inspect
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
-import onnx
 
 from calibration.batches import to_batches, token_lengths
 from calibration.sources import default_source
@@ -55,10 +54,10 @@ def candidate_inputs(model: Any, info: ModelInfo) -> list[str]:
     return [name for name in info.architecture.input_names if name in parameters]
 
 
-def build_export_module(model: Any, info: ModelInfo, input_names: Sequence[str]) -> Any:
+def build_export_module(model: Any, info: ModelInfo, input_names: Optional[Sequence[str]] = None) -> Any:
     import torch
 
-    names = list(input_names)
+    names = list(input_names or candidate_inputs(model, info))
     head = sentence_head(info.sentence_modules) if info.sentence_modules else None
 
     class FeatureExtraction(torch.nn.Module):
@@ -137,6 +136,7 @@ def max_abs_differences(reference: list[dict[str, np.ndarray]], candidate: list[
 
 class ExportStage(Stage):
     name = "export"
+    version = 2  # 2: sentence-transformers pooling, Dense and Normalize from modules.json; token-classification
     facts = ExportFacts
     outputs = ("model.onnx", "tokenizer")
 
