@@ -126,8 +126,9 @@ def fit_classifier(model: Any, tokenizer: Any, task: str, scale: float = 4.0) ->
     token's tag is then the direction it leans to most). A random head's classes are near-ties, so its top-1
     parity would measure luck, not the build. A random model gives nearly the same representation to every
     sentence (the spread between sentences is of the order of INT8 noise), so a sequence classifier is made
-    the one thing a random model can be honestly: confident, its first class ahead by SEQUENCE_MARGIN standard
-    deviations of the others, which then follow the sentences' spread.
+    the one thing a random model can be honestly: confident, its first class ahead of the others (which read
+    the directions of most spread, unscaled) by a margin no rounding error reaches. Its top-1 gate then only
+    fails on a broken build; the per-token gate of token classifiers is the discriminating one.
     """
     import torch
 
@@ -145,10 +146,13 @@ def fit_classifier(model: Any, tokenizer: Any, task: str, scale: float = 4.0) ->
         features = features[encoded["attention_mask"].numpy().astype(bool)]
     mean = features.mean(axis=0)
     _, spread, directions = np.linalg.svd(features - mean, full_matrices=False)
-    weight = scale * directions[:labels] / (spread[:labels, None] / np.sqrt(len(features)))
+    if task == "token-classification":
+        weight = scale * directions[:labels] / (spread[:labels, None] / np.sqrt(len(features)))
+    else:  # not standardized: the spread between sentences is of the order of INT8 noise, which it would amplify
+        weight = scale * directions[:labels] / np.sqrt(np.mean(np.sum(features**2, axis=1)))
+        weight[0] = 0.0
     bias = -weight @ mean
     if task == "text-classification":
-        weight[0] = 0.0
         bias[0] = scale * SEQUENCE_MARGIN
     with torch.no_grad():
         head.weight.copy_(torch.from_numpy(weight.astype(np.float32)))
