@@ -67,23 +67,6 @@ def check_onnx_file(path: Path, runnable: bool = False) -> None:
             raise InputError(f"ONNX Runtime cannot load {path}: {_first_line(exc)}") from None
 
 
-def graph_problem(path: Path) -> str | None:
-    """Why a graph a stage just wrote is not fit to cache, or None: the ONNX checker (with strict shape
-    inference: a node with an empty required input or mismatched types fails here) and an ONNX Runtime load
-    (kernels exist for every node). Graphs past protobuf's limit are checked by path (external data)."""
-    from engines.ort_session import create_session
-
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except Exception as exc:  # ValidationError, InferenceError
-        return f"ONNX checker: {_first_line(exc)}"
-    try:
-        create_session(path, threads=1, optimization="disable")
-    except Exception as exc:  # ONNX Runtime's Fail / InvalidGraph / NotImplemented
-        return f"ONNX Runtime cannot load it: {_first_line(exc)}"
-    return None
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

@@ -156,10 +156,12 @@ class Stage(ABC):
 def check_graphs(stage: str, out: Path, outputs: tuple[str, ...]) -> None:
     """Every ONNX graph a stage writes passes the ONNX checker and loads in ONNX Runtime before it is cached:
     an invalid graph fails the stage that made it, not a later one."""
-    from engines.onnx_io import graph_problem
+    from engines.onnx_io import check_graph
+    from pipeline.core.errors import EngineError
 
     for name in outputs:
         if name.endswith(".onnx") and (out / name).is_file():
-            problem = graph_problem(out / name)
-            if problem:
-                raise StageError(stage, f"wrote an invalid graph {name}: {problem}")
+            try:
+                check_graph(out / name)
+            except EngineError as exc:
+                raise StageError(stage, exc.message) from None

@@ -23,21 +23,25 @@ def _float(name: str):
 
 def test_a_dynamic_quantize_of_an_empty_input_is_refused(tmp_path: Path) -> None:
     """What the INT8 DistilBERT graph held: DynamicQuantizeLinear reading '' (it failed later, in verify)."""
-    from engines.onnx_io import graph_problem
+    from engines.onnx_io import check_graph
+    from pipeline.core.errors import EngineError
 
     bad = _save(tmp_path / "bad.onnx", [helper.make_node("DynamicQuantizeLinear", [""], ["q", "s", "z"])], [],
                 [helper.make_tensor_value_info("q", TensorProto.UINT8, ["n"])])
-    assert "ONNX checker" in graph_problem(bad)
+    with pytest.raises(EngineError, match="not valid ONNX"):
+        check_graph(bad)
     good = _save(tmp_path / "good.onnx", [helper.make_node("Relu", ["x"], ["y"])], [_float("x")], [_float("y")])
-    assert graph_problem(good) is None
+    check_graph(good)
 
 
 def test_a_graph_onnx_runtime_cannot_load_is_refused(tmp_path: Path) -> None:
-    from engines.onnx_io import graph_problem
+    from engines.onnx_io import check_graph
+    from pipeline.core.errors import EngineError
 
     unknown = _save(tmp_path / "unknown.onnx", [helper.make_node("NoSuchKernel", ["x"], ["y"], domain="com.microsoft")],
                     [_float("x")], [_float("y")], domains=["com.microsoft"])
-    assert "ONNX Runtime cannot load it" in graph_problem(unknown)
+    with pytest.raises(EngineError, match="ONNX Runtime cannot load"):
+        check_graph(unknown)
 
 
 def test_the_stage_that_wrote_an_invalid_graph_fails_and_nothing_is_cached(tmp_path: Path) -> None:
@@ -55,7 +59,7 @@ def test_the_stage_that_wrote_an_invalid_graph_fails_and_nothing_is_cached(tmp_p
 
     stage = WritesBadGraph()
     stage.run(None, tmp_path)
-    with pytest.raises(StageError, match="stage 'quantize'.*invalid graph model.onnx"):
+    with pytest.raises(StageError, match="stage 'quantize'.*model.onnx is not valid ONNX"):
         stage.ensures(tmp_path)
 
 
