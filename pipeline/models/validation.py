@@ -27,7 +27,7 @@ SIZE_BOUNDS: tuple[tuple[str, int, int], ...] = (
     ("intermediate_size", 1, 524_288),
     ("vocab_size", 2, 4_000_000),
     ("max_position_embeddings", 1, 4_194_304),
-    ("type_vocab_size", 1, 1024),
+    ("type_vocab_size", 0, 1024),  # 0: no token types (DeBERTa-v3 checkpoints)
 )
 # The tokenizer must reach at least this share of the config's vocabulary (and never beyond it).
 MIN_VOCAB_COVERAGE = 0.5
