@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -36,6 +37,46 @@ TENSORRT_SIMULATION_CONFIG = {
 WORKER_THREADS: list[int] = []
 
 
+@dataclass(frozen=True)
+class SessionSettings:
+    """The ONNX Runtime session settings a build was measured with, recorded in its manifest ("runtime")
+    so that every loader (the Python API, `pipeline serve`, a user's own code) opens the graph the same way."""
+
+    graph_optimization_level: str = "ORT_ENABLE_ALL"
+    disabled_optimizers: tuple[str, ...] = tuple(DISABLED_OPTIMIZERS)
+    session_config_entries: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def for_target(cls, target: str) -> "SessionSettings":
+        """cpu: ONNX Runtime's integer kernels are the deployment; trt: the Q/DQ graph as exact fake quantization."""
+        return cls(session_config_entries=dict(TENSORRT_SIMULATION_CONFIG) if target == "trt" else {})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"engine": "onnxruntime", "onnxruntime_version": ort.__version__,
+                "execution_provider": "CPUExecutionProvider", "graph_optimization_level": self.graph_optimization_level,
+                "disabled_optimizers": list(self.disabled_optimizers),
+                "session_config_entries": dict(self.session_config_entries)}
+
+    @classmethod
+    def from_dict(cls, runtime: Mapping[str, Any]) -> "SessionSettings":
+        """Read a manifest's "runtime"; a value ONNX Runtime does not know is a ValueError naming it."""
+        level = str(runtime.get("graph_optimization_level", "ORT_ENABLE_ALL"))
+        if not hasattr(ort.GraphOptimizationLevel, level):
+            raise ValueError(f"unknown graph_optimization_level {level!r}")
+        disabled = runtime.get("disabled_optimizers", DISABLED_OPTIMIZERS)
+        entries = runtime.get("session_config_entries", {})
+        if not isinstance(disabled, list) or not all(isinstance(name, str) for name in disabled):
+            raise ValueError("disabled_optimizers must be a list of optimizer names")
+        if not isinstance(entries, dict) or not all(isinstance(v, str) for v in entries.values()):
+            raise ValueError("session_config_entries must map keys to strings")
+        return cls(level, tuple(disabled), dict(entries))
+
+    def apply(self, options: ort.SessionOptions) -> None:
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, self.graph_optimization_level)
+        for key, value in self.session_config_entries.items():
+            options.add_session_config_entry(key, value)
+
+
 def create_session(
     model_path: Path | bytes,
     threads: int = 0,
@@ -43,12 +84,14 @@ def create_session(
     optimized_model_path: Optional[Path] = None,
     external_initializers: Optional[tuple[Sequence[str], Sequence[ort.OrtValue]]] = None,
     simulate_tensorrt: bool = False,
+    settings: Optional[SessionSettings] = None,
 ) -> ort.InferenceSession:
     """A CPU session (from a file, or a serialized model); threads=0 lets ONNX Runtime use every core.
 
     simulate_tensorrt: run a graph meant for TensorRT (Q/DQ kept as float ops, see
     TENSORRT_SIMULATION_CONFIG). CPU INT8 builds leave it off: ONNX Runtime's integer kernels are their
-    deployment.
+    deployment. settings: a build's recorded settings (SessionSettings.from_dict of its manifest's
+    "runtime"); they replace `optimization` and `simulate_tensorrt`.
     """
     options = ort.SessionOptions()
     if threads == 0 and WORKER_THREADS:
@@ -61,13 +104,15 @@ def create_session(
     if simulate_tensorrt:
         for key, value in TENSORRT_SIMULATION_CONFIG.items():
             options.add_session_config_entry(key, value)
+    if settings is not None:
+        settings.apply(options)
     if optimized_model_path is not None:
         options.optimized_model_filepath = str(optimized_model_path)
     if external_initializers is not None and external_initializers[0]:
         options.add_external_initializers(list(external_initializers[0]), list(external_initializers[1]))
     model = model_path if isinstance(model_path, bytes) else str(model_path)
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=DISABLED_OPTIMIZERS)
+                                disabled_optimizers=list(settings.disabled_optimizers if settings else DISABLED_OPTIMIZERS))
 
 
 class OrtRunner:

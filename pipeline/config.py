@@ -154,6 +154,10 @@ class QuantizationConfig(_Strict):
         0.005, ge=0.0, le=1.0, description="Fallback: allowed drop of the tuning metric below 1.0 (FP32 itself)."
     )
     max_fallback_nodes: int = Field(8, ge=1, le=200, description="Fallback: most nodes kept in FP32.")
+    cpu_isa: Literal["auto", "avx2", "avx512-vnni", "amx", "arm64"] = Field(
+        "auto", description="CPU INT8 (encoders): the deployment host's instruction set, which decides the weight "
+        "range (avx2: 7-bit weights, ONNX Runtime's reduce_range; avx512-vnni, amx, arm64: 8-bit). auto: the build host's.",
+    )
 
     @model_validator(mode="after")
     def _static_only_options(self) -> "QuantizationConfig":

@@ -42,15 +42,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def default_build(tmp_path_factory: pytest.TempPathFactory):
-    """The default build (all-MiniLM-L6-v2, dynamic INT8) run once through the Python API."""
-    from pipeline.build.runner import run_build
-    from pipeline.config import load_config
-    from pipeline.core.progress import Progress
+    """The default build (all-MiniLM-L6-v2, dynamic INT8) run once through the Python API, `pipeline.build()`."""
+    import pipeline
 
-    build_dir = tmp_path_factory.mktemp("default-build")
-    config = load_config(None, {"output_dir": str(build_dir)})
-    result = run_build(config, Progress(quiet=True))
-    return result
+    return pipeline.build(output=tmp_path_factory.mktemp("default-build"))
 
 
 @pytest.fixture(scope="session")
@@ -172,3 +167,15 @@ def tiny_llama_cli_build(tiny_llama_folder, tmp_path_factory: pytest.TempPathFac
 
     out = tmp_path_factory.mktemp("tiny-llama-build") / "build"
     return run_cli("build", "--model", str(tiny_llama_folder), "-o", str(out), "-q"), out
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_build(tiny_llama_folder, tmp_path_factory: pytest.TempPathFactory):
+    """The tiny random Llama built through the Python API (4-bit RTN), parity passed: for generate, serve and
+    onnxruntime-genai tests."""
+    import pipeline
+
+    result = pipeline.build(model=str(tiny_llama_folder), output=tmp_path_factory.mktemp("tiny-llm-build"),
+                            calibration=LLM_TEST_CALIBRATION, verify={"greedy_prompts": 2})
+    assert result.status == "passed", result.failures
+    return result

@@ -40,6 +40,7 @@ import onnx
 from calibration.readers import BatchReader
 from engines.onnx_io import save_model
 from pipeline.core.errors import EngineError, InputError
+from pipeline.core.host import resolved_isa
 
 
 class Int8Settings(Protocol):
@@ -51,13 +52,16 @@ class Int8Settings(Protocol):
     exclude: list[str]
     smoothquant: bool
     smoothquant_alpha: float
+    cpu_isa: str
 
 
 def _quiet_library_logger() -> None:
-    # Its logger module sets INFO when first imported, so lower it after importing the library.
+    # Its logger module sets INFO and its own handler when first imported: route it after importing it.
     import onnx_neural_compressor.logger  # noqa: F401
 
-    logging.getLogger("onnx_neural_compressor").setLevel(logging.WARNING)
+    from pipeline.core.logs import route_library_logger
+
+    route_library_logger("onnx_neural_compressor")
 
 
 def name_all_nodes(model: onnx.ModelProto) -> int:
@@ -91,11 +95,12 @@ def resolve_exclusions(model: onnx.ModelProto, exclude: Sequence[str]) -> list[s
     return sorted({node.name for node in model.graph.node if node.name in exclude or node.op_type in exclude})
 
 
-def _reduce_range() -> bool:
-    # Without VNNI, u8*s8 products can saturate the 16-bit accumulation: 7-bit weights avoid it.
-    from onnx_neural_compressor import utility
+def _reduce_range(cpu_isa: str) -> bool:
+    # Without VNNI, u8*s8 products can saturate the 16-bit accumulation: 7-bit weights avoid it. The
+    # deployment host's ISA decides (--cpu-isa; the plan resolves auto to the build host's).
+    from pipeline.core.host import reduce_range_for, resolved_isa
 
-    return not utility.CpuInfo().vnni
+    return reduce_range_for(resolved_isa(cpu_isa))
 
 
 def prepare_graph(fp32_path: Path, output_path: Path) -> Path:
@@ -211,7 +216,7 @@ def quantize(
     name_all_nodes(model)
     excluded = resolve_exclusions(model, [*settings.exclude, *extra_exclusions])
     excluded = sorted(set(excluded) | set(unquantizable_nodes(model)))
-    reduce_range = _reduce_range()
+    reduce_range = _reduce_range(settings.cpu_isa)
     extra_options: dict[str, Any] = {"DefaultTensorType": onnx.TensorProto.FLOAT}
     static_options: dict[str, Any] = dict(
         calibrate_method=CalibrationMethod.MinMax,
@@ -260,6 +265,7 @@ def quantize(
         "smoothquant_alpha": settings.smoothquant_alpha if settings.smoothquant else None,
         "per_channel": settings.per_channel,
         "reduce_range": reduce_range,
+        "cpu_isa": resolved_isa(settings.cpu_isa),
         "excluded_nodes": excluded,
         "op_counts": dict(sorted(op_counts.items())),
     }

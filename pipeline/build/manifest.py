@@ -15,6 +15,7 @@ from pipeline.config import BuildConfig
 from pipeline.core.durable import fsync_directory, fsync_file, fsync_tree, replace_durable, write_bytes_durable
 from pipeline.core.errors import InputError, read_json_input
 from pipeline.core.hashing import file_sha256
+from pipeline.core.host import host_facts
 from pipeline.models.registry import ModelInfo
 from pipeline.stages.base import StageOutput
 from pipeline.stages.facts import FACTS_VERSION, VerifyFacts
@@ -123,6 +124,8 @@ def publish_build(
     else:
         _remove(build_dir / TRT_BUNDLE_DIR, build_dir / f".{TRT_BUNDLE_DIR}.old.tmp")
         shutil.rmtree(build_dir / f".{TRT_BUNDLE_DIR}.old.tmp", ignore_errors=True)
+    runtime = build_runtime(config.target)
+    _publish_standalone_files(build_dir, model, outputs, runtime, artifacts, bool(passed))
     status = {None: "incomplete", True: "passed", False: "parity_failed"}[passed]
     manifest = {
         "schema_version": MANIFEST_SCHEMA_VERSION,
@@ -136,22 +139,34 @@ def publish_build(
         "stages": [_stage_entry(output) for output in outputs.values()],
         "artifacts": artifacts,
     }
-    if config.target == "cpu":
-        manifest["runtime"] = cpu_runtime()
+    manifest["runtime"] = runtime
+    manifest["host"] = host_facts()  # the build host; config.quantization.cpu_isa is the deployment host's ISA
     validate_manifest(manifest, "the manifest being written")  # what the reader will accept, checked here
     write_json_atomic(build_dir / "manifest.json", manifest)
     return passed
 
 
-def cpu_runtime() -> dict[str, Any]:
-    """The ONNX Runtime session settings the CPU artifacts were measured with (and `pipeline serve` uses)."""
-    import onnxruntime
+def _publish_standalone_files(build_dir: Path, model: ModelInfo, outputs: dict[str, StageOutput],
+                              runtime: dict[str, Any], artifacts: dict[str, str], passed: bool) -> None:
+    """config.json (labels), and genai_config.json with the tokenizer files for LLMs: see build/standalone.py."""
+    from pipeline.build.standalone import GENAI_CONFIG, GENAI_TOKENIZER_FILES, MODEL_CONFIG, write_standalone_files
+    from pipeline.core.hashing import file_sha256
 
-    from engines.ort_session import DISABLED_OPTIMIZERS
+    names = (MODEL_CONFIG, GENAI_CONFIG, *GENAI_TOKENIZER_FILES)
+    for name in names:  # a stale file of an earlier build must not look like this build's
+        (build_dir / name).unlink(missing_ok=True)
+    if passed and "export" in outputs:
+        for name in write_standalone_files(build_dir, model, build_dir / "tokenizer", runtime,
+                                           write_text_atomic, _place):
+            artifacts[name] = file_sha256(build_dir / name)
 
-    return {"engine": "onnxruntime", "onnxruntime_version": onnxruntime.__version__,
-            "execution_provider": "CPUExecutionProvider", "graph_optimization_level": "ORT_ENABLE_ALL",
-            "disabled_optimizers": list(DISABLED_OPTIMIZERS)}
+
+def build_runtime(target: str) -> dict[str, Any]:
+    """The ONNX Runtime session settings the artifacts were measured with, which `pipeline.load` and
+    `pipeline serve` read back (TensorRT builds: the settings of the CPU simulation parity ran)."""
+    from engines.ort_session import SessionSettings
+
+    return SessionSettings.for_target(target).to_dict()
 
 
 def _stage_entry(output: StageOutput) -> dict[str, Any]:

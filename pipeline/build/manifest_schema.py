@@ -57,6 +57,19 @@ class RuntimeSection(_Section):
     execution_provider: Literal["CPUExecutionProvider"]
     graph_optimization_level: Literal["ORT_ENABLE_ALL"]
     disabled_optimizers: list[str]
+    # issue 16: TensorRT builds record the settings of their CPU simulation (session.disable_quant_qdq, ...)
+    session_config_entries: dict[str, str] = Field(default_factory=dict)
+
+
+class HostSection(_Section):
+    """The build host (issue 16, pipeline/core/host.py): CPU model, ISA class and flags, library versions."""
+
+    cpu_model: str
+    machine: str
+    isa: Literal["avx2", "avx512-vnni", "amx", "arm64"]
+    isa_flags: list[str]
+    python: str
+    libraries: dict[str, str]
 
 
 class StageEntry(_Section):
@@ -85,6 +98,7 @@ class Manifest(_Section):
     stages: list[StageEntry]
     artifacts: dict[RelativePath, Sha256]
     runtime: Optional[RuntimeSection] = None
+    host: Optional[HostSection] = None
 
     def stage(self, name: str) -> Optional[StageEntry]:
         return next((entry for entry in self.stages if entry.stage == name), None)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from pipeline.config import BuildConfig, Target
+from pipeline.build.applicability import check_applicable
 from pipeline.core.errors import ConfigError, MissingDependencyError
 from pipeline.models.registry import Family, ModelInfo, inspect_model
 from pipeline.stages.base import Stage
@@ -71,6 +72,7 @@ def plan_build(config: BuildConfig) -> BuildPlan:
     """Inspect the model, apply its family's defaults, check the scheme fits it, and pick the stages."""
     model = inspect_model(config.model.path, config.model.task, config.model.trust_remote_code,
                           config.quantization.mode if "mode" in config.quantization.model_fields_set else None)
+    check_applicable(config, model)  # a setting this target or family never reads is refused, not ignored
     resolved = apply_family_defaults(config, model)
     if resolved.target == "trt" and resolved.trt.require_engine:
         _require_tensorrt()  # refuse before any work, not after minutes of calibration

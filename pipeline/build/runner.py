@@ -273,9 +273,12 @@ def run_build(
     stages: Optional[Sequence[Stage]] = None,
     lock_timeout: Optional[float] = None,
     cache_dir: Optional[Path] = None,
+    raise_on_parity_failure: bool = True,
 ) -> BuildResult:
     """`cache_dir`: a stage cache shared with other builds (a local folder, or one every node mounts);
-    default: the build directory's own `.stages/`. Keys are content hashes, so sharing changes no output."""
+    default: the build directory's own `.stages/`. Keys are content hashes, so sharing changes no output.
+    A parity failure raises ParityError after publishing, unless raise_on_parity_failure is off (the
+    Python API): then the result says passed=False."""
     started = time.perf_counter()
     from pipeline.build.plan import plan_build
 
@@ -306,7 +309,7 @@ def run_build(
         if "verify" in context.inputs:
             append_step_summary(read_report(context.inputs["verify"].path("parity.json")))
     result = BuildResult(build_dir, context.inputs, passed, time.perf_counter() - started)
-    if passed is False:
+    if passed is False and raise_on_parity_failure:
         failures = context.facts("verify", VerifyFacts).failures
         raise ParityError("parity failed: " + "; ".join(failures) + f" (report: {build_dir / 'parity.md'})")
     return result

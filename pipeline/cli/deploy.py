@@ -19,7 +19,7 @@ BUILD_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 @click.option("--max-batch-size", type=int,
               help="Triton max_batch_size. [default: the TensorRT profile's largest batch, else 32]")
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True, help="Model instances.")
-@click.option("--intra-op-threads", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--threads", "--intra-op-threads", "intra_op_threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="ONNX Runtime intra-op threads per instance (0: one per core).")
 @click.option("--inter-op-threads", type=click.IntRange(min=0), default=1, show_default=True,
               help="ONNX Runtime inter-op threads per instance.")
@@ -27,9 +27,12 @@ BUILD_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
               help="Dynamic batching: longest wait to fill a batch, in microseconds.")
 @click.option("--with-tokenizer", is_flag=True,
               help="Add a Python-backend tokenizer and an ensemble <name>_text that takes text.")
+@click.option("--outputs", "ensemble_outputs", multiple=True,
+              help="Output the text ensemble returns (repeatable), e.g. --outputs sentence_embedding. "
+                   "[default: every output of the graph]")
 def export_triton(build_dir: Path, repo_dir: Path, model_name: Optional[str], backend: str,
                   max_batch_size: Optional[int], instances: int, intra_op_threads: int, inter_op_threads: int,
-                  max_queue_delay_us: int, with_tokenizer: bool) -> None:
+                  max_queue_delay_us: int, with_tokenizer: bool, ensemble_outputs: tuple[str, ...] = ()) -> None:
     """Write a Triton Inference Server model repository for a finished build.
 
     \b
@@ -44,7 +47,7 @@ def export_triton(build_dir: Path, repo_dir: Path, model_name: Optional[str], ba
         manifest = read_manifest(build_dir) if (build_dir / "manifest.json").is_file() else {}
         model_name = manifest.get("model", {}).get("name", build_dir.name).replace("/", "_")
     written = export(build_dir, repo_dir, model_name, backend, max_batch_size, instances, intra_op_threads,
-                     inter_op_threads, max_queue_delay_us, with_tokenizer)
+                     inter_op_threads, max_queue_delay_us, with_tokenizer, list(ensemble_outputs) or None)
     click.echo(f"wrote {', '.join(written)} to {repo_dir}")
 
 
@@ -54,7 +57,7 @@ def export_triton(build_dir: Path, repo_dir: Path, model_name: Optional[str], ba
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="ONNX Runtime intra-op threads (0: one per core).")
-@click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True,
+@click.option("--max-batch-size", "--max-batch", "max_batch", type=click.IntRange(min=1), default=32, show_default=True,
               help="Most texts run in one batch.")
 @click.option("--max-wait-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
               help="Longest wait for more requests before a batch runs.")
@@ -66,7 +69,8 @@ def export_triton(build_dir: Path, repo_dir: Path, model_name: Optional[str], ba
               help="Most characters in one text (413 beyond).")
 def serve(build_dir: Path, host: str, port: int, threads: int, max_batch: int, max_wait_ms: float,
           max_body_bytes: int, max_texts: int, max_chars: int) -> None:
-    """Serve a CPU build over HTTP: POST /v1/predict {"texts": [...]}, GET /health, GET /v1/stats.
+    """Serve a CPU build over HTTP: POST /v1/predict {"texts": [...]}, OpenAI's POST /v1/embeddings (embedding
+    builds) and POST /v1/completions (LLM builds, streaming), GET /metrics (Prometheus), /health, /v1/stats.
 
     \b
     Example:
@@ -87,7 +91,7 @@ def serve(build_dir: Path, host: str, port: int, threads: int, max_batch: int, m
 @click.option("--duration", type=click.FloatRange(0.5, 600), default=30.0, show_default=True, help="Seconds of load.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="Server: ONNX Runtime intra-op threads (0: one per core).")
-@click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--max-batch-size", "--max-batch", "max_batch", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--max-wait-ms", type=click.FloatRange(min=0), default=5.0, show_default=True)
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="Also write the result as JSON.")
 def bench_serve(build_dir: Path, clients: int, duration: float, threads: int, max_batch: int, max_wait_ms: float,

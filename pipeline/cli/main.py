@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -15,64 +16,12 @@ from pipeline.cli.architectures import architectures
 from pipeline.cli.deploy import bench_serve, export_triton, serve
 from pipeline.cli.matrix import bench_fallback, matrix
 from pipeline.cli.report import report, verify
-from pipeline.config import STAGE_NAMES, load_config
+from pipeline.api.options import FLAG_KEYS, SHAPE_OPTIONS
+from pipeline.config import STAGE_NAMES
 from pipeline.core.errors import ExitCode, QuantpipeError
-from pipeline.core.logs import quiet_libraries
+from pipeline.cli.groups import GroupedCommand
+from pipeline.core.logs import configure_logging, quiet_libraries
 from pipeline.core.progress import Progress
-
-
-def _set_nested(target: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    for key in parents:
-        target = target.setdefault(key, {})
-    target[leaf] = value
-
-
-# flag name -> configuration key; only flags the user gave override the build file.
-FLAG_KEYS = {
-    "target": "target",
-    "model": "model.path",
-    "task": "model.task",
-    "output": "output_dir",
-    "quant": "quantization.mode",
-    "per_channel": "quantization.per_channel",
-    "exclude": "quantization.exclude",
-    "quant_format": "quantization.format",
-    "smoothquant": "quantization.smoothquant",
-    "smoothquant_alpha": "quantization.smoothquant_alpha",
-    "fallback": "quantization.fallback",
-    "tolerable_loss": "quantization.tolerable_loss",
-    "calib_source": "calibration.source",
-    "calib_samples": "calibration.samples",
-    "heldout_samples": "calibration.heldout_samples",
-    "seed": "calibration.seed",
-    "batch_size": "calibration.batch_size",
-    "max_length": "calibration.max_length",
-    "calib_format": "calibration.format",
-    "text_field": "calibration.text_field",
-    "text_pair_field": "calibration.text_pair_field",
-    "label_field": "calibration.label_field",
-    "stratify": "calibration.stratify",
-    "padding": "calibration.padding",
-    "long_samples": "calibration.long_samples",
-    "calib_method": "calibration.method",
-    "percentile": "calibration.percentile",
-    "min_cosine": "verify.min_cosine",
-    "max_abs": "verify.max_abs",
-    "localize": "verify.localize",
-    "eval_file": "verify.eval_file",
-    "precision": "trt.precision",
-    "require_engine": "trt.require_engine",
-    "trust_remote_code": "model.trust_remote_code",
-    "weight_bits": "quantization.weight_bits",
-    "block_size": "quantization.block_size",
-    "lm_head": "quantization.lm_head",
-    "symmetric": "quantization.symmetric",
-    "zero_point": "quantization.zero_point",
-    "embeddings": "quantization.embeddings",
-    "max_perplexity_increase": "verify.max_perplexity_increase",
-    "min_token_agreement": "verify.min_token_agreement",
-}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -81,10 +30,10 @@ def cli() -> None:
     """Quantpipe: export, calibrate, quantize and verify transformers for deployment."""
 
 
-@cli.command()
+@cli.command(cls=GroupedCommand)
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Build file (YAML or TOML). Flags given on the command line override it.")
-@click.option("--target", type=click.Choice(["cpu", "trt"]), help="Deployment target. [default: cpu]")
+@click.option("--target", type=click.Choice(["cpu", "trt"]), help="Deployment target.")
 @click.option("--model", type=str, help="Local Hugging Face model folder, or a GGUF file (decoder LLMs). [default: bundled all-MiniLM-L6-v2]")
 @click.option("--task", type=click.Choice(["feature-extraction", "text-classification", "token-classification",
                                            "text-generation"]),
@@ -93,64 +42,75 @@ def cli() -> None:
 @click.option("--quant", type=click.Choice(["static", "dynamic", "rtn", "gptq", "awq"]),
               help="INT8 scheme (encoders), or weight-only rtn/gptq/awq (decoder LLMs). [default: dynamic; rtn for decoder LLMs]")
 @click.option("--weight-bits", type=click.Choice(["4", "8"]), callback=lambda c, p, v: int(v) if v else None,
-              help="LLM weight-only bits (8: rtn only). [default: 4]")
-@click.option("--block-size", type=int, help="LLM weight-only block size (power of two). [default: 32]")
-@click.option("--lm-head", type=click.Choice(["fp32", "int8", "int4"]), help="LLM lm_head precision. [default: int8]")
+              help="LLM weight-only bits (8: rtn only).")
+@click.option("--block-size", type=int, help="LLM weight-only block size (power of two).")
+@click.option("--lm-head", type=click.Choice(["fp32", "int8", "int4"]), help="LLM lm_head precision.")
 @click.option("--symmetric/--asymmetric", default=None, help="LLM weight-only blocks with or without zero points. [default: asymmetric]")
 @click.option("--zero-point", type=click.Choice(["int", "float"]),
-              help="LLM asymmetric 4-bit rtn: float block minimums (GGUF Q4_1 grid) or integer zero points. [default: float]")
+              help="LLM asymmetric 4-bit rtn: float block minimums (GGUF Q4_1 grid) or integer zero points.")
 @click.option("--embeddings", type=click.Choice(["fp32", "int4"]),
-              help="LLM token-embedding precision. [default: int4]")
+              help="LLM token-embedding precision.")
 @click.option("--max-perplexity-increase", type=float, help="LLM parity gate: relative perplexity increase. [default: 0.08]")
 @click.option("--min-token-agreement", type=float, help="LLM parity gate: greedy token agreement. [default: not gated]")
 @click.option("--per-channel/--per-tensor", default=None, help="Weight scales per output channel. [default: per-channel]")
+@click.option("--cpu-isa", type=click.Choice(["auto", "avx2", "avx512-vnni", "amx", "arm64"]),
+              help="The deployment CPU: decides the INT8 weight range (avx2: 7-bit). auto: this host's.")
 @click.option("--exclude", multiple=True, help="Op type or node name to keep in FP32 (repeatable).")
 @click.option("--format", "quant_format", type=click.Choice(["qdq", "qoperator"]),
-              help="Static INT8 graph format. [default: qdq]")
-@click.option("--smoothquant/--no-smoothquant", default=None, help="Static only: SmoothQuant first. [default: off]")
-@click.option("--smoothquant-alpha", type=float, help="SmoothQuant migration strength, 0..1. [default: 0.5]")
+              help="Static INT8 graph format.")
+@click.option("--smoothquant/--no-smoothquant", default=None, help="Static only: SmoothQuant first.")
+@click.option("--smoothquant-alpha", type=float, help="SmoothQuant migration strength, 0..1.")
 @click.option("--fallback", type=click.Choice(["off", "auto"]),
-              help="auto: keep the most sensitive nodes in FP32 until --tolerable-loss holds. [default: off]")
-@click.option("--tolerable-loss", type=float, help="Fallback: allowed drop of the tuning metric. [default: 0.005]")
+              help="auto: keep the most sensitive nodes in FP32 until --tolerable-loss holds.")
+@click.option("--tolerable-loss", type=float, help="Fallback: allowed drop of the tuning metric.")
 @click.option("--calib-source", type=str, help="Text (one sample per line), JSONL, CSV, Parquet, a save_to_disk folder or a folder of .txt files. [default: BBC News sentences]")
-@click.option("--calib-samples", type=int, help="Calibration samples. [default: 128]")
-@click.option("--heldout-samples", type=int, help="Held-out samples for parity. [default: 256]")
-@click.option("--seed", type=int, help="Seed of the sample selection. [default: 0]")
-@click.option("--batch-size", type=int, help="Samples per batch. [default: 8]")
-@click.option("--max-length", type=int, help="Maximum tokens per sample. [default: 128]")
+@click.option("--calib-samples", type=int, help="Calibration samples.")
+@click.option("--heldout-samples", type=int, help="Held-out samples for parity.")
+@click.option("--seed", type=int, help="Seed of the sample selection.")
+@click.option("--batch-size", type=int, help="Samples per batch.")
+@click.option("--max-length", type=int, help="Maximum tokens per sample.")
 @click.option("--calib-format", type=click.Choice(["auto", "text", "jsonl", "csv", "parquet", "dataset", "directory"]),
               help="Kind of --calib-source. [default: auto, from the suffix or folder]")
-@click.option("--text-field", type=str, help="JSONL/CSV/Parquet/dataset field holding the text. [default: text]")
+@click.option("--text-field", type=str, help="JSONL/CSV/Parquet/dataset field holding the text.")
 @click.option("--text-pair-field", type=str, help="Field holding the second text of a sentence pair.")
 @click.option("--label-field", type=str, help="Field holding a label (for --stratify label).")
 @click.option("--stratify", type=click.Choice(["label", "length"]), help="Stratified selection. [default: seeded random]")
 @click.option("--padding", type=click.Choice(["bucket", "max_length"]),
-              help="Pad each length-sorted batch to its longest sample, or all to --max-length. [default: bucket]")
+              help="Pad each length-sorted batch to its longest sample, or all to --max-length.")
 @click.option("--long-samples", type=click.Choice(["truncate", "error"]),
-              help="Samples longer than --max-length: truncate or refuse. [default: truncate]")
+              help="Samples longer than --max-length: truncate or refuse.")
 @click.option("--calib-method", type=click.Choice(["minmax", "percentile", "entropy"]),
-              help="Activation ranges for static INT8. [default: minmax]")
-@click.option("--percentile", type=float, help="Percentile of --calib-method percentile. [default: 99.999]")
+              help="Activation ranges for static INT8.")
+@click.option("--percentile", type=float, help="Percentile of --calib-method percentile.")
 @click.option("--min-cosine", type=float, help="Parity gate: minimum mean cosine of the primary output.")
 @click.option("--max-abs", type=float, help="Parity gate: maximum absolute error of the primary output.")
 @click.option("--localize", type=click.Choice(["on-failure", "always", "never"]),
-              help="Layer localization in the parity report. [default: on-failure]")
+              help="Layer localization in the parity report.")
 @click.option("--eval-file", type=str, help="Classifiers: labelled evaluation file (JSON lines or label<TAB>text).")
 @click.option("--precision", type=click.Choice(["int8", "fp8", "fp16", "best"]),
-              help="TensorRT precision (--target trt). [default: int8]")
+              help="TensorRT precision (--target trt).")
 @click.option("--require-engine", is_flag=True, default=None,
               help="--target trt: fail (exit 5) unless TensorRT is present to build the engine.")
+@click.option("--opset", type=click.IntRange(17, 21), help="ONNX opset of the export.")
+@click.option("--min-shapes", type=str, help="TensorRT profile minimum, as trtexec: input_ids:1x16,attention_mask:1x16.")
+@click.option("--opt-shapes", type=str, help="TensorRT profile optimum (same spelling). [default: from calibration]")
+@click.option("--max-shapes", type=str, help="TensorRT profile maximum (same spelling). [default: from calibration]")
+@click.option("--json", "json_summary", is_flag=True, help="Print a machine-readable summary (JSON) on stdout.")
+@click.option("--verbose", "-v", is_flag=True, help="Also print the libraries' own INFO log lines, in our format.")
+@click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write every log line (progress and libraries, DEBUG and up) to this file.")
 @click.option("--stop-after", type=click.Choice(STAGE_NAMES), help="Stop after this stage.")
 @click.option("--force", is_flag=True, help="Run every stage again, ignoring the cache.")
 @click.option("--print-config", is_flag=True, help="Print the effective configuration and exit.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors (for CI).")
 @click.option("--trust-remote-code", is_flag=True, default=None,
-              help="Run Python code shipped in the model folder (auto_map). Only for folders you trust. [default: off]")
+              help="Run Python code shipped in the model folder (auto_map). Only for folders you trust.")
 @click.option("--lock-timeout", type=click.FloatRange(min=0), default=None,
               help="Seconds to wait for another build holding the build directory, then fail with exit 6 "
                    "(0: fail at once). [default: wait]")
 def build(config_file: Optional[Path], stop_after: Optional[str], force: bool, print_config: bool,
-          quiet: bool, lock_timeout: Optional[float] = None, **flags: Any) -> None:
+          quiet: bool, lock_timeout: Optional[float] = None, json_summary: bool = False, verbose: bool = False,
+          log_file: Optional[Path] = None, **flags: Any) -> None:
     """Export, optimize, calibrate, quantize and verify a model.
 
     \b
@@ -159,12 +119,9 @@ def build(config_file: Optional[Path], stop_after: Optional[str], force: bool, p
       pipeline build --model ./my-bert --quant static --calib-samples 256 -o build/my-bert
       pipeline build --target trt --precision int8
     """
-    overrides: dict[str, Any] = {}
-    for flag, key in FLAG_KEYS.items():
-        value = flags.get(flag)
-        if value is not None and value != ():
-            _set_nested(overrides, key, list(value) if isinstance(value, tuple) else value)
-    config = load_config(config_file, overrides)
+    from pipeline.api import build as build_api, resolve_config
+
+    config = resolve_config(config_file, **{flag: flags.get(flag) for flag in (*FLAG_KEYS, *SHAPE_OPTIONS)})
     if print_config:  # the configuration the build would run with: the plan's, model and defaults resolved
         from pipeline.build.plan import plan_build
 
@@ -176,17 +133,14 @@ def build(config_file: Optional[Path], stop_after: Optional[str], force: bool, p
         click.echo(f"# {plan.model.name}: {plan.model.architecture.model_type}, {plan.model.architecture.family}; "
                    f"stages: {' -> '.join(plan.stage_names)}")
         return
-    quiet_libraries()
-    from pipeline.build.runner import run_build
-    from pipeline.stages.calibrate import check_source
-
-    if stop_after not in ("export", "optimize"):
-        check_source(config.calibration)  # a bad data file fails before export runs, not after
-
+    configure_logging(verbose=verbose, log_file=log_file, quiet=quiet)
     progress = Progress(quiet=quiet)
-    result = run_build(config, progress, force=force, stop_after=stop_after, lock_timeout=lock_timeout)
+    result = build_api(config, progress=progress, force=force, stop_after=stop_after, lock_timeout=lock_timeout)
+    if json_summary:
+        click.echo(json.dumps(build_summary(result), indent=2))
+    result.raise_for_status()
     reused = [name for name, output in result.outputs.items() if output.reused]
-    if not quiet:
+    if not quiet and not json_summary:
         verdict = {True: "parity passed", None: f"stopped after {stop_after}"}[result.passed]
         click.echo(
             f"build finished in {result.wall_time_s:.1f}s ({verdict}); "
@@ -196,6 +150,16 @@ def build(config_file: Optional[Path], stop_after: Optional[str], force: bool, p
         if bundle is not None and bundle.facts["engine"].startswith("not built"):
             click.echo(f"TensorRT engine {bundle.facts['engine']}. The deployment bundle is ready in "
                        f"{result.build_dir / 'trt'}: build the engine there on a GPU host (build_engine.py or trtexec.sh).")
+
+
+def build_summary(result: Any) -> dict[str, Any]:
+    """`pipeline build --json`: what CI reads instead of parsing the log."""
+    return {"build_dir": str(result.build_dir), "status": result.status, "passed": result.passed,
+            "wall_time_s": round(result.wall_time_s, 3),
+            "stages": {name: {"reused": output.reused, "wall_time_s": output.wall_time_s}
+                       for name, output in result.outputs.items()},
+            "artifacts": {name: str(path) for name, path in result.paths.items()},
+            "failures": result.failures}
 
 
 def _int_list(value: str) -> list[int]:
@@ -289,7 +253,7 @@ def generate(build_dir: Path, prompt: str, max_new_tokens: int, temperature: flo
     run_generation(build_dir, prompt, max_new_tokens, temperature, top_k, seed, fp32, threads, chat)
 
 
-@cli.command(context_settings={"help_option_names": ["-h", "--help"]})
+@cli.command(cls=GroupedCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.pass_context
 def calibrate(ctx: click.Context, **flags: Any) -> None:
     """Run the stages up to calibrate and write the calibration cache (samples, batches, ranges).

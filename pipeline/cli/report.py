@@ -43,14 +43,14 @@ def verify(build_dir: Path, candidate: Optional[Path], output_dir: Optional[Path
     """
     if candidate is not None and output_dir is None:
         raise click.UsageError("--candidate needs --output, so the build's own reports are not overwritten")
-    from pipeline.build.reverify import reverify
-    from pipeline.core.logs import quiet_libraries
+    from pipeline.api import verify as verify_api
     from pipeline.core.progress import Progress
 
-    quiet_libraries()
-    overrides = {key: str(value) if isinstance(value, Path) else value
-                 for key, value in flags.items() if value is not None}
-    report = reverify(build_dir, overrides, Progress(quiet=quiet), candidate, output_dir, trust_remote_code)
+    report = verify_api(build_dir, candidate=candidate, output_dir=output_dir, progress=Progress(quiet=quiet),
+                        trust_remote_code=trust_remote_code, **flags)
+    if report.failures:
+        raise ParityError("parity failed: " + "; ".join(report.failures)
+                          + f" (report: {(output_dir or build_dir) / 'parity.md'})")
     if not quiet:
         click.echo(f"parity passed: {len(report.checks)} checks; reports in {output_dir or build_dir}")
 

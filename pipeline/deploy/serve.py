@@ -10,7 +10,6 @@ off the event loop; GET /v1/stats says how many batches ran and how large they w
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +52,7 @@ class BuildModel:
 
         from engines.ort_session import create_session
         from pipeline.build.readback import checked_file, checked_tree, load_manifest
+        from pipeline.deploy.runtime import build_labels, session_settings
 
         if not (build_dir / "manifest.json").is_file() or not (build_dir / "model.onnx").is_file():
             raise InputError(f"{build_dir} holds no finished build (manifest.json and model.onnx); "
@@ -66,8 +66,10 @@ class BuildModel:
                              "builds (feature-extraction, text-classification)")
         self.task = manifest.model.task
         self.max_length = manifest.config.calibration.max_length
-        self.labels = self._labels(Path(manifest.model.path))
-        self.session = create_session(checked_file(build_dir, manifest, "model.onnx"), threads=threads)
+        raw = manifest.model_dump(mode="json")
+        self.labels = build_labels(build_dir, raw)  # the build's own config.json: a moved build keeps them
+        self.session = create_session(checked_file(build_dir, manifest, "model.onnx"), threads=threads,
+                                      settings=session_settings(raw, build_dir))
         self.input_names = [i.name for i in self.session.get_inputs()]
         tokenizer_dir = checked_tree(build_dir, manifest, "tokenizer")
         try:
@@ -76,14 +78,6 @@ class BuildModel:
             raise InputError(f"cannot load the tokenizer in {tokenizer_dir}: {str(exc).strip()[:200] or type(exc).__name__}") from None
         self.output = "logits" if self.task == "text-classification" else "sentence_embedding"
         self.padding_slack = padding_slack
-
-    @staticmethod
-    def _labels(model_path: Path) -> dict[int, str]:
-        try:
-            config = json.loads((model_path / "config.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            return {}
-        return {int(key): str(value) for key, value in (config.get("id2label") or {}).items()}
 
     def feed(self, texts: list[str]) -> dict[str, np.ndarray]:
         encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
@@ -225,6 +219,12 @@ def create_app(build_dir: Path, threads: int = 0, max_batch: int = 32, max_wait_
         raise MissingDependencyError("serving needs FastAPI and uvicorn: pip install 'quantpipe[serve]'") from None
     from contextlib import asynccontextmanager
 
+    from pipeline.build.manifest import read_manifest
+    from pipeline.deploy import openai_routes
+
+    manifest = read_manifest(build_dir)
+    if manifest.get("model", {}).get("task") == "text-generation":  # an LLM build: OpenAI completions
+        return openai_routes.create_llm_app(build_dir, manifest, threads)
     model = BuildModel(build_dir, threads)
     batcher = MicroBatcher(model, max_batch, max_wait_ms)
 
@@ -240,6 +240,11 @@ def create_app(build_dir: Path, threads: int = 0, max_batch: int = 32, max_wait_
     @app.exception_handler(RequestRefused)
     async def refused(request: Any, exc: RequestRefused) -> Any:
         return JSONResponse({"detail": exc.message}, status_code=exc.status)
+
+    metrics = openai_routes.Metrics(model.task)
+    openai_routes.add_metrics_route(app, metrics)
+    openai_routes.add_embedding_routes(app, model, batcher, metrics, str(manifest["model"].get("name", build_dir.name)),
+                                       limits.max_texts)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

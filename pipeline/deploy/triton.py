@@ -174,8 +174,7 @@ def model_config(name: str, source: ModelSource, inputs: list[TensorSpec], outpu
 
 def tokenizer_config(name: str, inputs: list[TensorSpec], max_batch_size: int, max_length: int) -> str:
     text = TensorSpec(TEXT_INPUT, "TYPE_STRING", (1,) if max_batch_size > 0 else (-1,))
-    ids = [TensorSpec(t.name, t.data_type, (max_length,) if max_batch_size > 0 else (-1, max_length))
-           for t in inputs]
+    ids = [TensorSpec(t.name, t.data_type, (-1,) if max_batch_size > 0 else (-1, -1)) for t in inputs]
     lines = [f'name: "{name}"', 'backend: "python"', f"max_batch_size: {max_batch_size}"]
     lines += _tensor_block("input", [text]) + _tensor_block("output", ids)
     lines += ["instance_group [", "  { count: 1, kind: KIND_CPU }", "]"]
@@ -211,8 +210,9 @@ def _copy_artifact(source: Path, version_dir: Path, backend: str) -> None:
 def export_triton(build_dir: Path, repo_dir: Path, model_name: str, backend: str = "auto",
                   max_batch_size: Optional[int] = None, instances: int = 1, intra_op_threads: int = 0,
                   inter_op_threads: int = 1, max_queue_delay_us: int = 1000,
-                  with_tokenizer: bool = False) -> list[str]:
-    """Write (or replace) the models of one build in a Triton repository; returns the model names written."""
+                  with_tokenizer: bool = False, ensemble_outputs: Optional[list[str]] = None) -> list[str]:
+    """Write (or replace) the models of one build in a Triton repository; returns the model names written.
+    ensemble_outputs: the outputs the text ensemble returns (default: every output of the graph)."""
     if not _PLAIN_NAME.fullmatch(model_name) or model_name in (".", ".."):
         raise InputError(f"model name {model_name!r} must be letters, digits, '.', '_' or '-' (a Triton model folder)")
     source = resolve_source(build_dir, backend)
@@ -226,6 +226,15 @@ def export_triton(build_dir: Path, repo_dir: Path, model_name: str, backend: str
     if with_tokenizer:
         checked_tree(build_dir, _manifest(build_dir), "tokenizer")
     inputs, outputs = graph_tensors(source.graph, batched=max_batch_size > 0)
+    returned = outputs
+    if ensemble_outputs:
+        unknown = sorted(set(ensemble_outputs) - {t.name for t in outputs})
+        if unknown:
+            raise InputError(f"--outputs {', '.join(unknown)}: not an output of the graph "
+                             f"(outputs: {', '.join(t.name for t in outputs)})")
+        if not with_tokenizer:
+            raise InputError("--outputs selects what the text ensemble returns; give --with-tokenizer too")
+        returned = [t for t in outputs if t.name in ensemble_outputs]
 
     repo_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=repo_dir))  # renamed into place when complete
@@ -249,7 +258,7 @@ def export_triton(build_dir: Path, repo_dir: Path, model_name: str, backend: str
             ensemble_dir = staging / ensemble_name
             (ensemble_dir / "1").mkdir(parents=True)  # Triton wants a version folder, even an empty one
             (ensemble_dir / "config.pbtxt").write_text(
-                ensemble_config(ensemble_name, tokenizer_name, model_name, inputs, outputs, max_batch_size),
+                ensemble_config(ensemble_name, tokenizer_name, model_name, inputs, returned, max_batch_size),
                 encoding="utf-8")
             written += [tokenizer_name, ensemble_name]
         for name in written:

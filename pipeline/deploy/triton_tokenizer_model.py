@@ -2,9 +2,10 @@
 
 It runs inside Triton's Python backend, not in Quantpipe: it imports nothing of Quantpipe,
 needs `transformers` and `numpy` in the backend's Python environment, and loads the
-tokenizer saved beside it. Every request is padded to `max_length` (the build's calibration
-length, a model parameter) so Triton's dynamic batcher can put requests of different
-lengths into one batch; the ids' data types are read from this model's own output config.
+tokenizer saved beside it. Each request is padded to its own longest text (truncated at
+`max_length`, the build's calibration length, a model parameter), not to `max_length`: a short
+request costs what its tokens cost. Triton's dynamic batcher then batches requests of the same
+length; the ids' data types are read from this model's own output config.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class TritonPythonModel:
         self.outputs = {item["name"]: NUMPY_TYPES[item["data_type"]] for item in config["output"]}
 
     def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
-        encoded = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_length,
+        encoded = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_length,
                                  return_tensors="np")
         return {name: np.asarray(encoded[name], dtype=dtype) for name, dtype in self.outputs.items()}
 

@@ -9,7 +9,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from engines.ort_session import create_session
+from engines.ort_session import SessionSettings, create_session
 from pipeline.core.errors import InputError
 from pipeline.models.kv_cache import LOGITS
 
@@ -19,9 +19,11 @@ PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
 class KVDecoder:
     """One ONNX graph, fed its own present keys/values back as the next step's past."""
 
-    def __init__(self, model_path: Path, threads: int = 0, simulate_tensorrt: bool = False) -> None:
-        # simulate_tensorrt: a TensorRT Q/DQ graph, run as exact fake quantization (no integer kernels)
-        self.session = create_session(model_path, threads, simulate_tensorrt=simulate_tensorrt)
+    def __init__(self, model_path: Path, threads: int = 0, simulate_tensorrt: bool = False,
+                 settings: Optional[SessionSettings] = None) -> None:
+        # simulate_tensorrt: a TensorRT Q/DQ graph, run as exact fake quantization (no integer kernels);
+        # settings: a build's recorded session settings (they replace simulate_tensorrt)
+        self.session = create_session(model_path, threads, simulate_tensorrt=simulate_tensorrt, settings=settings)
         inputs = {item.name: item for item in self.session.get_inputs()}
         self.past_names = [name for name in inputs if name.startswith(PAST_PREFIX)]
         if not self.past_names:
@@ -111,12 +113,14 @@ def generate(decoder: KVDecoder, prompt_ids: Sequence[int], new_tokens: int, *, 
     return result
 
 
-def token_log_likelihood(decoder: KVDecoder, sequences: Sequence[np.ndarray]) -> tuple[float, int]:
+def token_log_likelihood(decoder: KVDecoder, sequences: Sequence[np.ndarray],
+                         on_sequence: Callable[[int, int], None] = lambda done, total: None) -> tuple[float, int]:
     """Summed log-probability of every next token of the sequences, and how many tokens were scored."""
     total, count = 0.0, 0
-    for ids in sequences:
+    for index, ids in enumerate(sequences, 1):
         total += next_token_log_likelihood(decoder.logits(ids[None, :].astype(np.int64))[0], ids)
         count += len(ids) - 1
+        on_sequence(index, len(sequences))
     return total, count
 
 

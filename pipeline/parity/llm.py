@@ -29,12 +29,13 @@ def _teacher_forced_agreement(decoder: KVDecoder, prompt: Sequence[int], continu
 
 def llm_parity(reference: Path, candidate: Path, heldout: Sequence[np.ndarray], prompts: Sequence[Sequence[int]],
                threads: int = 0, on_progress: Callable[[str], None] = lambda message: None,
-               simulate_tensorrt: bool = False) -> dict[str, Any]:
+               simulate_tensorrt: bool = False,
+               on_batch: Callable[[str, int, int], None] = lambda what, done, total: None) -> dict[str, Any]:
     """simulate_tensorrt: the candidate is a TensorRT graph (Q/DQ run as fake quantization, no integer kernels)."""
     with KVDecoder(reference, threads) as ref, KVDecoder(candidate, threads, simulate_tensorrt) as cand:
         on_progress(f"perplexity on {len(heldout)} held-out chunks")
-        ref_ll, tokens = token_log_likelihood(ref, heldout)
-        cand_ll, _ = token_log_likelihood(cand, heldout)
+        ref_ll, tokens = token_log_likelihood(ref, heldout, lambda done, total: on_batch("FP32 perplexity", done, total))
+        cand_ll, _ = token_log_likelihood(cand, heldout, lambda done, total: on_batch("perplexity", done, total))
         ref_ppl, cand_ppl = float(np.exp(-ref_ll / tokens)), float(np.exp(-cand_ll / tokens))
         chunks = [chunk[None, :] for chunk in heldout[:STATISTICS_CHUNKS]]
         statistics = compare_output("logits", [ref.logits(c) for c in chunks], [cand.logits(c) for c in chunks],
@@ -44,7 +45,7 @@ def llm_parity(reference: Path, candidate: Path, heldout: Sequence[np.ndarray], 
         exact = 0
         ref_time = cand_time = 0.0
         ref_steps = cand_steps = 0
-        for prompt in prompts:
+        for index, prompt in enumerate(prompts, 1):
             expected = generate(ref, prompt, NEW_TOKENS)
             actual = generate(cand, prompt, NEW_TOKENS)
             ref_time, ref_steps = ref_time + expected.decode_s, ref_steps + len(expected.tokens) - 1
@@ -54,6 +55,7 @@ def llm_parity(reference: Path, candidate: Path, heldout: Sequence[np.ndarray], 
                         min(len(expected.tokens), len(actual.tokens)))
             prefix += same
             exact += int(expected.tokens == actual.tokens)
+            on_batch("greedy prompts", index, len(prompts))
     generated = len(prompts) * NEW_TOKENS
     ref_speed, cand_speed = ref_steps / ref_time, cand_steps / cand_time
     metrics = statistics.to_dict()

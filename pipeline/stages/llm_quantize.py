@@ -45,7 +45,8 @@ class LlmQuantizeStage(Stage):
         if q.mode != "rtn":
             chunks = load_chunks(context.input("calibrate").path("calibration.safetensors"))
             layout = context.facts("export", ExportFacts).kv_cache.layout
-            reader = BatchReader(calibration_feeds(chunks, layout))
+            reader = BatchReader(calibration_feeds(chunks, layout), on_batch=lambda done, total: context.progress.batches(
+                f"{q.mode} calibration", done, total))  # GPTQ/AWQ read the chunks once per pass: one bar per pass
             context.progress.info(f"{q.mode.upper()} calibrated on {len(chunks)} chunks of real text")
         float_offsets = uses_float_offsets(q.mode, q.weight_bits, q.symmetric, q.zero_point)
         scheme = "symmetric" if q.symmetric else "asymmetric, " + ("float offsets" if float_offsets else "integer zero points")

@@ -53,7 +53,7 @@ class LlmVerifyStage(Stage):
         heldout = load_chunks(calibrate.path("heldout.safetensors"))
         result = llm_parity(export.path("model.onnx"), candidate.path("model.onnx"), heldout, prompts,
                             threads=0, on_progress=context.progress.info,
-                            simulate_tensorrt=context.config.target == "trt")
+                            simulate_tensorrt=context.config.target == "trt", on_batch=context.progress.batches)
         metrics = {**result["metrics"], "histogram": result["histogram"]}
         thresholds = policy.thresholds(context.config, context.model.task)
         checks = evaluate_values({"logits": metrics}, thresholds)

@@ -52,7 +52,12 @@ class QuantizeStage(Stage):
         return ("optimize", "calibrate") if needs_samples else ("optimize",)
 
     def config_slice(self, config: BuildConfig, model: ModelInfo) -> dict[str, Any]:
-        return {"quantization": config.quantization.model_dump(mode="json"), "task": model.task.name}
+        from pipeline.core.host import resolved_isa
+
+        # The deployment ISA decides the weight range (reduce_range): --cpu-isa auto means this host's, so the
+        # resolved ISA is keyed too (an AVX2 host never reuses a VNNI host's graph).
+        return {"quantization": config.quantization.model_dump(mode="json"), "task": model.task.name,
+                "weight_isa": resolved_isa(config.quantization.cpu_isa)}
 
     def run(self, context: StageContext, out: Path) -> dict[str, Any]:
         settings = context.config.quantization
