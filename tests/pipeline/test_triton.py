@@ -127,14 +127,15 @@ def _trt_build(trt_build, tmp_path: Path, engine: bool) -> Path:
     build = tmp_path / "trt-build"
     source = trt_build("int8").build_dir
     shutil.copytree(source, build, ignore=shutil.ignore_patterns(".stages", ".lock"))
-    assert json.loads((build / "manifest.json").read_text(encoding="utf-8"))["config"]["target"] == "trt"
+    manifest = json.loads((build / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["config"]["target"] == "trt"
     assert not (build / "trt" / "model.plan").exists()
     if engine:
-        (build / "trt" / "model.plan").write_bytes(b"engine bytes are opaque to the exporter")
-    from pipeline.core.hashing import combined_hash, directory_hashes
+        from pipeline.core.hashing import combined_hash, directory_hashes
 
-    manifest["artifacts"]["trt/"] = combined_hash(directory_hashes(build / "trt"))  # as publish_build records it
-    (build / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+        (build / "trt" / "model.plan").write_bytes(b"engine bytes are opaque to the exporter")
+        manifest["artifacts"]["trt/"] = combined_hash(directory_hashes(build / "trt"))  # as publish_build records it
+        (build / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     return build
 
 
