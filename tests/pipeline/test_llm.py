@@ -33,6 +33,26 @@ def llm_stages(llm_base_stages, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="module")
+def llm_build(llm_stages):
+    """The default LLM build published: the same build directory carried on past quantize (export, calibrate and
+    quantize are reused from its cache; verify and publish run)."""
+    from pipeline.config import load_config
+
+    build_dir = llm_stages["export"].directory.parent.parent
+    config = load_config(None, {
+        "output_dir": str(build_dir),
+        "model": {"task": "text-generation"},
+        "quantization": {"mode": "rtn"},
+        "calibration": {"samples": 16, "heldout_samples": 64},
+    })
+    import pipeline
+
+    result = pipeline.build(config, quiet=True)
+    assert result.passed, result.status
+    return result
+
+
+@pytest.fixture(scope="module")
 def hf_smollm2():
     """SmolLM2-135M as transformers itself loads the GGUF file (`gguf_file=`): the reference, without our loader."""
     from pipeline.models.loading import smollm2_gguf
@@ -165,14 +185,16 @@ def test_llm_parity_perplexity_and_greedy_agreement_on_held_out_text(llm_stages,
     assert metrics["greedy_token_agreement"] == pytest.approx(agreed / generated, abs=1 / generated + 1e-9)
 
 
-def test_generate_streams_tokens_with_speed(llm_stages, tmp_path) -> None:
-    os.link(llm_stages["quantize"].path("model.onnx"), tmp_path / "model.onnx")
-    os.symlink(llm_stages["export"].path("tokenizer"), tmp_path / "tokenizer")
-    result = run_cli("generate", str(tmp_path), "The Prime Minister said on Tuesday that", "--max-new-tokens", "8")
+def test_generate_on_the_default_llm_build_through_the_cli_and_the_python_api(llm_build) -> None:
+    import pipeline
+
+    prompt = "The Prime Minister said on Tuesday that"
+    result = run_cli("generate", str(llm_build.build_dir), prompt, "--max-new-tokens", "8")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("The Prime Minister said on Tuesday that")
-    assert len(result.stdout.strip()) > len("The Prime Minister said on Tuesday that")
+    assert result.stdout.startswith(prompt) and len(result.stdout.strip()) > len(prompt)
     assert "tokens/s" in result.stderr
+    text = pipeline.load(llm_build.build_dir).generate(prompt, max_new_tokens=8)
+    assert result.stdout.rstrip("\n") == prompt + text  # greedy: the API and the CLI give the same tokens
 
 
 def test_generate_refuses_a_folder_without_a_build(tmp_path) -> None:
