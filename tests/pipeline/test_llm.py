@@ -4,7 +4,6 @@ is shared by every test here; parity and generation run on its real artifacts.""
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
