@@ -182,3 +182,17 @@ def write_sentence_transformer(folder: Path, model_type: str = "bert", pooling: 
 
 def modules_of(folder: Path) -> list[str]:
     return [entry["type"] for entry in json.loads((folder / "modules.json").read_text())]
+
+
+def write_tiny_bert(folder: Path, **sizes: int) -> Path:
+    """A random-weight BERT of the given sizes (hidden_size, num_hidden_layers, ...) with MiniLM's WordPiece
+    tokenizer, seeded so that every test session writes the same weights."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    tokenizer = minilm_tokenizer()
+    config = AutoConfig.for_model("bert", vocab_size=len(tokenizer), **sizes)
+    torch.manual_seed(0)
+    AutoModel.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

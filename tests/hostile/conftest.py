@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.tiny_encoders import write_tiny_bert
+
 TINY_CALIBRATION = {"samples": 16, "heldout_samples": 16}
 
 
@@ -59,19 +61,8 @@ def one_line(result: CliResult, code: int, *needles: str) -> str:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer BERT (hidden 32) with random weights and MiniLM's WordPiece tokenizer."""
-    import torch
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-    from pipeline.models.registry import default_model_path
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = AutoTokenizer.from_pretrained(str(default_model_path()))
-    config = AutoConfig.for_model("bert", vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
-    torch.manual_seed(0)
-    AutoModel.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return write_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ from pipeline.build.plan import plan_build
 from pipeline.config import load_config
 from pipeline.core.errors import ConfigError
 from tests.helpers import assert_one_line_error, run_cli
+from tests.tiny_encoders import write_tiny_bert
 
 
 def test_build_help_shows_groups_and_schema_defaults() -> None:
@@ -113,19 +114,8 @@ def test_json_summary_of_a_cached_build(default_build) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_bert_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-    from pipeline.models.registry import default_model_path
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = AutoTokenizer.from_pretrained(str(default_model_path()))
-    config = AutoConfig.for_model("bert", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512)
-    torch.manual_seed(0)
-    AutoModel.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return write_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512)
 
 
 def _run_in_pty(args: list[str], env: dict[str, str]) -> str:
