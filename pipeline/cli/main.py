@@ -15,6 +15,7 @@ from pipeline import __version__
 from pipeline.cli.architectures import architectures
 from pipeline.cli.deploy import bench_serve, export_triton, serve
 from pipeline.cli.matrix import bench_fallback, matrix
+from pipeline.cli.peers import bench_peers
 from pipeline.cli.report import report, verify
 from pipeline.api.options import FLAG_KEYS, SHAPE_OPTIONS
 from pipeline.config import STAGE_NAMES
@@ -226,6 +227,7 @@ cli.add_command(serve)
 cli.add_command(bench_serve)
 cli.add_command(matrix)
 cli.add_command(bench_fallback)
+cli.add_command(bench_peers)
 cli.add_command(architectures)
 
 
