@@ -140,7 +140,8 @@ class QuantizationConfig(_Strict):
         "qdq", description="Static INT8 graph format: QDQ pairs, or integer operators (QLinearMatMul, QAttention)."
     )
     smoothquant: bool = Field(
-        False, description="Static only: SmoothQuant, migrating activation outliers into the weights first."
+        False, description="SmoothQuant (static or dynamic INT8): migrate activation outliers into the weights first, "
+        "with scales from the calibration samples."
     )
     smoothquant_alpha: float = Field(
         0.5, ge=0.0, le=1.0, description="SmoothQuant migration strength (0: none, 1: all onto the weights)."
@@ -161,8 +162,8 @@ class QuantizationConfig(_Strict):
 
     @model_validator(mode="after")
     def _static_only_options(self) -> "QuantizationConfig":
-        if self.mode == "dynamic" and self.smoothquant:
-            raise ValueError("smoothquant needs static quantization (--quant static)")
+        if self.mode not in ("static", "dynamic") and self.smoothquant:
+            raise ValueError("smoothquant applies to INT8 encoders (--quant static or dynamic)")
         if self.mode == "dynamic" and self.format != "qdq":
             raise ValueError("format applies to static quantization only (--quant static)")
         if self.mode in ("gptq", "awq") and self.weight_bits != 4:

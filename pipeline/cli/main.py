@@ -59,7 +59,7 @@ def cli() -> None:
 @click.option("--exclude", multiple=True, help="Op type or node name to keep in FP32 (repeatable).")
 @click.option("--format", "quant_format", type=click.Choice(["qdq", "qoperator"]),
               help="Static INT8 graph format.")
-@click.option("--smoothquant/--no-smoothquant", default=None, help="Static only: SmoothQuant first.")
+@click.option("--smoothquant/--no-smoothquant", default=None, help="SmoothQuant first (static or dynamic INT8; reads the calibration samples).")
 @click.option("--smoothquant-alpha", type=float, help="SmoothQuant migration strength, 0..1.")
 @click.option("--fallback", type=click.Choice(["off", "auto"]),
               help="auto: keep the most sensitive nodes in FP32 until --tolerable-loss holds.")

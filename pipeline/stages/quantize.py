@@ -46,9 +46,9 @@ class QuantizeStage(Stage):
     outputs = ("model.onnx",)
 
     def depends_on(self, config: BuildConfig) -> tuple[str, ...]:
-        # Dynamic quantization without fallback reads no samples, so new samples must not re-run it.
+        # Dynamic quantization without fallback or SmoothQuant reads no samples, so new samples must not re-run it.
         settings = config.quantization
-        needs_samples = settings.mode == "static" or settings.fallback == "auto"
+        needs_samples = settings.mode == "static" or settings.fallback == "auto" or settings.smoothquant
         return ("optimize", "calibrate") if needs_samples else ("optimize",)
 
     def config_slice(self, config: BuildConfig, model: ModelInfo) -> dict[str, Any]:
