@@ -13,6 +13,7 @@ import yaml
 
 from pipeline import __version__
 from pipeline.cli.architectures import architectures
+from pipeline.cli.bench_llm import bench_peers_llm
 from pipeline.cli.deploy import bench_serve, export_triton, serve
 from pipeline.cli.matrix import bench_fallback, matrix
 from pipeline.cli.peers import bench_peers
@@ -229,6 +230,7 @@ cli.add_command(matrix)
 cli.add_command(bench_fallback)
 cli.add_command(bench_peers)
 cli.add_command(architectures)
+cli.add_command(bench_peers_llm)
 
 
 @cli.command()
