@@ -165,29 +165,16 @@ class GenaiPeer:
         self.graph.session = None
 
 
-def hf_folder_from_gguf(gguf: Path, out: Path) -> None:
-    """The GGUF de-quantized by transformers, saved as a plain Hugging Face folder (what genai's builder reads)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from pipeline.models.loading import load_llm, load_llm_tokenizer
-
-    loaded = load_llm(gguf)
-    settings = {key: value for key, value in loaded.config.to_dict().items()
-                if key not in ("quantization_config", "model_type", "_attn_implementation")}
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(loaded.config.model_type, **settings))
-    model.load_state_dict(loaded.state_dict())  # the GGUF-loaded model refuses save_pretrained
-    model.save_pretrained(str(out))
-    load_llm_tokenizer(gguf).save_pretrained(str(out))
-
-
 def genai_int4_folder(gguf: Path, work: Path) -> Path:
     """onnxruntime-genai's int4 build of the GGUF's weights (its builder's defaults), made once under `work`."""
+    from pipeline.models.loading import save_hf_folder
+
     folder = work / GENAI_FOLDER
     if (folder / "genai_config.json").is_file() and (folder / "model.onnx").is_file():
         return folder
     with tempfile.TemporaryDirectory(prefix="quantpipe-genai-", dir=work) as scratch:
         hf = Path(scratch) / "hf"
-        hf_folder_from_gguf(gguf, hf)
+        save_hf_folder(gguf, hf)
         done = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf),
                                "-o", str(folder), "-p", "int4", "-e", "cpu", "-c", str(Path(scratch) / "cache")],
                               capture_output=True, text=True)

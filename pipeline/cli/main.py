@@ -50,6 +50,8 @@ def cli() -> None:
 @click.option("--symmetric/--asymmetric", default=None, help="LLM weight-only blocks with or without zero points. [default: asymmetric]")
 @click.option("--zero-point", type=click.Choice(["int", "float"]),
               help="LLM asymmetric 4-bit rtn: float block minimums (GGUF Q4_1 grid) or integer zero points.")
+@click.option("--llm-graph", type=click.Choice(["export", "genai"]),
+              help="LLM graph quantized: our export, or onnxruntime-genai's builder's fused graph (faster). [default: export]")
 @click.option("--embeddings", type=click.Choice(["fp32", "int4"]),
               help="LLM token-embedding precision.")
 @click.option("--max-perplexity-increase", type=float, help="LLM parity gate: relative perplexity increase. [default: 0.08]")
