@@ -12,6 +12,7 @@ scored with the same token ids by every peer. A peer that does not import or bui
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -205,39 +206,53 @@ def bench_prompt(tokenizer: Any) -> list[int]:
     return ids[:PROMPT_TOKENS]
 
 
-def _open_peers(build: Path, gguf: Optional[Path], threads: int, work: Path, context: int,
-                on_progress: Callable[[str], None]) -> tuple[list[Any], list[PeerRow]]:
+PEERS = ("llama.cpp", "onnxruntime-genai")
+
+
+def _open_peers(build: Path, extra_builds: Sequence[Path], gguf: Path, peers: Sequence[str], threads: int,
+                work: Path, context: int, on_progress: Callable[[str], None]) -> tuple[list[Any], list[PeerRow]]:
+    def ours(folder: Path) -> tuple[str, Callable[[], Any]]:
+        name = f"quantpipe 4-bit {folder.name} (pipeline.load)"
+        return name, lambda: QuantpipePeer(name, folder, threads)
+
     openers: list[tuple[str, Callable[[], Any]]] = [
-        ("quantpipe 4-bit (pipeline.load)", lambda: QuantpipePeer("quantpipe 4-bit (pipeline.load)", build, threads)),
+        ours(build), *(ours(folder) for folder in extra_builds),
         ("quantpipe FP32 graph", lambda: QuantpipePeer("quantpipe FP32 graph", build, threads, fp32=True)),
     ]
-    if gguf is not None:
+    if "llama.cpp" in peers:
         openers.append((LlamaCppPeer.name, lambda: LlamaCppPeer(gguf, threads, context)))
+    if "onnxruntime-genai" in peers:
         openers.append((GenaiPeer.name, lambda: GenaiPeer(genai_int4_folder(gguf, work), threads)))
-    peers, missing = [], []
+    opened, missing = [], []
     for name, opener in openers:
         on_progress(f"opening {name}")
         try:
-            peers.append(opener())
+            opened.append(opener())
         except ImportError as exc:
             missing.append(PeerRow(name, unavailable=f"not installed ({exc.name or exc})"))
         except (RuntimeError, OSError, ValueError) as exc:
             missing.append(PeerRow(name, unavailable=str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
-    return peers, missing
+    return opened, missing
 
 
 def run_llm_peers(threads: int = 2, new_tokens: int = 64, build: Optional[Path] = None, gguf: Optional[Path] = None,
                   rounds: int = 3, chunks: int = 8, work_dir: Optional[Path] = None,
-                  on_progress: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
-    """Decode and prefill tokens/s and perplexity of every peer, in one run; rows in the order measured."""
+                  on_progress: Callable[[str], None] = lambda message: None,
+                  extra_builds: Sequence[Path] = (), peers: Sequence[str] = PEERS) -> dict[str, Any]:
+    """Decode and prefill tokens/s and perplexity of every peer, in one run; rows in the order measured.
+    `build` gives the FP32 graph, the held-out chunks and the GGUF; `extra_builds` are other builds of the
+    same model measured beside it (e.g. --llm-graph export and genai); `peers`: which of PEERS to run."""
     from transformers import AutoTokenizer
 
     from pipeline.build.manifest import read_manifest
     from pipeline.models.loading import smollm2_gguf
 
-    if build is None or not (build / "model.onnx").is_file() or not (build / "tokenizer").is_dir():
-        raise InputError(f"{build} holds no finished LLM build (model.onnx and tokenizer/); run "
-                         "`pipeline build --task text-generation` first")
+    if build is None:
+        raise InputError("give the LLM build to measure (pipeline build --task text-generation makes one)")
+    for folder in (build, *extra_builds):
+        if not (folder / "model.onnx").is_file() or not (folder / "tokenizer").is_dir():
+            raise InputError(f"{folder} holds no finished LLM build (model.onnx and tokenizer/); run "
+                             "`pipeline build --task text-generation` first")
     if new_tokens < 2 or rounds < 1 or threads < 1:
         raise InputError("new_tokens must be at least 2, rounds and threads at least 1")
     manifest = read_manifest(build)
@@ -250,20 +265,23 @@ def run_llm_peers(threads: int = 2, new_tokens: int = 64, build: Optional[Path] 
     context = max(len(prompt) + new_tokens, max(len(c) for c in texts)) + 8
     work = work_dir or build.parent / ".peers-llm"
     work.mkdir(parents=True, exist_ok=True)
-    peers, missing = _open_peers(build, gguf, threads, work, context, on_progress)
-    rows = {peer.name: PeerRow(peer.name) for peer in peers}
-    prefill: dict[str, list[float]] = {peer.name: [] for peer in peers}
+    unknown = sorted(set(peers) - set(PEERS))
+    if unknown:
+        raise InputError(f"unknown peer {unknown[0]!r}; choose from {', '.join(PEERS)}")
+    runners, missing = _open_peers(build, extra_builds, gguf, peers, threads, work, context, on_progress)
+    rows = {peer.name: PeerRow(peer.name) for peer in runners}
+    prefill: dict[str, list[float]] = {peer.name: [] for peer in runners}
     try:
-        for peer in peers:  # warm-up: first-run allocations and thread pools
+        for peer in runners:  # warm-up: first-run allocations and thread pools
             peer.generate(prompt, 4)
         for index in range(rounds):
             on_progress(f"round {index + 1}/{rounds}: {new_tokens} new tokens after {len(prompt)} prompt tokens")
-            for peer in peers:
+            for peer in runners:
                 tokens, prefill_s, decode_s = peer.generate(prompt, new_tokens)
                 rows[peer.name].decode_rounds.append((len(tokens) - 1) / decode_s)
                 prefill[peer.name].append(len(prompt) / prefill_s)
                 rows[peer.name].first_tokens = tokens[:16]
-        for peer in peers:
+        for peer in runners:
             on_progress(f"perplexity of {peer.name} on {len(texts)} held-out chunks")
             total = sum(peer.log_likelihood(chunk) for chunk in texts)
             row = rows[peer.name]
@@ -271,21 +289,21 @@ def run_llm_peers(threads: int = 2, new_tokens: int = 64, build: Optional[Path] 
             row.decode_tokens_per_s = statistics.median(row.decode_rounds)
             row.prefill_tokens_per_s = statistics.median(prefill[peer.name])
     finally:
-        for peer in peers:
+        for peer in runners:
             peer.close()
     reference = rows.get("quantpipe FP32 graph")
     for row in rows.values():
         if reference is not None and reference.perplexity and row.perplexity:
             row.perplexity_vs_fp32 = row.perplexity / reference.perplexity - 1
     host = host_facts()
-    import os
-
     return {
         "host": {"cpu_model": host["cpu_model"], "isa": host["isa"], "isa_flags": host["isa_flags"],
                  "load_average": list(os.getloadavg()), "libraries": host["libraries"]},
         "settings": {"threads": threads, "new_tokens": new_tokens, "rounds": rounds, "prompt_tokens": len(prompt),
                      "perplexity_chunks": len(texts), "chunk_tokens": int(len(texts[0])) if texts else 0,
-                     "build": str(build), "gguf": str(gguf), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
+                     "build": str(build), "gguf": str(gguf),
+                     # llama.cpp's OpenMP threads busy-wait by default; on a loaded host that collapses its speed
+                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
         "rows": [dict(asdict(row), cpu_model=host["cpu_model"], isa=host["isa"])
                  for row in [*rows.values(), *missing]],
     }
