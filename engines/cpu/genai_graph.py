@@ -23,8 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import onnx
 import numpy as np
+import onnx
 from onnx import helper, numpy_helper
 
 from engines.onnx_io import save_model
