@@ -128,6 +128,11 @@ class QuantizationConfig(_Strict):
         "int: integer zero points (ONNX Runtime's quantizer; what GPTQ/AWQ and 8-bit rtn always use)."
     )
     lm_head: WeightPrecision = Field("int8", description="Weight-only: precision of the lm_head MatMul.")
+    llm_graph: Literal["export", "genai"] = Field(
+        "export", description="Weight-only: the graph quantized. export: our TorchScript KV-cache export; genai: "
+        "onnxruntime-genai's model builder's fused FP32 graph of the same weights (GroupQueryAttention, "
+        "SkipSimplifiedLayerNormalization, fused QKV), checked against the export before quantization."
+    )
     embeddings: Literal["fp32", "int4"] = Field(
         "int4", description="Weight-only: precision of the token embedding (int4: GatherBlockQuantized; "
         "ONNX Runtime 1.32's quantizer has no 8-bit Gather)."

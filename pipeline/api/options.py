@@ -51,6 +51,7 @@ FLAG_KEYS = {
     "lm_head": "quantization.lm_head",
     "symmetric": "quantization.symmetric",
     "zero_point": "quantization.zero_point",
+    "llm_graph": "quantization.llm_graph",
     "embeddings": "quantization.embeddings",
     "max_perplexity_increase": "verify.max_perplexity_increase",
     "min_token_agreement": "verify.min_token_agreement",

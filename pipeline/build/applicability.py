@@ -34,6 +34,7 @@ APPLIES: dict[str, Applies] = {
     "quantization.lm_head": Applies("--lm-head", ("cpu",), _LLM),
     "quantization.symmetric": Applies("--symmetric/--asymmetric", ("cpu",), _LLM),
     "quantization.zero_point": Applies("--zero-point", ("cpu",), _LLM),
+    "quantization.llm_graph": Applies("--llm-graph", ("cpu",), _LLM),
     "quantization.embeddings": Applies("--embeddings", ("cpu",), _LLM),
     # CPU INT8 of encoders (Neural Compressor).
     "quantization.per_channel": Applies("--per-channel/--per-tensor", ("cpu",), _ENCODER),

@@ -35,9 +35,10 @@ def _token_id(value: Any) -> Any:
 
 
 def genai_config(model: ModelInfo, past_names: list[str], session_entries: dict[str, str],
-                 context_length: int) -> dict[str, Any]:
+                 context_length: int, position_ids: bool = True) -> dict[str, Any]:
     """onnxruntime-genai's configuration for our KV-cache graph: its input and output names as we export them
-    (past_key_values.%d.key / present.%d.key), greedy search by default, and the build's session settings."""
+    (past_key_values.%d.key / present.%d.key), greedy search by default, and the build's session settings.
+    position_ids: False for a graph that derives positions from the mask (onnxruntime-genai's own, --llm-graph genai)."""
     config = model.config
     heads = int(config["num_attention_heads"])
     kv_heads = int(config.get("num_key_value_heads") or heads)
@@ -54,8 +55,8 @@ def genai_config(model: ModelInfo, past_names: list[str], session_entries: dict[
                 "head_size": int(config.get("head_dim") or hidden // heads),
                 "hidden_size": hidden,
                 "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                           "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
-                           "past_value_names": "past_key_values.%d.value"},
+                           **({"position_ids": "position_ids"} if position_ids else {}),
+                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
                 "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
                             "present_value_names": "present.%d.value"},
                 "num_attention_heads": heads,
@@ -92,7 +93,8 @@ def write_standalone_files(build_dir: Path, model: ModelInfo, tokenizer_dir: Pat
         entries["optimization.disable_specified_optimizers"] = ",".join(disabled)
     context = int(model.config.get("max_position_embeddings") or 2048)
     try:
-        genai = genai_config(model, past, entries, context)
+        genai = genai_config(model, past, entries, context,
+                             position_ids=any(item.name == "position_ids" for item in graph.input))
     except (KeyError, TypeError, ValueError):  # a config without the sizes genai needs: the build stands without it
         return written
     write_text(build_dir / GENAI_CONFIG, json.dumps(genai, indent=2) + "\n")

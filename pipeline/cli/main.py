@@ -13,6 +13,7 @@ import yaml
 
 from pipeline import __version__
 from pipeline.cli.architectures import architectures
+from pipeline.cli.bench_llm import bench_peers_llm
 from pipeline.cli.deploy import bench_serve, export_triton, serve
 from pipeline.cli.matrix import bench_fallback, matrix
 from pipeline.cli.peers import bench_peers
@@ -49,6 +50,8 @@ def cli() -> None:
 @click.option("--symmetric/--asymmetric", default=None, help="LLM weight-only blocks with or without zero points. [default: asymmetric]")
 @click.option("--zero-point", type=click.Choice(["int", "float"]),
               help="LLM asymmetric 4-bit rtn: float block minimums (GGUF Q4_1 grid) or integer zero points.")
+@click.option("--llm-graph", type=click.Choice(["export", "genai"]),
+              help="LLM graph quantized: our export, or onnxruntime-genai's builder's fused graph (faster). [default: export]")
 @click.option("--embeddings", type=click.Choice(["fp32", "int4"]),
               help="LLM token-embedding precision.")
 @click.option("--max-perplexity-increase", type=float, help="LLM parity gate: relative perplexity increase. [default: 0.08]")
@@ -229,6 +232,7 @@ cli.add_command(matrix)
 cli.add_command(bench_fallback)
 cli.add_command(bench_peers)
 cli.add_command(architectures)
+cli.add_command(bench_peers_llm)
 
 
 @cli.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,19 @@ from pipeline.core.errors import InputError
 from pipeline.models.kv_cache import LOGITS
 
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
+
+
+def _head_dim(dimension: object, model_path: Path) -> int:
+    """The cache's head size: fixed in our exports; onnxruntime-genai's builder leaves it symbolic and writes
+    it in the genai_config.json beside the graph."""
+    if isinstance(dimension, int):
+        return dimension
+    config = model_path.parent / "genai_config.json"
+    try:
+        return int(json.loads(config.read_text(encoding="utf-8"))["model"]["decoder"]["head_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InputError(f"{model_path}: its cache's head size is symbolic ({dimension}) and {config.name} "
+                         "does not give it") from None
 
 
 class KVDecoder:
@@ -29,8 +43,10 @@ class KVDecoder:
         if not self.past_names:
             raise InputError(f"{model_path} has no past_key_values inputs: not a decoder LLM exported with a KV cache")
         first = inputs[self.past_names[0]].shape
-        self.kv_heads, self.head_dim = int(first[1]), int(first[3])
+        self.kv_heads, self.head_dim = int(first[1]), _head_dim(first[3], model_path)
         self.output_names = [LOGITS] + [PRESENT_PREFIX + name[len(PAST_PREFIX):] for name in self.past_names]
+        # Graphs whose attention computes rotary positions from the mask (GroupQueryAttention) take no position_ids.
+        self.takes_positions = "position_ids" in inputs
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for _ in self.past_names]
@@ -39,9 +55,10 @@ class KVDecoder:
              past: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """Logits of the new tokens and the cache with them appended (left-to-right, no padding)."""
         past_length = past[0].shape[2]
-        positions = np.cumsum(attention_mask, axis=1)[:, past_length:] - 1
-        feed = {"input_ids": input_ids, "attention_mask": attention_mask,
-                "position_ids": np.maximum(positions, 0).astype(np.int64)}
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.takes_positions:
+            positions = np.cumsum(attention_mask, axis=1)[:, past_length:] - 1
+            feed["position_ids"] = np.maximum(positions, 0).astype(np.int64)
         feed.update(zip(self.past_names, past))
         outputs = self.session.run(self.output_names, feed)
         return outputs[0], outputs[1:]

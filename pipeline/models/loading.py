@@ -84,3 +84,18 @@ def load_llm_tokenizer(path: Path) -> Any:
         return AutoTokenizer.from_pretrained(location, trust_remote_code=False, **extra)
     except (OSError, ValueError, KeyError) as exc:
         raise InputError(f"cannot load the tokenizer of {path}: {str(exc).splitlines()[0]}") from None
+
+
+def save_hf_folder(path: Path, out: Path) -> None:
+    """A model (Hugging Face folder or GGUF file) as a plain Hugging Face folder with FP32 weights and its
+    tokenizer, what onnxruntime-genai's model builder reads: a GGUF-loaded model refuses save_pretrained, so
+    its de-quantized weights go into a fresh model of the same configuration."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    loaded = load_llm(path)
+    settings = {key: value for key, value in loaded.config.to_dict().items()
+                if key not in ("quantization_config", "model_type", "_attn_implementation")}
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(loaded.config.model_type, **settings))
+    model.load_state_dict(loaded.state_dict())
+    model.save_pretrained(str(out))
+    load_llm_tokenizer(path).save_pretrained(str(out))

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import BuildConfig
-from pipeline.models.registry import ModelInfo
+from pipeline.core.errors import StageError
+from pipeline.models.registry import ModelInfo, model_fingerprint
 from pipeline.stages.base import Stage, StageContext
 from pipeline.stages.facts import ExportFacts, WeightOnlyFacts
 
@@ -15,7 +16,7 @@ from pipeline.stages.facts import ExportFacts, WeightOnlyFacts
 class LlmQuantizeStage(Stage):
     name = "quantize"
     facts = WeightOnlyFacts
-    version = 6  # 6: float-offset blocks keep a source 4-bit grid (Q4_K sub-blocks); the graph is checked
+    version = 7  # 7: --llm-graph genai (onnxruntime-genai's fused graph); 6: float-offset blocks keep a source grid
     outputs = ("model.onnx",)
 
     def depends_on(self, config: BuildConfig) -> tuple[str, ...]:
@@ -29,7 +30,12 @@ class LlmQuantizeStage(Stage):
         # The zero-point option only changes 4-bit asymmetric RTN: GPTQ/AWQ must not re-run for it.
         zero_point = "float" if uses_float_offsets(q.mode, q.weight_bits, q.symmetric, q.zero_point) else "int"
         return {"mode": q.mode, "weight_bits": q.weight_bits, "block_size": q.block_size, "symmetric": q.symmetric,
-                "zero_point": zero_point, "lm_head": q.lm_head, "embeddings": q.embeddings, "exclude": q.exclude}
+                "zero_point": zero_point, "lm_head": q.lm_head, "embeddings": q.embeddings, "exclude": q.exclude,
+                "llm_graph": q.llm_graph}
+
+    def external_inputs(self, config: BuildConfig, model: ModelInfo) -> dict[str, str]:
+        # The genai graph is built from the checkpoint itself, not from the export.
+        return {"model": model_fingerprint(model.path)} if config.quantization.llm_graph == "genai" else {}
 
     def run(self, context: StageContext, out: Path) -> dict[str, Any]:
         from calibration.readers import BatchReader
@@ -41,6 +47,9 @@ class LlmQuantizeStage(Stage):
         q = context.config.quantization
         export = context.input("export")
         fp32 = export.path("model.onnx")
+        fused: dict[str, Any] = {}
+        if q.llm_graph == "genai":
+            fp32, fused = fused_graph(context, out)
         reader = None
         if q.mode != "rtn":
             chunks = load_chunks(context.input("calibrate").path("calibration.safetensors"))
@@ -55,13 +64,63 @@ class LlmQuantizeStage(Stage):
         summary = quantize_weight_only(fp32, out / "model.onnx", q.mode, q.weight_bits, q.block_size, q.symmetric,
                                        q.lm_head, q.embeddings, reader, q.exclude, q.zero_point)
         check_graph(out / "model.onnx")
+        if fused:
+            fp32.unlink()  # the reference stays the export's FP32 graph (model.fp32.onnx)
+            fp32 = export.path("model.onnx")
         fp32_bytes = fp32.stat().st_size
         quantized_bytes = (out / "model.onnx").stat().st_size
         return {
             **summary,
+            "llm_graph": {"graph": q.llm_graph, **fused},
             "fp32_bytes": fp32_bytes,
             "quantized_bytes": quantized_bytes,
             "size_ratio": round(quantized_bytes / fp32_bytes, 4),
             # The FP32 file holds the tied embedding twice (Gather table and transposed lm_head weight).
             "size_ratio_vs_fp32_parameters": round(quantized_bytes / (4 * context.facts("export", ExportFacts).parameters), 4),
         }
+
+
+# The fused FP32 graph against our FP32 export, same weights: prefill and decode logits (max abs).
+FUSED_MAX_ABS = 1e-3
+
+
+def fused_graph(context: StageContext, out: Path) -> tuple[Path, dict[str, Any]]:
+    """onnxruntime-genai's fused FP32 graph of the checkpoint, in `out`, checked against the export's graph on
+    the export check's real prompt and greedy decode steps (engines/cpu/genai_graph.py says why)."""
+    import tempfile
+
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from engines.cpu.genai_graph import fused_fp32_graph
+    from pipeline.models.loading import save_hf_folder
+    from pipeline.stages.llm_export import DECODE_STEPS, onnx_logits, probe_prompt
+
+    export = context.input("export")
+    target = out / "fused.fp32.onnx"
+    context.progress.info("building onnxruntime-genai's fused FP32 graph of the same weights")
+    with tempfile.TemporaryDirectory(prefix="quantpipe-hf-", dir=out) as scratch:
+        save_hf_folder(context.model.path, Path(scratch))
+        summary = fused_fp32_graph(Path(scratch), target)
+    tokenizer = AutoTokenizer.from_pretrained(str(export.path("tokenizer")))
+    prompt = list(tokenizer(probe_prompt()).input_ids)
+    tokens = _greedy_tokens(export.path("model.onnx"), prompt)
+    reference = onnx_logits(export.path("model.onnx"), prompt, tokens)
+    actual = onnx_logits(target, prompt, tokens)
+    differences = {"logits_prefill": float(np.abs(reference[0] - actual[0]).max()),
+                   "logits_decode": float(max(np.abs(r - a).max() for r, a in zip(reference[1:], actual[1:])))}
+    broken = [f"{name} max |diff| {value:.3g}" for name, value in differences.items() if not value <= FUSED_MAX_ABS]
+    if broken:
+        raise StageError("quantize", f"onnxruntime-genai's fused graph disagrees with the export (limit "
+                                     f"{FUSED_MAX_ABS}, {DECODE_STEPS} decode steps): {', '.join(broken)}")
+    context.progress.info(f"fused graph: {summary['nodes']} nodes, logits within {max(differences.values()):.2g} "
+                          "of the export")
+    return target, {**summary, "export_parity_max_abs": differences}
+
+
+def _greedy_tokens(model: Path, prompt: list[int]) -> list[int]:
+    from pipeline.models.decoding import KVDecoder, generate
+    from pipeline.stages.llm_export import DECODE_STEPS
+
+    with KVDecoder(model) as decoder:
+        return generate(decoder, prompt, DECODE_STEPS).tokens

@@ -1,0 +1,98 @@
+"""onnxruntime-genai's fused graph (--llm-graph genai): its logits against our own export of the same weights,
+its RMSNorm rewrite against ONNX Runtime's kernel, and a build on it through the Python API and genai's generator."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import pipeline
+from tests.conftest import LLM_TEST_CALIBRATION
+from tests.helpers import seed_stage_cache
+
+pytest.importorskip("onnxruntime_genai")
+
+# Same weights, two graphs (eager attention vs GroupQueryAttention, unfused vs fused RMSNorm): FP32 rounding only.
+FUSED_MAX_ABS = 1e-4
+
+
+@pytest.fixture(scope="module")
+def genai_build(tiny_llama_folder, tiny_llm_build, tmp_path_factory: pytest.TempPathFactory):
+    """The tiny Llama built on the fused graph, export and calibration reused from the default tiny build."""
+    out = tmp_path_factory.mktemp("tiny-llm-genai")
+    seed_stage_cache(out, tiny_llm_build.outputs, ("export", "calibrate"))
+    result = pipeline.build(model=str(tiny_llama_folder), output=out, calibration=LLM_TEST_CALIBRATION,
+                            verify={"greedy_prompts": 2}, quantization={"llm_graph": "genai"})
+    assert result.status == "passed", result.failures
+    return result
+
+
+def test_the_fused_fp32_graph_computes_what_our_export_computes(tiny_llama_folder, tiny_llm_build, tmp_path) -> None:
+    from engines.cpu.genai_graph import fused_fp32_graph
+    from pipeline.models.decoding import KVDecoder, generate
+    from pipeline.stages.llm_export import onnx_logits
+
+    summary = fused_fp32_graph(tiny_llama_folder, tmp_path / "fused.onnx")
+    export = tiny_llm_build.build_dir / "model.fp32.onnx"
+    exported_nodes = len(onnx.load(str(export), load_external_data=False).graph.node)
+    assert summary["op_types"].get("GroupQueryAttention") == 2 and summary["nodes"] < exported_nodes / 3
+    prompt = [1, 504, 2533, 1064, 335, 5355, 338, 260]
+    with KVDecoder(export) as decoder:
+        tokens = generate(decoder, prompt, 8).tokens
+    expected, actual = onnx_logits(export, prompt, tokens), onnx_logits(tmp_path / "fused.onnx", prompt, tokens)
+    assert len(actual) == len(tokens) + 1
+    worst = max(float(np.abs(e - a).max()) for e, a in zip(expected, actual))
+    assert worst <= FUSED_MAX_ABS, worst
+
+
+def test_the_standard_rms_norm_equals_onnx_runtimes_kernel() -> None:
+    import onnxruntime as ort
+
+    from engines.cpu.genai_graph import standard_rms_norms
+
+    rng = np.random.default_rng(0)
+    gamma = rng.standard_normal(16).astype(np.float32)
+    node = helper.make_node("SimplifiedLayerNormalization", ["x", "gamma"], ["y"], name="norm", axis=-1, epsilon=1e-5)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 16])],
+                              [numpy_helper.from_array(gamma, "gamma")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    x = (rng.standard_normal((2, 3, 16)) * 3).astype(np.float32)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    kernel = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert standard_rms_norms(model) == 1
+    onnx.checker.check_model(model, full_check=True)
+    assert "SimplifiedLayerNormalization" not in {n.op_type for n in model.graph.node}
+    spelled = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(spelled, kernel, rtol=1e-5, atol=1e-6)
+
+
+def test_a_build_on_the_fused_graph_runs_in_our_loader_and_in_genai_s_generator(genai_build) -> None:
+    import onnxruntime_genai as og
+
+    quantize = genai_build.manifest["stages"]
+    facts = json.dumps(quantize, default=str)
+    assert '"graph": "genai"' in facts
+    model = onnx.load(str(genai_build.build_dir / "model.onnx"), load_external_data=False)
+    ops = {node.op_type for node in model.graph.node}
+    assert {"GroupQueryAttention", "MatMulNBits", "GatherBlockQuantized"} <= ops
+    assert "position_ids" not in {item.name for item in model.graph.input}
+    config = json.loads((genai_build.build_dir / "genai_config.json").read_text())
+    assert "position_ids" not in config["model"]["decoder"]["inputs"]
+    runner = pipeline.load(genai_build.build_dir, threads=1)
+    ids, ours = runner.generate_ids("The government said on Tuesday that", 6)
+    generator_model = og.Model(str(genai_build.build_dir))
+    params = og.GeneratorParams(generator_model)
+    params.set_search_options(do_sample=False, max_length=len(ids) + 6)
+    generator = og.Generator(generator_model, params)
+    generator.append_tokens(ids)
+    tokens = []
+    while not generator.is_done() and len(tokens) < 6:
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    assert tokens == ours.tokens
