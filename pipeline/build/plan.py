@@ -95,17 +95,32 @@ def apply_family_defaults(config: BuildConfig, model: ModelInfo) -> BuildConfig:
     if "mode" not in config.quantization.model_fields_set:
         default = "checkpoint" if prequantized else family.default_cpu_quant
         if mode == default:
-            return config
+            return _checkpoint_precisions(config)
         resolved = config.model_copy(deep=True)
         resolved.quantization.mode = default
-        return resolved
+        return _checkpoint_precisions(resolved)
     if mode == "checkpoint" and not prequantized:
         raise ConfigError(f"--quant checkpoint needs a pre-quantized GPTQ/AWQ checkpoint; {model.name} has no "
                           "quantization_config with quant_method compressed-tensors, gptq or awq")
+    if mode == "checkpoint":
+        return _checkpoint_precisions(config)
     if mode not in family.cpu_quant_modes:
         raise ConfigError(f"--quant {mode} does not fit {model.name}, a{'n' if family.name == 'encoder' else ''} "
                           f"{family.name} (its schemes: {', '.join(family.cpu_quant_modes)})")
     return config
+
+
+def _checkpoint_precisions(config: BuildConfig) -> BuildConfig:
+    """A GPTQ/AWQ checkpoint keeps what it has: its lm_head and embedding (never in its quantized Linears)
+    stay FP32 unless --lm-head / --embeddings ask for a rounding of them."""
+    q = config.quantization
+    unset = [key for key in ("lm_head", "embeddings") if key not in q.model_fields_set and getattr(q, key) != "fp32"]
+    if q.mode != "checkpoint" or not unset:
+        return config
+    resolved = config.model_copy(deep=True)
+    for key in unset:
+        setattr(resolved.quantization, key, "fp32")
+    return resolved
 
 
 def _require_tensorrt() -> None:
