@@ -76,6 +76,7 @@ def _state(source: Path) -> dict:
 
 def write_compressed_tensors(folder: Path, source: Path) -> Path:
     """Test-side RTN scales and zero points; codes and packing by compressed-tensors' own compressor."""
+    pytest.importorskip("compressed_tensors")  # the `prequantized` extra (in `dev`)
     import torch
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
