@@ -35,11 +35,15 @@ def build(folder: Path, out: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-def rtn(weight: np.ndarray, group: int = GROUP) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Test-side asymmetric min-max RTN of a [N, K] weight: codes [N, K] 0..15, FP16 scales [N, G], zero points [N, G]."""
+def rtn(weight: np.ndarray, group: int = GROUP, symmetric: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Test-side min-max RTN of a [N, K] weight: codes [N, K] 0..15, FP16 scales [N, G], zero points [N, G]
+    (8 when symmetric)."""
     n, k = weight.shape
     blocks = weight.reshape(n, k // group, group)
     low, high = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)
+    if symmetric:
+        high = np.maximum(np.abs(low) * 7 / 8, high)
+        low = -high * 8 / 7
     scales = ((high - low) / 15).astype(np.float16)
     safe = np.where(scales > 0, scales.astype(np.float32), 1)
     zeros = np.clip(np.rint(-low / safe), 0, 15).astype(np.uint8)
@@ -74,7 +78,7 @@ def _state(source: Path) -> dict:
     return load_file(str(source / "model.safetensors"))
 
 
-def write_compressed_tensors(folder: Path, source: Path) -> Path:
+def write_compressed_tensors(folder: Path, source: Path, symmetric: bool = False) -> Path:
     """Test-side RTN scales and zero points; codes and packing by compressed-tensors' own compressor."""
     pytest.importorskip("compressed_tensors")  # the `prequantized` extra (in `dev`)
     import torch
@@ -82,14 +86,15 @@ def write_compressed_tensors(folder: Path, source: Path) -> Path:
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
     scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
-        num_bits=4, type="int", symmetric=False, strategy="group", group_size=GROUP))
+        num_bits=4, type="int", symmetric=symmetric, strategy="group", group_size=GROUP))
     state = _state(source)
     for name in _linears(state):
         weight = state.pop(f"{name}.weight")
-        _, scales, zeros = rtn(weight.numpy())
-        compressed = PackedQuantizationCompressor.compress(
-            {"weight": weight, "weight_scale": torch.from_numpy(scales),
-             "weight_zero_point": torch.from_numpy(zeros.astype(np.int8) - 8)}, scheme)
+        _, scales, zeros = rtn(weight.numpy(), symmetric=symmetric)
+        parameters = {"weight": weight, "weight_scale": torch.from_numpy(scales)}
+        if not symmetric:
+            parameters["weight_zero_point"] = torch.from_numpy(zeros.astype(np.int8) - 8)
+        compressed = PackedQuantizationCompressor.compress(parameters, scheme)
         state.update({f"{name}.{key}": value for key, value in compressed.items()})
     config = QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized",
                                 quantization_status="compressed", ignore=["lm_head"]).model_dump(mode="json")
@@ -157,14 +162,16 @@ def _read(folder: Path):
     return scheme, {linear.name: linear for linear in read_linears(folder, scheme)[0]}
 
 
-def test_compressed_tensors_decode_equals_the_library_decompression(tiny_llama: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_compressed_tensors_decode_equals_the_library_decompression(tiny_llama: Path, tmp_path: Path,
+                                                                    symmetric: bool) -> None:
     import torch
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationScheme
 
-    folder = write_compressed_tensors(tmp_path / "ct", tiny_llama)
+    folder = write_compressed_tensors(tmp_path / "ct", tiny_llama, symmetric)
     scheme, linears = _read(folder)
-    assert (scheme.method, scheme.group_size, scheme.symmetric) == ("compressed-tensors", GROUP, False)
+    assert (scheme.method, scheme.group_size, scheme.symmetric) == ("compressed-tensors", GROUP, symmetric)
     group = QuantizationScheme.model_validate(json.loads((folder / "config.json").read_text())
                                               ["quantization_config"]["config_groups"]["group_0"])
     state = _state(folder)
