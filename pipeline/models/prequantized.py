@@ -10,6 +10,10 @@ Formats (layouts read in each project's own packing code):
   Format v1 (`gptq`) stores each zero point minus 1. W = (q - z) * s[g_idx].
 - AWQ (AutoAWQ GEMM, `version: gemm`): `qweight` int32 [K, N/8] and `qzeros` [G, N/8] packed along N in
   the order (0, 2, 4, 6, 1, 3, 5, 7) (nibble i holds column 8c + order[i]); `scales` [G, N].
+- torchao (a QAT model after `QATConfig(IntxWeightOnlyConfig(int4, PerGroup(g)), step="convert")`, saved
+  with torchao's safetensors flattening): `<linear>._weight_qdata` int8 [N, K] in -8..7,
+  `_weight_scale` [N, G], `_weight_zero_point` [N, G] int8. W = (q - z) * s, the QAT model's own
+  fake-quantized forward (its learned or chosen scales), so nothing is re-calibrated.
 
 Every checkpoint is decoded to the same `QuantizedLinear` (codes 0..15, integer zero points, FP32
 scales): the export runs the model de-quantized from it, and the quantize stage puts those very codes
@@ -29,7 +33,7 @@ import numpy as np
 from engines.cpu.prequantized import QuantizedLinear
 from pipeline.core.errors import InputError
 
-METHODS = ("compressed-tensors", "gptq", "awq")
+METHODS = ("compressed-tensors", "gptq", "awq", "torchao")
 # Read by other loaders (transformers' bitsandbytes de-quantizer), not here.
 ELSEWHERE = ("bitsandbytes",)
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -77,6 +81,8 @@ def checkpoint_scheme(path: Path) -> Optional[Scheme]:
                             f"({', '.join(METHODS + ELSEWHERE)})")
     if method == "compressed-tensors":
         return _compressed_tensors_scheme(path, quant)
+    if method == "torchao":
+        return _torchao_scheme(path, quant)
     bits = quant.get("bits", quant.get("w_bit"))
     if bits != 4:
         raise _refuse(path, f"bits {bits!r}: only 4-bit weights map onto MatMulNBits' blocks")
@@ -126,6 +132,33 @@ def _compressed_tensors_scheme(path: Path, quant: dict[str, Any]) -> Scheme:
         raise _refuse(path, "config groups with different weight schemes are not read")
     size, symmetric, act_order = schemes.pop()
     return Scheme("compressed-tensors", size, symmetric, 0, act_order)
+
+
+def _torchao_scheme(path: Path, quant: dict[str, Any]) -> Scheme:
+    kind = quant.get("quant_type")
+    default = kind.get("default") if isinstance(kind, dict) else None
+    name = default.get("_type") if isinstance(default, dict) else kind
+    if name != "IntxWeightOnlyConfig":
+        raise _refuse(path, f"torchao quant_type {name!r}: only IntxWeightOnlyConfig (weight-only int4) is read")
+    data = default.get("_data") or {}
+
+    def value(key: str) -> Any:
+        entry = data.get(key)
+        return entry.get("_data") if isinstance(entry, dict) else entry
+
+    dtype = value("weight_dtype")
+    if dtype != "int4":
+        raise _refuse(path, f"bits: torchao weight_dtype {dtype!r}: only int4 weights map onto MatMulNBits' blocks")
+    if value("intx_packing_format") not in (None, "UNPACKED_TO_INT8"):
+        raise _refuse(path, f"torchao packing {value('intx_packing_format')!r}: only UNPACKED_TO_INT8 is read")
+    granularity = data.get("granularity") or {}
+    if granularity.get("_type") == "PerGroup":
+        size = (granularity.get("_data") or {}).get("group_size")
+    elif granularity.get("_type") == "PerAxis":
+        size = None
+    else:
+        raise _refuse(path, f"torchao granularity {granularity.get('_type')!r}: only PerGroup and PerAxis are read")
+    return Scheme("torchao", size, value("mapping_type") != "ASYMMETRIC")
 
 
 def _nibbles(words: np.ndarray) -> np.ndarray:
@@ -192,14 +225,15 @@ def _g_idx(path: Path, tensors: dict[str, Any], key: str, k: int, groups: int) -
 def read_linears(path: Path, scheme: Scheme) -> tuple[list[QuantizedLinear], dict[str, Any]]:
     """The checkpoint's quantized Linears and its other tensors (embeddings, norms, biases) as torch tensors."""
     tensors = _read_tensors(path)
-    suffix = ".weight_packed" if scheme.method == "compressed-tensors" else ".qweight"
+    suffix = {"compressed-tensors": ".weight_packed", "torchao": "._weight_qdata"}.get(scheme.method, ".qweight")
     prefixes = sorted(key[: -len(suffix)] for key in tensors if key.endswith(suffix))
     if not prefixes:
         raise _refuse(path, f"its config says {scheme.method} but no tensor ends in {suffix}")
-    reader = {"compressed-tensors": _compressed_linear, "gptq": _gptq_linear, "awq": _awq_linear}[scheme.method]
+    reader = {"compressed-tensors": _compressed_linear, "gptq": _gptq_linear, "awq": _awq_linear,
+              "torchao": _torchao_linear}[scheme.method]
     linears = [reader(path, scheme, tensors, prefix) for prefix in prefixes]
     owned = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx",
-             "qweight", "qzeros", "scales", "g_idx")
+             "qweight", "qzeros", "scales", "g_idx", "_weight_qdata", "_weight_scale", "_weight_zero_point")
     quantized = set(prefixes)
     rest = {key: value for key, value in tensors.items()
             if not (key.rsplit(".", 1)[0] in quantized and key.rsplit(".", 1)[-1] in owned)}
@@ -271,6 +305,26 @@ def _awq_linear(path: Path, scheme: Scheme, tensors: dict[str, Any], prefix: str
 
     return QuantizedLinear(prefix, np.ascontiguousarray(unpack(qweight).T), np.ascontiguousarray(scales.T),
                            np.ascontiguousarray(unpack(qzeros).T), size)
+
+
+def _torchao_linear(path: Path, scheme: Scheme, tensors: dict[str, Any], prefix: str) -> QuantizedLinear:
+    qdata = _array(tensors, f"{prefix}._weight_qdata", path).astype(np.int16)
+    if qdata.ndim != 2:
+        raise _refuse(path, f"{prefix}._weight_qdata is not 2-D")
+    n, k = qdata.shape
+    scales = _array(tensors, f"{prefix}._weight_scale", path).reshape(n, -1) if qdata.size else qdata
+    groups = scales.shape[1]
+    size = _group_size(path, scheme, prefix, k, groups)
+    key = f"{prefix}._weight_zero_point"
+    zeros = _array(tensors, key, path).reshape(n, groups) if key in tensors else np.zeros((n, groups))
+    if np.any(zeros != np.rint(zeros)):
+        raise _refuse(path, f"{key} holds non-integer zero points (MatMulNBits' are 4-bit integers)")
+    codes, offsets = qdata + 8, np.rint(zeros).astype(np.int16) + 8  # int4 -8..7 -> 0..15, zero points alike
+    for name, values in ((f"{prefix}._weight_qdata", codes), (key, offsets)):
+        if values.size and (values.min() < 0 or values.max() > 15):
+            raise _refuse(path, f"{name} holds values outside int4")
+    return QuantizedLinear(prefix, codes.astype(np.uint8), np.ascontiguousarray(scales, dtype=np.float32),
+                           offsets.astype(np.uint8), size)
 
 
 def dequantized_state_dict(path: Path, scheme: Scheme) -> dict[str, Any]:

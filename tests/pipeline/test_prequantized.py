@@ -332,3 +332,67 @@ def test_hostile_checkpoints_are_refused_with_one_line(tiny_llama: Path, tmp_pat
     result = run_cli("build", "--model", str(folder), "-o", str(tmp_path / "never"))
     assert_one_line_error(result, ExitCode.BAD_INPUT, "pre-quantized checkpoint")
     assert not (tmp_path / "never" / "export").exists()
+
+
+# --- QAT: torchao's fake-quantized training, converted and saved as torchao writes it --------------------------
+
+def write_torchao_qat(folder: Path, source: Path) -> tuple[Path, np.ndarray, np.ndarray]:
+    """A few QAT steps (torchao int4 group-32 fake quantization of every body Linear) on the tiny llama,
+    then torchao's convert and its safetensors flattening. Returns the folder, probe ids and the QAT
+    model's own fake-quantized logits on them (taken before convert)."""
+    pytest.importorskip("torchao")  # the `prequantized` extra (in `dev`)
+    import torch
+    from safetensors.torch import save_file
+    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+    from torchao.quantization import IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.qat import QATConfig
+    from transformers import AutoModelForCausalLM, TorchAoConfig
+
+    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32, attn_implementation="eager")
+    base = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(GROUP))
+
+    def body(module: torch.nn.Module, name: str) -> bool:
+        return isinstance(module, torch.nn.Linear) and name.split(".")[-1] in LINEARS
+
+    quantize_(model, QATConfig(base, step="prepare"), filter_fn=body)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (4, 24), generator=generator)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        qat_logits = model(input_ids=ids[:1]).logits[0].numpy()
+    quantize_(model, QATConfig(base, step="convert"), filter_fn=body)
+    state = {key: value for key, value in model.state_dict().items() if key != "lm_head.weight"}  # tied
+    tensors, metadata = flatten_tensor_state_dict(state)
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    save_file({key: value.contiguous() for key, value in tensors.items()}, str(folder / "model.safetensors"), metadata)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = TorchAoConfig(base).to_dict()
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder, ids[:1].numpy(), qat_logits
+
+
+def test_torchao_qat_model_builds_against_its_fake_quantized_forward(tiny_llama: Path, tmp_path: Path) -> None:
+    import torch
+
+    from pipeline.models.loading import load_llm
+
+    folder, ids, qat_logits = write_torchao_qat(tmp_path / "qat", tiny_llama)
+    scheme, linears = _read(folder)
+    assert (scheme.method, scheme.group_size, scheme.symmetric) == ("torchao", GROUP, True)
+    # The de-quantized model (the export's reference) is the QAT model's fake-quantized forward.
+    with torch.no_grad():
+        logits = load_llm(folder)(input_ids=torch.from_numpy(ids)).logits[0].numpy()
+    np.testing.assert_allclose(logits, qat_logits, rtol=0, atol=1e-5)
+    out = tmp_path / "build"
+    build(folder, out)
+    _assert_exact(folder, out, act_order=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    quantize = _stage(out, "quantize")
+    assert list(quantize["inputs"]) == ["stage:export"]  # no calibration read: the QAT scales are kept
+    assert json.loads((out / "parity.json").read_text())["status"] == "pass", manifest
