@@ -101,7 +101,7 @@ def apply_family_defaults(config: BuildConfig, model: ModelInfo) -> BuildConfig:
         return _checkpoint_precisions(resolved)
     if mode == "checkpoint" and not prequantized:
         raise ConfigError(f"--quant checkpoint needs a pre-quantized GPTQ/AWQ checkpoint; {model.name} has no "
-                          "quantization_config with quant_method compressed-tensors, gptq or awq")
+                          "quantization_config with quant_method compressed-tensors, gptq, awq or torchao")
     if mode == "checkpoint":
         return _checkpoint_precisions(config)
     if mode not in family.cpu_quant_modes:
