@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import onnx
@@ -40,7 +39,7 @@ class QuantizedLinear:
     scales: np.ndarray
     zero_points: np.ndarray
     group_size: int
-    g_idx: Optional[np.ndarray] = None
+    g_idx: np.ndarray | None = None
 
     @property
     def groups(self) -> np.ndarray:
@@ -72,7 +71,7 @@ class NBitsWeight:
     scales: np.ndarray
     zero_points: np.ndarray
     block_size: int
-    permutation: Optional[np.ndarray]
+    permutation: np.ndarray | None
 
     def dequantize(self) -> np.ndarray:
         """The [N, K] weight MatMulNBits computes with, in the checkpoint's channel order."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -43,7 +43,7 @@ GPTQ_FORMATS = {"gptq": 1, "gptq_v2": 0}  # checkpoint_format -> the offset adde
 @dataclass(frozen=True)
 class Scheme:
     method: str
-    group_size: Optional[int]  # None: one group per output channel (the whole K)
+    group_size: int | None  # None: one group per output channel (the whole K)
     symmetric: bool
     zero_offset: int = 0
     act_order: bool = False
@@ -58,7 +58,7 @@ def _refuse(path: Path, what: str) -> InputError:
     return InputError(f"{path.name}: pre-quantized checkpoint: {what}")
 
 
-def checkpoint_scheme(path: Path) -> Optional[Scheme]:
+def checkpoint_scheme(path: Path) -> Scheme | None:
     """The 4-bit scheme named by a model folder's `quantization_config`, None when it has none (or one
     another loader reads); InputError for one Quantpipe cannot take as it is."""
     config_file = path / "config.json"
@@ -178,7 +178,7 @@ def _read_tensors(path: Path) -> dict[str, Any]:
     try:
         for file in files:
             with safe_open(str(file), framework="pt") as handle:
-                for key in handle.keys():
+                for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                     tensors[key] = handle.get_tensor(key)
     except (SafetensorError, OSError) as exc:
         raise _refuse(path, f"cannot read its weights: {str(exc).splitlines()[0]}") from None
@@ -212,7 +212,7 @@ def _group_size(path: Path, scheme: Scheme, prefix: str, k: int, groups: int) ->
     return size
 
 
-def _g_idx(path: Path, tensors: dict[str, Any], key: str, k: int, groups: int) -> Optional[np.ndarray]:
+def _g_idx(path: Path, tensors: dict[str, Any], key: str, k: int, groups: int) -> np.ndarray | None:
     if key not in tensors:
         return None
     g_idx = _array(tensors, key, path).astype(np.int64)

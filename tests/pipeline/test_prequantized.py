@@ -319,6 +319,11 @@ def test_hostile_checkpoints_are_refused_with_one_line(tiny_llama: Path, tmp_pat
     assert "bits 3" in str(refused(folder))
     _edit_config(folder, bits=4, quant_method="hqq")
     assert "quant_method 'hqq'" in str(refused(folder))
+    _edit_config(folder, quant_method="torchao", quant_type={"default": {"_type": "Int8DynamicActivationIntxWeightConfig"}})
+    assert "only IntxWeightOnlyConfig" in str(refused(folder))
+    _edit_config(folder, quant_type={"default": {"_type": "IntxWeightOnlyConfig", "_data": {
+        "weight_dtype": {"_type": "torch.dtype", "_data": "int8"}}}})
+    assert "weight_dtype 'int8'" in str(refused(folder))
     # Packed shapes that disagree with the config: a group size the scales do not have.
     _edit_config(folder, quant_method="awq", group_size=64)
     assert "scale groups" in str(refused(folder))
@@ -383,7 +388,7 @@ def test_torchao_qat_model_builds_against_its_fake_quantized_forward(tiny_llama:
     from pipeline.models.loading import load_llm
 
     folder, ids, qat_logits = write_torchao_qat(tmp_path / "qat", tiny_llama)
-    scheme, linears = _read(folder)
+    scheme, _ = _read(folder)
     assert (scheme.method, scheme.group_size, scheme.symmetric) == ("torchao", GROUP, True)
     # The de-quantized model (the export's reference) is the QAT model's fake-quantized forward.
     with torch.no_grad():
