@@ -345,7 +345,9 @@ def write_torchao_qat(folder: Path, source: Path) -> tuple[Path, np.ndarray, np.
     """A few QAT steps (torchao int4 group-32 fake quantization of every body Linear) on the tiny llama,
     then torchao's convert and its safetensors flattening. Returns the folder, probe ids and the QAT
     model's own fake-quantized logits on them (taken before convert)."""
-    pytest.importorskip("torchao")  # the `prequantized` extra (in `dev`)
+    # The `prequantized` extra, not `dev`: installed, torchao is imported by transformers on every model load
+    # and prints warnings that break the one-line error contract of every other CLI test.
+    pytest.importorskip("torchao", reason="torchao (pip install '.[prequantized]') writes the QAT model")
     import torch
     from safetensors.torch import save_file
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
