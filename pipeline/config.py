@@ -22,8 +22,8 @@ else:  # pragma: no cover
 
 Target = Literal["cpu", "trt"]
 Task = Literal["feature-extraction", "text-classification", "token-classification", "text-generation"]
-QuantMode = Literal["static", "dynamic", "rtn", "gptq", "awq"]
-WEIGHT_ONLY_MODES = ("rtn", "gptq", "awq")  # decoder LLMs (task text-generation)
+QuantMode = Literal["static", "dynamic", "rtn", "gptq", "awq", "checkpoint"]
+WEIGHT_ONLY_MODES = ("rtn", "gptq", "awq", "checkpoint")  # decoder LLMs (task text-generation)
 WeightPrecision = Literal["fp32", "int8", "int4"]
 STAGE_NAMES = ("export", "optimize", "calibrate", "quantize", "precision", "verify", "bundle")
 StageName = Literal["export", "optimize", "calibrate", "quantize", "precision", "verify", "bundle"]
@@ -115,7 +115,8 @@ class QuantizationConfig(_Strict):
     mode: QuantMode = Field(
         "dynamic",
         description="static: activation ranges from calibration (QDQ); dynamic: activation ranges at run time; "
-        "rtn, gptq, awq: weight-only MatMulNBits for decoder LLMs (task text-generation).",
+        "rtn, gptq, awq: weight-only MatMulNBits for decoder LLMs (task text-generation); checkpoint: a "
+        "pre-quantized GPTQ/AWQ checkpoint's own 4-bit codes (the default for such a model folder).",
     )
     weight_bits: Literal[4, 8] = Field(4, description="Weight-only (rtn/gptq/awq): bits per weight (8: rtn only).")
     block_size: int = Field(32, ge=16, le=256, description="Weight-only: weights per quantization block (power of two).")

@@ -5,6 +5,8 @@
   whose minimum is kept as a float (GGUF Q4_1's grid), which ONNX Runtime's quantizer cannot write.
 - gptq / awq (4 bits): Intel Neural Compressor's ONNX algorithms (onnx-neural-compressor 1.0), calibrated
   on real text; they emit MatMulNBits only at 4 bits (other widths would be de-quantized FP32 weights).
+- checkpoint (4 bits): a pre-quantized GPTQ/AWQ checkpoint's own codes, scales and zero points
+  (engines/cpu/prequantized.py): nothing in the body is rounded again.
 - lm_head and the token embedding have their own policy (fp32, int8 or int4): with tied embeddings the
   two vocabulary-sized matrices are a third of the FP32 file, so leaving them in FP32 caps the size
   reduction, while the lm_head is the MatMul whose error reaches the logits most directly.
@@ -24,7 +26,7 @@ from engines.cpu.neural_compressor import name_all_nodes
 from engines.onnx_io import save_model
 from pipeline.core.errors import EngineError, InputError
 
-Algorithm = Literal["rtn", "gptq", "awq"]
+Algorithm = Literal["rtn", "gptq", "awq", "checkpoint"]
 ZeroPoint = Literal["int", "float"]
 Precision = Literal["fp32", "int8", "int4"]  # embeddings: fp32 or int4 (ORT 1.32 quantizes Gather to 4 bits only)
 BITS = {"int8": 8, "int4": 4}
@@ -141,7 +143,8 @@ def _rtn_float_offsets(model: onnx.ModelProto, block_size: int, keep: Sequence[s
 
 def quantize_weight_only(fp32: Path, target: Path, algorithm: Algorithm, bits: int, block_size: int,
                          symmetric: bool, lm_head: Precision, embeddings: Precision, reader: Any = None,
-                         exclude: Sequence[str] = (), zero_point: ZeroPoint = "int") -> dict[str, Any]:
+                         exclude: Sequence[str] = (), zero_point: ZeroPoint = "int",
+                         checkpoint: Sequence[Any] = ()) -> dict[str, Any]:
     """Quantize the MatMul weights of the body with `algorithm`, then lm_head and embeddings by their policy."""
     if algorithm != "rtn" and bits != 4:
         raise InputError(f"{algorithm} is 4-bit only here (Neural Compressor emits MatMulNBits only at 4 bits); "
@@ -152,7 +155,15 @@ def quantize_weight_only(fp32: Path, target: Path, algorithm: Algorithm, bits: i
     keep = [head, *exclude]
     float_offsets = uses_float_offsets(algorithm, bits, symmetric, zero_point)
     grid: dict[str, int] = {}
-    if float_offsets:
+    if algorithm == "checkpoint":
+        from engines.cpu.prequantized import replace_with_checkpoint
+
+        if not checkpoint:
+            raise InputError("--quant checkpoint needs the checkpoint's quantized Linears")
+        grid = replace_with_checkpoint(original, list(checkpoint), set(keep), ACCURACY_LEVEL)
+        block_size = min(linear.group_size for linear in checkpoint)
+        model = original
+    elif float_offsets:
         model = _rtn_float_offsets(original, block_size, keep, grid)
     elif algorithm == "rtn":
         model = _ort_quantize(original, bits, block_size, symmetric, None, keep, ("MatMul",))
@@ -173,6 +184,12 @@ def quantize_weight_only(fp32: Path, target: Path, algorithm: Algorithm, bits: i
     counts: dict[str, int] = {}
     for node in model.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    extra: dict[str, Any] = {}
+    if algorithm == "checkpoint":
+        # Blocks of the body's MatMulNBits that did not come from the checkpoint (rounded here): 0 when exact.
+        body = sum(_attribute(node, "N") * -(-_attribute(node, "K") // _attribute(node, "block_size"))
+                   for node in model.graph.node if node.op_type == "MatMulNBits" and not node.name.startswith(head))
+        extra = {**grid, "rerounded_blocks": body - grid["checkpoint_blocks"]}
     return {
         "algorithm": algorithm,
         "bits": bits,
@@ -188,4 +205,9 @@ def quantize_weight_only(fp32: Path, target: Path, algorithm: Algorithm, bits: i
         "body_blocks": grid.get("blocks", 0),
         "accuracy_level": ACCURACY_LEVEL,
         "quantized_ops": {op: counts.get(op, 0) for op in ("MatMulNBits", "GatherBlockQuantized", "MatMul", "Gather")},
+        **extra,
     }
+
+
+def _attribute(node: onnx.NodeProto, name: str) -> int:
+    return next(int(attribute.i) for attribute in node.attribute if attribute.name == name)

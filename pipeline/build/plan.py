@@ -14,6 +14,7 @@ from typing import Callable
 from pipeline.config import BuildConfig, Target
 from pipeline.build.applicability import check_applicable
 from pipeline.core.errors import ConfigError, MissingDependencyError
+from pipeline.models.prequantized import check_checkpoint, checkpoint_scheme
 from pipeline.models.registry import Family, ModelInfo, inspect_model
 from pipeline.stages.base import Stage
 from pipeline.stages.bundle import BundleStage
@@ -72,6 +73,9 @@ def plan_build(config: BuildConfig) -> BuildPlan:
     """Inspect the model, apply its family's defaults, check the scheme fits it, and pick the stages."""
     model = inspect_model(config.model.path, config.model.task, config.model.trust_remote_code,
                           config.quantization.mode if "mode" in config.quantization.model_fields_set else None)
+    scheme = checkpoint_scheme(model.path) if model.family.name == "decoder" else None
+    if scheme is not None:
+        check_checkpoint(model.path, scheme)  # a malformed GPTQ/AWQ checkpoint is refused before any work
     check_applicable(config, model)  # a setting this target or family never reads is refused, not ignored
     resolved = apply_family_defaults(config, model)
     if resolved.target == "trt" and resolved.trt.require_engine:
@@ -87,16 +91,36 @@ def apply_family_defaults(config: BuildConfig, model: ModelInfo) -> BuildConfig:
     mode = config.quantization.mode
     if config.target != "cpu":
         return config
+    prequantized = family.name == "decoder" and checkpoint_scheme(model.path) is not None
     if "mode" not in config.quantization.model_fields_set:
-        if mode == family.default_cpu_quant:
-            return config
+        default = "checkpoint" if prequantized else family.default_cpu_quant
+        if mode == default:
+            return _checkpoint_precisions(config)
         resolved = config.model_copy(deep=True)
-        resolved.quantization.mode = family.default_cpu_quant
-        return resolved
+        resolved.quantization.mode = default
+        return _checkpoint_precisions(resolved)
+    if mode == "checkpoint" and not prequantized:
+        raise ConfigError(f"--quant checkpoint needs a pre-quantized GPTQ/AWQ checkpoint; {model.name} has no "
+                          "quantization_config with quant_method compressed-tensors, gptq, awq or torchao")
+    if mode == "checkpoint":
+        return _checkpoint_precisions(config)
     if mode not in family.cpu_quant_modes:
         raise ConfigError(f"--quant {mode} does not fit {model.name}, a{'n' if family.name == 'encoder' else ''} "
                           f"{family.name} (its schemes: {', '.join(family.cpu_quant_modes)})")
     return config
+
+
+def _checkpoint_precisions(config: BuildConfig) -> BuildConfig:
+    """A GPTQ/AWQ checkpoint keeps what it has: its lm_head and embedding (never in its quantized Linears)
+    stay FP32 unless --lm-head / --embeddings ask for a rounding of them."""
+    q = config.quantization
+    unset = [key for key in ("lm_head", "embeddings") if key not in q.model_fields_set and getattr(q, key) != "fp32"]
+    if q.mode != "checkpoint" or not unset:
+        return config
+    resolved = config.model_copy(deep=True)
+    for key in unset:
+        setattr(resolved.quantization, key, "fp32")
+    return resolved
 
 
 def _require_tensorrt() -> None:

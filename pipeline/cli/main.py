@@ -41,8 +41,8 @@ def cli() -> None:
                                            "text-generation"]),
               help="What the graph computes. [default: from the checkpoint]")
 @click.option("--output", "-o", type=str, help="Build directory. [default: build/<model>-<target>]")
-@click.option("--quant", type=click.Choice(["static", "dynamic", "rtn", "gptq", "awq"]),
-              help="INT8 scheme (encoders), or weight-only rtn/gptq/awq (decoder LLMs). [default: dynamic; rtn for decoder LLMs]")
+@click.option("--quant", type=click.Choice(["static", "dynamic", "rtn", "gptq", "awq", "checkpoint"]),
+              help="INT8 scheme (encoders), or weight-only rtn/gptq/awq/checkpoint (decoder LLMs; checkpoint: a GPTQ/AWQ folder's own codes). [default: dynamic; rtn for decoder LLMs]")
 @click.option("--weight-bits", type=click.Choice(["4", "8"]), callback=lambda c, p, v: int(v) if v else None,
               help="LLM weight-only bits (8: rtn only).")
 @click.option("--block-size", type=int, help="LLM weight-only block size (power of two).")

@@ -64,6 +64,11 @@ def load_llm(path: Path) -> Any:
     """A causal LM in FP32 with eager attention (its graph is plain MatMul/Softmax, portable to any EP)."""
     from transformers import AutoModelForCausalLM
 
+    from pipeline.models.prequantized import checkpoint_scheme, load_dequantized_llm
+
+    scheme = checkpoint_scheme(path)
+    if scheme is not None:  # GPTQ/AWQ: de-quantized from the checkpoint's own codes
+        return load_dequantized_llm(path, scheme)
     location, extra = _from_pretrained_arguments(path)
     try:
         # The GGUF de-quantizer draws a tqdm bar of its own on stderr, outside transformers' logging switch.

@@ -40,7 +40,7 @@ FAMILIES: dict[Family, FamilySpec] = {
     "encoder": FamilySpec("encoder", ("feature-extraction", "text-classification", "token-classification"),
                           ("dynamic", "static"), "feature-extraction"),
     # Weight-only 4-bit (rtn first: GPTQ/AWQ need calibration and take many minutes).
-    "decoder": FamilySpec("decoder", ("text-generation",), ("rtn", "gptq", "awq"), "text-generation"),
+    "decoder": FamilySpec("decoder", ("text-generation",), ("rtn", "gptq", "awq", "checkpoint"), "text-generation"),
 }
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import BuildConfig
-from pipeline.core.errors import StageError
+from pipeline.core.errors import InputError, StageError
 from pipeline.models.registry import ModelInfo, model_fingerprint
 from pipeline.stages.base import Stage, StageContext
 from pipeline.stages.facts import ExportFacts, WeightOnlyFacts
@@ -21,7 +21,7 @@ class LlmQuantizeStage(Stage):
 
     def depends_on(self, config: BuildConfig) -> tuple[str, ...]:
         # RTN reads no text, so new calibration samples must not re-run it.
-        return ("export",) if config.quantization.mode == "rtn" else ("export", "calibrate")
+        return ("export",) if config.quantization.mode in ("rtn", "checkpoint") else ("export", "calibrate")
 
     def config_slice(self, config: BuildConfig, model: ModelInfo) -> dict[str, Any]:
         from engines.cpu.weight_only import uses_float_offsets
@@ -57,12 +57,21 @@ class LlmQuantizeStage(Stage):
             reader = BatchReader(calibration_feeds(chunks, layout), on_batch=lambda done, total: context.progress.batches(
                 f"{q.mode} calibration", done, total))  # GPTQ/AWQ read the chunks once per pass: one bar per pass
             context.progress.info(f"{q.mode.upper()} calibrated on {len(chunks)} chunks of real text")
+        checkpoint: list = []
+        if q.mode == "checkpoint":
+            from pipeline.models.prequantized import checkpoint_scheme, read_linears
+
+            found = checkpoint_scheme(context.model.path)
+            if found is None:
+                raise InputError(f"{context.model.name} is not a pre-quantized checkpoint (--quant checkpoint)")
+            checkpoint = read_linears(context.model.path, found)[0]
+            context.progress.info(f"{found.describe()}: {len(checkpoint)} Linears keep the checkpoint's own codes")
         float_offsets = uses_float_offsets(q.mode, q.weight_bits, q.symmetric, q.zero_point)
         scheme = "symmetric" if q.symmetric else "asymmetric, " + ("float offsets" if float_offsets else "integer zero points")
         context.progress.info(f"{q.mode} {q.weight_bits}-bit weights, block {q.block_size} ({scheme}); "
                               f"lm_head {q.lm_head}, embeddings {q.embeddings}")
         summary = quantize_weight_only(fp32, out / "model.onnx", q.mode, q.weight_bits, q.block_size, q.symmetric,
-                                       q.lm_head, q.embeddings, reader, q.exclude, q.zero_point)
+                                       q.lm_head, q.embeddings, reader, q.exclude, q.zero_point, checkpoint)
         check_graph(out / "model.onnx")
         if fused:
             fp32.unlink()  # the reference stays the export's FP32 graph (model.fp32.onnx)
