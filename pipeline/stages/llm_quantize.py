@@ -51,7 +51,7 @@ class LlmQuantizeStage(Stage):
         if q.llm_graph == "genai":
             fp32, fused = fused_graph(context, out)
         reader = None
-        if q.mode != "rtn":
+        if q.mode in ("gptq", "awq"):  # the only modes that read calibration text (see depends_on)
             chunks = load_chunks(context.input("calibrate").path("calibration.safetensors"))
             layout = context.facts("export", ExportFacts).kv_cache.layout
             reader = BatchReader(calibration_feeds(chunks, layout), on_batch=lambda done, total: context.progress.batches(
