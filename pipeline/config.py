@@ -163,7 +163,9 @@ class QuantizationConfig(_Strict):
     max_fallback_nodes: int = Field(8, ge=1, le=200, description="Fallback: most nodes kept in FP32.")
     cpu_isa: Literal["auto", "avx2", "avx512-vnni", "amx", "arm64"] = Field(
         "auto", description="CPU INT8 (encoders): the deployment host's instruction set, which decides the weight "
-        "range (avx2: 7-bit weights, ONNX Runtime's reduce_range; avx512-vnni, amx, arm64: 8-bit). auto: the build host's.",
+        "range it asks for (avx2: 7-bit weights, ONNX Runtime's reduce_range; avx512-vnni, amx, arm64: 8-bit; "
+        "onnx-neural-compressor 1.0 drops the request, and the manifest records the range the graph holds). "
+        "auto: the build host's.",
     )
 
     @model_validator(mode="after")

@@ -206,8 +206,10 @@ PEERS = ("ort-by-hand", "openvino-nncf")
 
 
 def run_encoder_peers(build_dir: Path, threads: int, batches: Sequence[int], sequence: int, runs: int, warmup: int,
-                      sentence_count: int, peers: Sequence[str], progress: Any) -> dict[str, Any]:
-    """The build, its FP32 graph and each peer, timed at batch x sequence and scored on out-of-domain sentences."""
+                      sentence_count: int, peers: Sequence[str], progress: Any,
+                      extra_builds: Sequence[Path] = ()) -> dict[str, Any]:
+    """The build, its FP32 graph and each peer, timed at batch x sequence and scored on out-of-domain sentences;
+    `extra_builds` (other builds of the same model, e.g. another --quant) run beside them as `quantpipe:<folder>`."""
     from calibration.selection import select_samples
     from calibration.sources import default_source
     from pipeline.bench import peers as common
@@ -229,6 +231,13 @@ def run_encoder_peers(build_dir: Path, threads: int, batches: Sequence[int], seq
                              # the same model.onnx in a plain InferenceSession: what the recorded settings are worth
                              OrtGraph("quantpipe-plain-session", build_dir / "model.onnx", tokenizer, threads,
                                       max_length, pooled_output="sentence_embedding")]
+    for extra in extra_builds:
+        other, _, other_folder = open_embedding_build(extra, threads)
+        if other_folder.resolve() != folder.resolve():
+            raise InputError(f"{extra} was built from {other_folder}, not {folder}: compare builds of one model")
+        name = f"quantpipe:{extra.name}"
+        contenders.append(Loaded(name, other))
+        sizes[name] = (extra / "model.onnx").stat().st_size / 1e6
     missing: list[common.Unavailable] = []
     with scratch() as work:
         makers = {

@@ -42,7 +42,7 @@ def tuning_metric(task: TaskSpec, fp32: Path, batches: Sequence[Batch]) -> Calla
 class QuantizeStage(Stage):
     name = "quantize"
     facts = QuantizeFacts
-    version = 3
+    version = 4  # 4: reduce_range records the graph's weight range (and reduce_range_requested the ask)
     outputs = ("model.onnx",)
 
     def depends_on(self, config: BuildConfig) -> tuple[str, ...]:

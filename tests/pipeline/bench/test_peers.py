@@ -18,17 +18,21 @@ from tests.helpers import run_cli
 @pytest.fixture(scope="module")
 def peers_run(default_build, tmp_path_factory):
     out = tmp_path_factory.mktemp("peers") / "peers.json"
-    result = CliRunner().invoke(cli, ["bench-peers", str(default_build.build_dir), "--peers", "ort-by-hand",
+    # The build a second time as an "other build" of the same model (as a --smoothquant build would be given).
+    result = CliRunner().invoke(cli, ["bench-peers", str(default_build.build_dir), str(default_build.build_dir),
+                                      "--peers", "ort-by-hand",
                                       "--batch", "1,4", "--seq", "32", "--runs", "2", "--warmup", "1",
                                       "--sentences", "24", "-o", str(out), "-q"])
     assert result.exit_code == 0, result.output
-    return json.loads(out.read_text()), result.output
+    return json.loads(out.read_text()), result.output, default_build.build_dir
 
 
 def test_every_contender_is_timed_and_scored_against_the_fp32_reference(peers_run):
-    payload, output = peers_run
+    payload, output, build_dir = peers_run
     rows = {row["name"]: row for row in payload["results"]}
-    assert set(rows) == {"quantpipe", "fp32", "quantpipe-plain-session", "ort-by-hand"}
+    other = f"quantpipe:{build_dir.name}"
+    assert set(rows) == {"quantpipe", "fp32", "quantpipe-plain-session", "ort-by-hand", other}
+    assert rows[other]["cosine_mean"] == rows["quantpipe"]["cosine_mean"]
     for row in rows.values():
         assert row["available"] and set(row["p50_ms"]) == {"1x32", "4x32"} and min(row["p50_ms"].values()) > 0
     # The FP32 graph is the model as sentence-transformers computes it: the reference is not our own code.
