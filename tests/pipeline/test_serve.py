@@ -12,7 +12,6 @@ from pipeline.bench.serve_load import LoadSpec, ServerProcess, load_test, reques
 from pipeline.core.errors import InputError
 from pipeline.deploy.serve import BuildModel
 
-COSINE_PADDED_VS_UNPADDED = 0.99  # measured: see test_max_length_padding_pads_every_batch_to_the_builds_length
 
 
 def test_concurrent_requests_are_all_answered_and_batched(default_build) -> None:
@@ -92,8 +91,10 @@ def test_compare_padding_loads_both_servers(default_build, tmp_path) -> None:
 
 
 def test_max_length_padding_pads_every_batch_to_the_builds_length(default_build) -> None:
-    """--padding max_length: 128 columns whatever the texts; longest: the longest text's; a lone request's
-    embedding agrees between the two to INT8 noise (padding tokens enter the dynamic activation scales)."""
+    """--padding max_length: 128 columns whatever the texts; longest: the longest text's. A lone request's
+    embedding agrees between the two to INT8 noise only, not exactly: padding tokens enter the per-batch dynamic
+    activation scales. Measured on 64 out-of-domain sentences (AVX-512 VNNI): cosine mean 0.990, min 0.960
+    (each as close to the FP32 graph: mean 0.991); held here to mean > 0.98 and every one > 0.95."""
     longest = BuildModel(default_build.build_dir, threads=1)
     padded = BuildModel(default_build.build_dir, threads=1, padding="max_length")
     texts = out_of_domain_sentences(8)
@@ -101,9 +102,9 @@ def test_max_length_padding_pads_every_batch_to_the_builds_length(default_build)
     assert own < 128 == padded.max_length
     assert all(array.shape == (8, 128) for array in padded.feed(texts).values())
     assert all(array.shape == (8, own) for array in longest.feed(texts).values())
-    for text in texts[:4]:
-        a, b = longest.run([text])[0], padded.run([text])[0]
-        assert float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) > COSINE_PADDED_VS_UNPADDED
+    pairs = [(longest.run([text])[0], padded.run([text])[0]) for text in texts]
+    agree = np.array([a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) for a, b in pairs])
+    assert agree.mean() > 0.98 and agree.min() > 0.95, agree
     assert padded.run(texts).shape == longest.run(texts).shape == (8, 384)
     with pytest.raises(InputError):
         BuildModel(default_build.build_dir, padding="bucket")
