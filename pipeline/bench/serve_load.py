@@ -1,12 +1,17 @@
-"""Bounded loopback load test of `pipeline serve`: requests per second, latency percentiles, errors.
+"""Bounded loopback load test of `pipeline serve`: requests and sentences per second, latency, errors.
 
 Starts the server as a child process on 127.0.0.1 (a free port), waits for /health, sends
-warm-up requests, then runs N clients for D seconds. Each client posts one real BBC News
-sentence at a time over a kept-alive connection and counts any non-200 answer, any answer
-without a result row, and any transport error as an error. The server is always stopped.
-Only loopback is ever contacted; clients and duration are bounded (256, 600 s).
+warm-up requests, then runs N clients for D seconds. Each client posts requests of 1..K real
+sentences (BBC News, or out-of-domain tweets and review snippets; sizes drawn with a fixed seed)
+over a kept-alive connection and counts any non-200 answer, any answer without one row per
+sentence, and any transport error as an error. The server is always stopped. Only loopback is
+ever contacted; clients and duration are bounded (256, 600 s).
 
-    python -m pipeline.bench.serve_load BUILD_DIR --clients 16 --duration 30
+`compare_padding` runs the same load against two servers, `--padding longest` and `--padding
+max_length`, started side by side and loaded in turn: blocks of a few seconds in the order A B, B A,
+A B, ... (as `pipeline.bench.latency.timed_blocks` takes turns between sessions), so that load on a
+shared host hits both alike; the first request of each block, while the other server's threads
+settle, is not counted.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import http.client
 import itertools
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -25,17 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from pipeline.deploy.serve import PADDINGS
+
 HOST = "127.0.0.1"
 MAX_CLIENTS = 256
 MAX_DURATION_S = 600.0
 STARTUP_TIMEOUT_S = 180.0
 REQUEST_TIMEOUT_S = 30.0
-
-
-@dataclass
-class ClientResult:
-    latencies: list[float] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
+SOURCES = ("bbc", "out-of-domain")
 
 
 def free_port() -> int:
@@ -56,6 +59,47 @@ def sentences(count: int = 256) -> list[str]:
     return list(seen)
 
 
+def load_sentences(source: str, count: int = 256) -> list[str]:
+    if source == "bbc":
+        return sentences(count)
+    if source == "out-of-domain":
+        from pipeline.bench.peers import out_of_domain_sentences
+
+        return out_of_domain_sentences(count)
+    raise ValueError(f"sentences must be one of {', '.join(SOURCES)}, got {source!r}")
+
+
+def request_bodies(texts: list[str], per_request: int, count: int = 512, seed: int = 0) -> list[list[str]]:
+    """`count` requests of 1..per_request consecutive sentences each (sizes seeded), cycling over `texts`."""
+    rng = random.Random(seed)
+    bodies, cursor = [], 0
+    for _ in range(count):
+        size = rng.randint(1, per_request)
+        bodies.append([texts[(cursor + i) % len(texts)] for i in range(size)])
+        cursor += size
+    return bodies
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """What the clients send: `clients` threads for `duration` seconds of requests of 1..texts_per_request."""
+
+    clients: int = 16
+    duration: float = 30.0
+    source: str = "bbc"
+    texts_per_request: int = 8
+    seed: int = 0
+
+    def check(self) -> None:
+        if not 1 <= self.clients <= MAX_CLIENTS or not 0 < self.duration <= MAX_DURATION_S:
+            raise ValueError(f"clients must be 1..{MAX_CLIENTS} and duration 0..{MAX_DURATION_S:.0f}s")
+        if self.source not in SOURCES or not 1 <= self.texts_per_request <= 64:
+            raise ValueError(f"sentences must be one of {', '.join(SOURCES)} and texts per request 1..64")
+
+    def bodies(self) -> list[list[str]]:
+        return request_bodies(load_sentences(self.source), self.texts_per_request, seed=self.seed)
+
+
 def request(connection: http.client.HTTPConnection, method: str, path: str,
             body: Optional[dict[str, Any]] = None) -> tuple[int, Any]:
     payload = json.dumps(body).encode() if body is not None else None
@@ -66,23 +110,34 @@ def request(connection: http.client.HTTPConnection, method: str, path: str,
     return response.status, json.loads(data) if data else None
 
 
-def has_result(answer: Any) -> bool:
+def has_result(answer: Any, count: int = 1) -> bool:
     rows = (answer or {}).get("embeddings") or (answer or {}).get("labels")
-    return bool(rows) and len(rows) == 1
+    return bool(rows) and len(rows) == count
 
 
 class ServerProcess:
     """`pipeline serve` as a child process on loopback; a context manager that always stops it."""
 
-    def __init__(self, build_dir: Path, threads: int, max_batch: int, max_wait_ms: float) -> None:
+    def __init__(self, build_dir: Path, threads: int, max_batch: int, max_wait_ms: float,
+                 padding: str = "longest") -> None:
         self.port = free_port()
         self.command = [sys.executable, "-m", "pipeline", "serve", str(build_dir), "--host", HOST,
                         "--port", str(self.port), "--threads", str(threads), "--max-batch", str(max_batch),
-                        "--max-wait-ms", str(max_wait_ms)]
+                        "--max-wait-ms", str(max_wait_ms), "--padding", padding]
         self.process: Optional[subprocess.Popen[bytes]] = None
 
     def __enter__(self) -> "ServerProcess":
+        self.start()
+        self.wait_ready()
+        return self
+
+    def start(self) -> "ServerProcess":
+        """Launch the process without waiting (servers started together load their models in parallel)."""
         self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        return self
+
+    def wait_ready(self) -> None:
+        assert self.process is not None, "ServerProcess.start() was not called"
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -93,7 +148,7 @@ class ServerProcess:
                 status, _ = request(connection, "GET", "/health")
                 connection.close()
                 if status == 200:
-                    return self
+                    return
             except OSError:
                 pass
             time.sleep(0.2)
@@ -125,23 +180,32 @@ class ServerProcess:
             self.process.wait(timeout=15)
 
 
-def _client(server: ServerProcess, texts: list[str], offset: int, stop_at: float, result: ClientResult) -> None:
+@dataclass
+class ClientResult:
+    latencies: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    sentences: int = 0
+
+
+def _client(server: ServerProcess, bodies: list[list[str]], offset: int, stop_at: float, result: ClientResult) -> None:
     connection = server.connect()
     for index in itertools.count(offset):
         if time.perf_counter() >= stop_at:
             break
+        body = bodies[index % len(bodies)]
         started = time.perf_counter()
         try:
-            status, answer = request(connection, "POST", "/v1/predict", {"text": texts[index % len(texts)]})
+            status, answer = request(connection, "POST", "/v1/predict", {"texts": body})
         except (OSError, http.client.HTTPException, json.JSONDecodeError) as exc:
             result.errors.append(f"{type(exc).__name__}: {exc}")
             connection.close()
             connection = server.connect()
             continue
-        if status != 200 or not has_result(answer):
+        if status != 200 or not has_result(answer, len(body)):
             result.errors.append(f"HTTP {status}: {str(answer)[:200]}")
             continue
         result.latencies.append(time.perf_counter() - started)
+        result.sentences += len(body)
     connection.close()
 
 
@@ -151,68 +215,161 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
-def load_test(build_dir: Path, clients: int = 16, duration: float = 30.0, threads: int = 0, max_batch: int = 32,
-              max_wait_ms: float = 5.0, warmup: int = 8) -> dict[str, Any]:
-    if not 1 <= clients <= MAX_CLIENTS or not 0 < duration <= MAX_DURATION_S:
-        raise ValueError(f"clients must be 1..{MAX_CLIENTS} and duration 0..{MAX_DURATION_S:.0f}s")
+@dataclass
+class Tally:
+    """One server's load, summed over its blocks: client results, seconds, and its batch counters."""
+
+    results: list[ClientResult] = field(default_factory=list)
+    seconds: float = 0.0
+    batches: int = 0
+    texts: int = 0
+    largest_batch: int = 0
+
+    def block(self, server: ServerProcess, bodies: list[list[str]], spec: LoadSpec, seconds: float,
+              offset: int) -> None:
+        """`seconds` of load from spec.clients threads; client i starts at request offset + 17 i."""
+        before = server.stats()
+        results = [ClientResult() for _ in range(spec.clients)]
+        started = time.perf_counter()
+        workers = [threading.Thread(target=_client, args=(server, bodies, offset + i * 17, started + seconds,
+                                                          results[i]), daemon=True) for i in range(spec.clients)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=seconds + 2 * REQUEST_TIMEOUT_S)
+        self.seconds += time.perf_counter() - started
+        after = server.stats()
+        self.results += results
+        self.batches += after["batches"] - before["batches"]
+        self.texts += after["texts"] - before["texts"]
+        self.largest_batch = max(self.largest_batch, after["largest_batch"])
+
+    def summary(self, spec: LoadSpec) -> dict[str, Any]:
+        latencies = [latency for result in self.results for latency in result.latencies]
+        errors = [error for result in self.results for error in result.errors]
+        sentences_run = sum(result.sentences for result in self.results)
+        return {
+            "clients": spec.clients, "duration_s": round(self.seconds, 2), "requests": len(latencies),
+            "sentences": sentences_run, "errors": len(errors), "first_errors": errors[:5],
+            "requests_per_s": round(len(latencies) / self.seconds, 1),
+            "sentences_per_s": round(sentences_run / self.seconds, 1),
+            "latency_ms": {name: round(1000 * percentile(latencies, q), 1)
+                           for name, q in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))},
+            "server": {"batches": self.batches, "texts": self.texts, "largest_batch": self.largest_batch,
+                       "mean_batch": round(self.texts / self.batches, 2) if self.batches else 0.0},
+        }
+
+
+def _check_build(build_dir: Path) -> None:
     if not (build_dir / "manifest.json").is_file() or not (build_dir / "model.onnx").is_file():
         from pipeline.core.errors import InputError
 
         raise InputError(f"{build_dir} holds no finished build (manifest.json and model.onnx)")
-    texts = sentences()
-    with ServerProcess(build_dir, threads, max_batch, max_wait_ms) as server:
-        connection = server.connect()
-        for text in texts[:warmup]:
-            request(connection, "POST", "/v1/predict", {"text": text})
-        connection.close()
-        before = server.stats()
-        results = [ClientResult() for _ in range(clients)]
-        started = time.perf_counter()
-        stop_at = started + duration
-        workers = [threading.Thread(target=_client, args=(server, texts, i * 17, stop_at, results[i]), daemon=True)
-                   for i in range(clients)]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join(timeout=duration + 2 * REQUEST_TIMEOUT_S)
-        elapsed = time.perf_counter() - started
-        after = server.stats()
-    latencies = [latency for result in results for latency in result.latencies]
-    errors = [error for result in results for error in result.errors]
-    batches = after["batches"] - before["batches"]
-    texts_run = after["texts"] - before["texts"]
-    return {
-        "clients": clients, "duration_s": round(elapsed, 2), "requests": len(latencies), "errors": len(errors),
-        "first_errors": errors[:5], "requests_per_s": round(len(latencies) / elapsed, 1),
-        "latency_ms": {name: round(1000 * percentile(latencies, q), 1)
-                       for name, q in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))},
-        "server": {"batches": batches, "mean_batch": round(texts_run / batches, 2) if batches else 0.0,
-                   "largest_batch": after["largest_batch"], "threads": threads, "max_batch": max_batch,
-                   "max_wait_ms": max_wait_ms},
-        "cpu_count": os.cpu_count(),
-    }
+
+
+def _warm(server: ServerProcess, bodies: list[list[str]], count: int) -> None:
+    connection = server.connect()
+    for body in bodies[:count]:
+        request(connection, "POST", "/v1/predict", {"texts": body})
+    connection.close()
+
+
+def _setting(spec: LoadSpec, threads: int, max_batch: int, max_wait_ms: float) -> dict[str, Any]:
+    from pipeline.core.host import host_facts
+
+    return {"sentence_source": spec.source, "texts_per_request": spec.texts_per_request, "seed": spec.seed,
+            "threads": threads, "max_batch": max_batch, "max_wait_ms": max_wait_ms, "cpu_count": os.cpu_count(),
+            "load_average": [round(value, 2) for value in os.getloadavg()], "host": host_facts()}
+
+
+def load_test(build_dir: Path, spec: LoadSpec = LoadSpec(), threads: int = 0, max_batch: int = 32,
+              max_wait_ms: float = 5.0, padding: str = "longest", warmup: int = 8) -> dict[str, Any]:
+    spec.check()
+    _check_build(build_dir)
+    bodies = spec.bodies()
+    tally = Tally()
+    with ServerProcess(build_dir, threads, max_batch, max_wait_ms, padding) as server:
+        _warm(server, bodies, warmup)
+        tally.block(server, bodies, spec, spec.duration, 0)
+    result = tally.summary(spec)
+    result["server"]["padding"] = padding
+    return {**result, **_setting(spec, threads, max_batch, max_wait_ms)}
+
+
+def compare_padding(build_dir: Path, spec: LoadSpec = LoadSpec(), threads: int = 0, max_batch: int = 32,
+                    max_wait_ms: float = 5.0, block_seconds: float = 3.0, warmup: int = 8) -> dict[str, Any]:
+    """The same load on a `--padding longest` and a `--padding max_length` server, spec.duration seconds each,
+    in blocks that take turns; `ratio` is longest's sentences/s over max_length's."""
+    from contextlib import ExitStack
+
+    spec.check()
+    _check_build(build_dir)
+    bodies = spec.bodies()
+    blocks = max(1, round(spec.duration / block_seconds))
+    tallies = {padding: Tally() for padding in PADDINGS}
+    with ExitStack() as stack:
+        servers = {}
+        for padding in PADDINGS:
+            servers[padding] = ServerProcess(build_dir, threads, max_batch, max_wait_ms, padding).start()
+            stack.callback(servers[padding].__exit__, None, None, None)
+        for server in servers.values():
+            server.wait_ready()
+            _warm(server, bodies, warmup)
+        order = list(PADDINGS)
+        for number in range(blocks):
+            for padding in order:
+                _warm(servers[padding], bodies[number:], 1)  # untimed: the other server's threads settle
+                tallies[padding].block(servers[padding], bodies, spec, spec.duration / blocks, number * 7)
+            order.reverse()
+    summaries = {padding: tally.summary(spec) for padding, tally in tallies.items()}
+    longest, padded = summaries["longest"]["sentences_per_s"], summaries["max_length"]["sentences_per_s"]
+    return {"compare_padding": True, "blocks_per_server": blocks, "block_s": round(spec.duration / blocks, 2),
+            **summaries, "ratio_sentences_per_s": round(longest / padded, 2) if padded else None,
+            **_setting(spec, threads, max_batch, max_wait_ms)}
 
 
 def render(result: dict[str, Any]) -> str:
     latency, server = result["latency_ms"], result["server"]
-    return (f"{result['clients']} clients, {result['duration_s']}s: {result['requests']} requests, "
-            f"{result['errors']} errors, {result['requests_per_s']} req/s; latency p50 {latency['p50']} ms, "
+    return (f"{result['clients']} clients, {result['duration_s']}s: {result['requests']} requests "
+            f"({result['sentences']} sentences), {result['errors']} errors, {result['requests_per_s']} req/s, "
+            f"{result['sentences_per_s']} sentences/s; latency p50 {latency['p50']} ms, "
             f"p90 {latency['p90']} ms, p99 {latency['p99']} ms, max {latency['max']} ms; "
             f"{server['batches']} batches, mean batch {server['mean_batch']}, largest {server['largest_batch']}\n")
 
 
-def run_cli(build_dir: Path, clients: int, duration: float, threads: int, max_batch: int, max_wait_ms: float,
-            output: Optional[Path]) -> None:
+def render_comparison(result: dict[str, Any]) -> str:
+    host = result["host"]
+    lines = [(f"{result['sentence_source']} sentences, 1..{result['texts_per_request']} per request, "
+              f"{result['blocks_per_server']} blocks of {result['block_s']}s per server, taking turns; "
+              f"{host['cpu_model']} ({host['isa']}), load average {result['load_average'][0]}")]
+    for padding in PADDINGS:
+        lines.append(f"--padding {padding}: " + render(result[padding]).rstrip("\n"))
+    lines.append(f"length batching / padding to max_length: {result['ratio_sentences_per_s']}x sentences/s")
+    return "\n".join(lines) + "\n"
+
+
+def run_cli(build_dir: Path, spec: LoadSpec, threads: int, max_batch: int, max_wait_ms: float, padding: str,
+            compare: bool, block_seconds: float, output: Optional[Path]) -> None:
     import click
 
-    from pipeline.core.errors import StageError
+    from pipeline.core.errors import InputError, StageError
 
     try:
-        result = load_test(build_dir, clients, duration, threads, max_batch, max_wait_ms)
+        if compare:
+            result = compare_padding(build_dir, spec, threads, max_batch, max_wait_ms, block_seconds)
+            runs = [result[padding] for padding in PADDINGS]
+            click.echo(render_comparison(result), nl=False)
+        else:
+            result = load_test(build_dir, spec, threads, max_batch, max_wait_ms, padding)
+            runs = [result]
+            click.echo(render(result), nl=False)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     except (RuntimeError, OSError, http.client.HTTPException) as exc:
         raise StageError("bench-serve", f"{type(exc).__name__}: {exc}") from None
-    click.echo(render(result), nl=False)
     if output is not None:
         output.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    if result["errors"]:
-        raise StageError("bench-serve", f"{result['errors']} requests failed, first: {result['first_errors'][0]}")
+    failed = [run for run in runs if run["errors"]]
+    if failed:
+        raise StageError("bench-serve", f"{sum(r['errors'] for r in failed)} requests failed, "
+                                        f"first: {failed[0]['first_errors'][0]}")

@@ -8,6 +8,7 @@ from typing import Optional
 import click
 
 BUILD_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
+PADDING = click.Choice(["longest", "max_length"])  # pipeline.deploy.serve.PADDINGS (not imported: CLI start-up)
 
 
 @click.command("export-triton")
@@ -67,8 +68,11 @@ def export_triton(build_dir: Path, repo_dir: Path, model_name: Optional[str], ba
               help="Most texts in one request (422 beyond).")
 @click.option("--max-chars", type=click.IntRange(min=1), default=20_000, show_default=True,
               help="Most characters in one text (413 beyond).")
+@click.option("--padding", type=PADDING, default="longest", show_default=True,
+              help="longest: texts of similar length run together, padded to their longest; max_length: every "
+                   "batch padded to the build's max_length (what a naive deployment does; for comparison).")
 def serve(build_dir: Path, host: str, port: int, threads: int, max_batch: int, max_wait_ms: float,
-          max_body_bytes: int, max_texts: int, max_chars: int) -> None:
+          max_body_bytes: int, max_texts: int, max_chars: int, padding: str = "longest") -> None:
     """Serve a CPU build over HTTP: POST /v1/predict {"texts": [...]}, OpenAI's POST /v1/embeddings (embedding
     builds) and POST /v1/completions (LLM builds, streaming), GET /metrics (Prometheus), /health, /v1/stats.
 
@@ -82,7 +86,8 @@ def serve(build_dir: Path, host: str, port: int, threads: int, max_batch: int, m
     from pipeline.deploy.serve import serve as run
 
     quiet_libraries()
-    run(build_dir, host, port, threads, max_batch, max_wait_ms, RequestLimits(max_body_bytes, max_texts, max_chars))
+    run(build_dir, host, port, threads, max_batch, max_wait_ms, RequestLimits(max_body_bytes, max_texts, max_chars),
+        padding)
 
 
 @click.command("bench-serve")
@@ -93,15 +98,30 @@ def serve(build_dir: Path, host: str, port: int, threads: int, max_batch: int, m
               help="Server: ONNX Runtime intra-op threads (0: one per core).")
 @click.option("--max-batch-size", "--max-batch", "max_batch", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--max-wait-ms", type=click.FloatRange(min=0), default=5.0, show_default=True)
+@click.option("--sentences", "source", type=click.Choice(["bbc", "out-of-domain"]), default="bbc", show_default=True,
+              help="Real text sent: BBC News sentences, or tweets and Amazon review snippets.")
+@click.option("--texts-per-request", type=click.IntRange(1, 64), default=8, show_default=True,
+              help="Each request carries 1..N sentences (sizes drawn with a fixed seed).")
+@click.option("--padding", type=PADDING, default="longest", show_default=True,
+              help="The server's --padding.")
+@click.option("--compare-padding", is_flag=True,
+              help="Run the same load against a --padding longest and a --padding max_length server, in "
+                   "alternating blocks of --block-seconds, and print the ratio of sentences/s.")
+@click.option("--block-seconds", type=click.FloatRange(0.2, 60), default=3.0, show_default=True,
+              help="With --compare-padding: length of one block of load on one server.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="Also write the result as JSON.")
 def bench_serve(build_dir: Path, clients: int, duration: float, threads: int, max_batch: int, max_wait_ms: float,
+                source: str, texts_per_request: int, padding: str, compare_padding: bool, block_seconds: float,
                 output: Optional[Path]) -> None:
-    """Load-test `pipeline serve` on loopback: requests per second, p50/p99 latency, errors (exit 4 on errors).
+    """Load-test `pipeline serve` on loopback: requests and sentences per second, p50/p99 latency, errors
+    (exit 4 on errors).
 
     \b
     Example:
       pipeline bench-serve build/all-MiniLM-L6-v2-cpu --clients 16 --duration 30
+      pipeline bench-serve build/all-MiniLM-L6-v2-cpu --sentences out-of-domain --compare-padding --duration 60
     """
-    from pipeline.bench.serve_load import run_cli
+    from pipeline.bench.serve_load import LoadSpec, run_cli
 
-    run_cli(build_dir, clients, duration, threads, max_batch, max_wait_ms, output)
+    spec = LoadSpec(clients, duration, source, texts_per_request)
+    run_cli(build_dir, spec, threads, max_batch, max_wait_ms, padding, compare_padding, block_seconds, output)

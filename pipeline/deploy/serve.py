@@ -5,6 +5,9 @@ POST /v1/predict {"texts": [...]} (or {"text": "..."}) returns
 for text-classification builds. Concurrent requests are collected for up to `max_wait_ms`
 (or until `max_batch` texts are waiting), tokenized together and run in one ONNX Runtime call
 off the event loop; GET /v1/stats says how many batches ran and how large they were.
+`padding` "longest" (the default) pads each group of similar-length texts to its longest text;
+"max_length" pads every batch to the build's max_length, as a naive deployment does (kept to
+measure what length batching saves: `pipeline bench-serve --compare-padding`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from pydantic import BaseModel
 
 from pipeline.core.errors import InputError, MissingDependencyError
 from pipeline.deploy.limits import BodyLimit, RequestLimits, RequestRefused, check_texts
+
+PADDINGS = ("longest", "max_length")
 
 
 class Predict(BaseModel):
@@ -47,13 +52,16 @@ class BatchStats:
 class BuildModel:
     """A finished CPU build: its INT8 graph in ONNX Runtime and its tokenizer."""
 
-    def __init__(self, build_dir: Path, threads: int = 0, padding_slack: float = 0.25) -> None:
+    def __init__(self, build_dir: Path, threads: int = 0, padding_slack: float = 0.25,
+                 padding: str = "longest") -> None:
         from transformers import AutoTokenizer
 
         from engines.ort_session import create_session
         from pipeline.build.readback import checked_file, checked_tree, load_manifest
         from pipeline.deploy.runtime import build_labels, session_settings
 
+        if padding not in PADDINGS:
+            raise InputError(f"padding must be one of {', '.join(PADDINGS)}, got {padding!r}")
         if not (build_dir / "manifest.json").is_file() or not (build_dir / "model.onnx").is_file():
             raise InputError(f"{build_dir} holds no finished build (manifest.json and model.onnx); "
                              "run `pipeline build --target cpu` first")
@@ -77,18 +85,23 @@ class BuildModel:
         except Exception as exc:  # a tokenizer the library cannot load is bad input, whatever it raises
             raise InputError(f"cannot load the tokenizer in {tokenizer_dir}: {str(exc).strip()[:200] or type(exc).__name__}") from None
         self.output = "logits" if self.task == "text-classification" else "sentence_embedding"
-        self.padding_slack = padding_slack
+        self.padding_slack, self.padding = padding_slack, padding
 
     def feed(self, texts: list[str]) -> dict[str, np.ndarray]:
-        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+        encoded = self.tokenizer(texts, padding=self.padding, truncation=True, max_length=self.max_length,
                                  return_tensors="np")
         return {name: np.asarray(encoded[name], dtype=np.int64) for name in self.input_names}
 
     def run(self, texts: list[str]) -> np.ndarray:
-        """Rows in the order of `texts`; runs texts of similar token length together (see length_groups)."""
-        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]]
+        """Rows in the order of `texts`; runs texts of similar token length together (see length_groups),
+        or, padded to max_length, all in one run (every row has the same length then)."""
+        if self.padding == "max_length":
+            groups = [list(range(len(texts)))]
+        else:
+            encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length)
+            groups = length_groups([len(ids) for ids in encoded["input_ids"]], self.padding_slack)
         rows: list[Optional[np.ndarray]] = [None] * len(texts)
-        for group in length_groups(lengths, self.padding_slack):
+        for group in groups:
             output = self.session.run([self.output], self.feed([texts[i] for i in group]))[0]
             for index, row in zip(group, output):
                 rows[index] = row
@@ -211,7 +224,7 @@ class MicroBatcher:
 
 
 def create_app(build_dir: Path, threads: int = 0, max_batch: int = 32, max_wait_ms: float = 5.0,
-               limits: RequestLimits = RequestLimits()) -> Any:
+               limits: RequestLimits = RequestLimits(), padding: str = "longest") -> Any:
     try:
         from fastapi import FastAPI
         from fastapi.responses import JSONResponse
@@ -225,7 +238,7 @@ def create_app(build_dir: Path, threads: int = 0, max_batch: int = 32, max_wait_
     manifest = read_manifest(build_dir)
     if manifest.get("model", {}).get("task") == "text-generation":  # an LLM build: OpenAI completions
         return openai_routes.create_llm_app(build_dir, manifest, threads)
-    model = BuildModel(build_dir, threads)
+    model = BuildModel(build_dir, threads, padding=padding)
     batcher = MicroBatcher(model, max_batch, max_wait_ms)
 
     @asynccontextmanager
@@ -248,7 +261,7 @@ def create_app(build_dir: Path, threads: int = 0, max_batch: int = 32, max_wait_
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "task": model.task, "build": str(build_dir)}
+        return {"status": "ok", "task": model.task, "build": str(build_dir), "padding": model.padding}
 
     @app.get("/v1/stats")
     async def stats() -> dict[str, Any]:
@@ -266,10 +279,10 @@ def create_app(build_dir: Path, threads: int = 0, max_batch: int = 32, max_wait_
 
 
 def serve(build_dir: Path, host: str, port: int, threads: int, max_batch: int, max_wait_ms: float,
-          limits: RequestLimits = RequestLimits()) -> None:
+          limits: RequestLimits = RequestLimits(), padding: str = "longest") -> None:
     try:
         import uvicorn
     except ImportError:
         raise MissingDependencyError("serving needs FastAPI and uvicorn: pip install 'quantpipe[serve]'") from None
-    app = create_app(build_dir, threads, max_batch, max_wait_ms, limits)
+    app = create_app(build_dir, threads, max_batch, max_wait_ms, limits, padding)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
