@@ -114,7 +114,7 @@ def bench_serve(build_dir: Path, clients: int, duration: float, threads: int, ma
                 source: str, texts_per_request: int, padding: str, compare_padding: bool, block_seconds: float,
                 output: Optional[Path]) -> None:
     """Load-test `pipeline serve` on loopback: requests and sentences per second, p50/p99 latency, errors
-    (exit 4 on errors).
+    (exit 3 if any request failed).
 
     \b
     Example:
