@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-LIBRARIES = ("onnx_neural_compressor", "transformers", "onnxruntime", "torch.onnx")
+LIBRARIES = ("onnx_neural_compressor", "transformers", "onnxruntime", "torch.onnx", "peft", "bitsandbytes")
 STDERR_FORMAT = "%(name)s %(levelname)s: %(message)s"
 FILE_FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
 _HANDLER_MARK = "_quantpipe"
