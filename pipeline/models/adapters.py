@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -104,9 +105,13 @@ def load_peft_model(base_folder: Path, adapter: Path, model: Any = None, auto_cl
     if model is None:
         model = _load_base(base_folder, auto_class)
     try:
-        peft_model = peft.PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+        with warnings.catch_warnings():  # transformers' deprecation notes about peft's own calls
+            warnings.simplefilter("ignore", FutureWarning)
+            peft_model = peft.PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
     except (ValueError, RuntimeError, KeyError, TypeError, OSError) as exc:
-        raise InputError(f"adapter {adapter} does not fit its base {base_folder}: {_first_line(exc)}") from None
+        lines = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
+        reason = lines[0] if lines else _first_line(exc)
+        raise InputError(f"adapter {adapter} does not fit its base {base_folder}: {reason}") from None
     return peft_model.eval()
 
 
