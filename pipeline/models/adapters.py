@@ -163,8 +163,13 @@ def adapter_inputs(info: Any) -> dict[str, str]:
 
 def peft_reference(info: Any, auto_class: str) -> Any:
     """The export check's reference for an adapted model: the PEFT model, LoRA layers unmerged, on the base as
-    the adapter was trained on it (a bitsandbytes 4-bit base through bitsandbytes itself, for QLoRA)."""
-    return load_peft_model(Path(info.origin["base"]), Path(info.origin["adapter"]), auto_class=auto_class)
+    the adapter was trained on it. A bitsandbytes base (QLoRA) is its exact de-quantized weights: bitsandbytes'
+    own CPU kernels compute in lower precision that varies with the host (bf16 where the CPU has it), which
+    would make the 1e-3 export check pass on one machine and fail on another."""
+    base = Path(info.origin["base"])
+    weights = dequantized_folder(base) if info.origin.get("quantization") else base
+    model = _load_base(weights, auto_class)
+    return load_peft_model(base, Path(info.origin["adapter"]), model)
 
 
 def _check_targets(model: Any, adapter: Path) -> None:

@@ -170,3 +170,48 @@ def test_nf4_decoder_builds_and_reports_its_re_rounding(tmp_path, inputs_cache):
     kernel = expected[0]
     cosine = np.sum(logits * kernel, -1) / (np.linalg.norm(logits, axis=-1) * np.linalg.norm(kernel, axis=-1))
     assert cosine.min() >= 0.99, cosine
+
+
+def test_qlora_adapter_merges_onto_the_4bit_base(bert_folder, tmp_path, inputs_cache):
+    """An adapter trained on a bitsandbytes nf4 base (its config names that folder) is merged onto the base
+    as 4-bit training saw it, and the build follows the PEFT model on that base, not on the FP32 original."""
+    import onnxruntime as ort
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModel
+
+    import pipeline
+    from tests.tiny_encoders import minilm_tokenizer
+
+    checkpoint = save_quantized(bert_folder, tmp_path / "nf4", "nf4", "AutoModel")
+    torch.manual_seed(5)
+    quantized = AutoModel.from_pretrained(str(checkpoint), device_map="cpu", dtype="float32")
+    adapter = tmp_path / "qlora"
+    get_peft_model(quantized, LoraConfig(r=4, target_modules=["query", "value"], init_lora_weights=False)
+                   ).save_pretrained(str(adapter))
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(checkpoint)
+    result = pipeline.build(model=str(adapter), output=str(tmp_path / "build"), calib_samples=16, heldout_samples=16)
+    assert result.passed is True
+    origin = json.loads((result.build_dir / "manifest.json").read_text())["model"]["origin"]
+    assert origin["kind"] == "qlora" and origin["quantization"] == "4bit-nf4" and "4-bit training saw" in origin["exact"]
+
+    tokenizer = minilm_tokenizer()
+    sentences = [f"the {i}th report on trade, rugby and elections" for i in range(6)]
+    batch = tokenizer(sentences, padding=True, return_tensors="pt")
+    session = ort.InferenceSession(str(result.build_dir / "model.fp32.onnx"), providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    graph = session.run(["sentence_embedding"], {k: v.numpy() for k, v in batch.items() if k in names})[0]
+
+    def pooled(model) -> np.ndarray:
+        with torch.inference_mode():
+            hidden = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        return ((hidden * mask).sum(1) / mask.sum(1)).numpy()
+
+    on_4bit = pooled(PeftModel.from_pretrained(AutoModel.from_pretrained(
+        str(checkpoint), device_map="cpu", dtype="float32", attn_implementation="eager"), str(adapter)).eval())
+    on_fp32 = pooled(PeftModel.from_pretrained(AutoModel.from_pretrained(
+        str(bert_folder), attn_implementation="eager"), str(adapter)).eval())
+    kernel_error, fp32_error = np.abs(graph - on_4bit).max(), np.abs(graph - on_fp32).max()
+    assert kernel_error <= 1e-2 and fp32_error > 5 * kernel_error, (kernel_error, fp32_error)
+    assert max(result.outputs["export"].metrics["torch_parity_max_abs"].values()) <= 1e-3
