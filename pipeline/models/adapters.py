@@ -177,6 +177,8 @@ def _check_targets(model: Any, adapter: Path) -> None:
     config = _read_json(adapter / ADAPTER_CONFIG)
     targets = config.get("target_modules")
     names = [name for name, _ in model.named_modules()]
+    if targets == "all-linear":  # peft's own shorthand: every linear layer but the output head
+        return
     if isinstance(targets, str):  # a regular expression: peft matches it against full names
         import re
 
