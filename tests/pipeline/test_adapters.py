@@ -143,15 +143,8 @@ def test_adapters_of_one_base_share_calibration_inputs(encoder_builds):
     assert records[0]["export"]["model_folder"] != records[1]["export"]["model_folder"]
 
 
-@pytest.fixture(scope="module")
-def llama_base(tmp_path_factory: pytest.TempPathFactory):
-    from tests.tiny_decoders import write_tiny_decoder
-
-    pytest.importorskip("gguf")
-    return write_tiny_decoder("llama", tmp_path_factory.mktemp("lora-llama") / "llama")
-
-
-def test_decoder_adapters_build_and_share_calibration(llama_base, tmp_path, inputs_cache):
+def test_decoder_adapters_build_and_share_calibration(tiny_llama_folder, tmp_path, inputs_cache):
+    llama_base = tiny_llama_folder
     first = write_adapter(llama_base, tmp_path / "first", ["q_proj", "v_proj", "down_proj"], seed=1,
                           auto_class="AutoModelForCausalLM", task_type="CAUSAL_LM")
     second = write_adapter(llama_base, tmp_path / "second", ["k_proj", "up_proj"], seed=2,
