@@ -197,8 +197,20 @@ def test_untrusted_adapter_folders_are_refused_in_one_line(tiny_base, tmp_path, 
         (folder / "adapter_model.safetensors").rename(folder / "adapter_model.bin")
 
     bin_only = variant("bin-only", pickled)
+    prefix = variant("prefix", lambda f: set_config(f, peft_type="PREFIX_TUNING"))
+    garbled = variant("garbled", lambda f: (f / "adapter_config.json").write_text("{not json"))
+
+    def stray(folder: Path) -> None:  # a tensor for a layer the config does not adapt
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(folder / "adapter_model.safetensors"))
+        extra = {k.replace(".query.", ".key."): v.clone() for k, v in tensors.items()}
+        save_file({**tensors, **extra}, str(folder / "adapter_model.safetensors"))
+
+    strays = variant("stray", stray)
     cases = {no_base: "not a local model folder", nothing: "no_such_layer name no module",
-             bin_only: "is a pickle, which is never loaded"}
+             bin_only: "is a pickle, which is never loaded", prefix: "only LORA adapters",
+             garbled: "is not valid JSON", strays: "fit no LoRA layer"}
     for folder, needle in cases.items():
         with pytest.raises(InputError, match=needle) as caught:
             prepare_input(None, str(folder))
