@@ -149,9 +149,10 @@ def test_nf4_decoder_builds_and_reports_its_re_rounding(tmp_path, inputs_cache):
 
     source = write_tiny_decoder("llama", tmp_path / "llama")
     checkpoint = save_quantized(source, tmp_path / "nf4", "nf4", "AutoModelForCausalLM")
+    # Up to quantize (its block counts): the decoder verify stage runs on the LoRA decoder build
+    # (tests/pipeline/test_adapters.py), and this test's parity is against bitsandbytes below.
     result = pipeline.build(model=str(checkpoint), output=str(tmp_path / "build"), calib_samples=16,
-                            heldout_samples=32, block_size=64)
-    assert result.passed is True
+                            heldout_samples=32, block_size=64, stop_after="quantize")
     origin = json.loads((result.build_dir / "manifest.json").read_text())["model"]["origin"]
     quantize = result.outputs["quantize"].metrics
     assert origin["blocks"] > 0 and origin["affine_blocks"] == 0 and "re-rounds" in origin["exact"]
@@ -160,7 +161,7 @@ def test_nf4_decoder_builds_and_reports_its_re_rounding(tmp_path, inputs_cache):
     tokenizer = load_llm_tokenizer(checkpoint)
     text = "The markets closed higher on Friday"
     expected = bnb_reference(checkpoint, tokenizer, [text], "AutoModelForCausalLM")
-    session = ort.InferenceSession(str(result.build_dir / "model.fp32.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(result.outputs["export"].path("model.onnx")), providers=["CPUExecutionProvider"])
     ids = np.array(tokenizer(text).input_ids, dtype=np.int64)[None, :]
     feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(ids.shape[1])[None, :]}
     for spec in session.get_inputs():
