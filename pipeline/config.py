@@ -53,6 +53,10 @@ class ModelConfig(_Strict):
     path: Optional[str] = Field(
         None, description="Local Hugging Face model folder. Empty: the bundled all-MiniLM-L6-v2."
     )
+    adapter: Optional[str] = Field(
+        None, description="A PEFT LoRA/QLoRA adapter folder, merged onto the model (its base) before export. "
+        "Empty: none (an adapter folder given as the model path names its own base).",
+    )
     task: Optional[Task] = Field(
         None,
         description="What the exported graph computes. Empty: text-classification for "
@@ -351,7 +355,7 @@ def read_build_file(path: Path) -> dict[str, Any]:
     return data
 
 
-_PATH_KEYS = (("model", "path"), ("calibration", "source"), ("output_dir",), ("verify", "eval_file"))
+_PATH_KEYS = (("model", "path"), ("model", "adapter"), ("calibration", "source"), ("output_dir",), ("verify", "eval_file"))
 
 
 def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:

@@ -14,6 +14,7 @@ from pipeline.core.errors import ConfigError
 FLAG_KEYS = {
     "target": "target",
     "model": "model.path",
+    "adapter": "model.adapter",
     "task": "model.task",
     "output": "output_dir",
     "quant": "quantization.mode",

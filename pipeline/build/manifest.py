@@ -134,7 +134,7 @@ def publish_build(
         "status": status,
         "wall_time_s": round(wall_time_s, 3),
         "model": {"name": model.name, "path": str(model.path), "task": model.task.name,
-                  "family": model.architecture.family},
+                  "family": model.architecture.family, **({"origin": model.origin} if model.origin else {})},
         "config": config.to_dict(),
         "stages": [_stage_entry(output) for output in outputs.values()],
         "artifacts": artifacts,

@@ -42,11 +42,26 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
+class OriginSection(_Section):
+    """What a model folder Quantpipe made was made from (pipeline/models/adapters.py, bitsandbytes.py)."""
+
+    kind: Literal["lora", "qlora", "bitsandbytes"]
+    base: str
+    adapter: Optional[str] = None
+    adapter_sha256: Optional[Sha256] = None
+    quantization: Optional[Literal["8bit", "4bit-nf4", "4bit-fp4"]] = None
+    blocks: Optional[int] = Field(None, ge=0, description="4-bit blocks of the bitsandbytes checkpoint")
+    affine_blocks: Optional[int] = Field(None, ge=0, description="of them, blocks on an affine 16-level grid")
+    block_size: Optional[int] = Field(None, ge=0)
+    exact: str = Field(description="what is exact and what is re-rounded")
+
+
 class ModelSection(_Section):
     name: str
     path: str
     task: Task
     family: Literal["encoder", "decoder"]
+    origin: Optional[OriginSection] = None
 
 
 class RuntimeSection(_Section):

@@ -8,12 +8,14 @@ family it is building for.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
 from pipeline.config import BuildConfig, Target
 from pipeline.build.applicability import check_applicable
 from pipeline.core.errors import ConfigError, MissingDependencyError
+from pipeline.models.adapters import prepare_input
 from pipeline.models.prequantized import check_checkpoint, checkpoint_scheme
 from pipeline.models.registry import Family, ModelInfo, inspect_model
 from pipeline.stages.base import Stage
@@ -71,8 +73,12 @@ class BuildPlan:
 
 def plan_build(config: BuildConfig) -> BuildPlan:
     """Inspect the model, apply its family's defaults, check the scheme fits it, and pick the stages."""
-    model = inspect_model(config.model.path, config.model.task, config.model.trust_remote_code,
+    # A PEFT adapter is merged, a bitsandbytes checkpoint de-quantized, into a plain folder the stages build.
+    path, origin = prepare_input(config.model.path, config.model.adapter)
+    model = inspect_model(path, config.model.task, config.model.trust_remote_code,
                           config.quantization.mode if "mode" in config.quantization.model_fields_set else None)
+    if origin is not None:
+        model = dataclasses.replace(model, origin=origin)
     scheme = checkpoint_scheme(model.path) if model.family.name == "decoder" else None
     if scheme is not None:
         check_checkpoint(model.path, scheme)  # a malformed GPTQ/AWQ checkpoint is refused before any work

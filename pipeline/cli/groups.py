@@ -13,7 +13,7 @@ from pipeline.config import BuildConfig
 
 # Section -> option names (click parameter names), in the order shown.
 GROUPS: dict[str, tuple[str, ...]] = {
-    "Model": ("config_file", "target", "model", "task", "output", "opset", "trust_remote_code"),
+    "Model": ("config_file", "target", "model", "adapter", "task", "output", "opset", "trust_remote_code"),
     "Calibration": ("calib_source", "calib_format", "text_field", "text_pair_field", "label_field", "calib_samples",
                     "heldout_samples", "seed", "batch_size", "max_length", "stratify", "padding", "long_samples",
                     "calib_method", "percentile"),

@@ -37,6 +37,8 @@ def cli() -> None:
               help="Build file (YAML or TOML). Flags given on the command line override it.")
 @click.option("--target", type=click.Choice(["cpu", "trt"]), help="Deployment target.")
 @click.option("--model", type=str, help="Local Hugging Face model folder, or a GGUF file (decoder LLMs). [default: bundled all-MiniLM-L6-v2]")
+@click.option("--adapter", type=str, help="PEFT LoRA/QLoRA adapter folder, merged onto --model (its base) before "
+              "export; an adapter folder given as --model names its own base.")
 @click.option("--task", type=click.Choice(["feature-extraction", "text-classification", "token-classification",
                                            "text-generation"]),
               help="What the graph computes. [default: from the checkpoint]")
@@ -122,6 +124,7 @@ def build(config_file: Optional[Path], stop_after: Optional[str], force: bool, p
       pipeline build --target cpu
       pipeline build --model ./my-bert --quant static --calib-samples 256 -o build/my-bert
       pipeline build --target trt --precision int8
+      pipeline build --model ./base --adapter ./my-lora -o build/my-lora
     """
     from pipeline.api import build as build_api, resolve_config
 

@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-LIBRARIES = ("onnx_neural_compressor", "transformers", "onnxruntime", "torch.onnx")
+# peft imports torchao and bitsandbytes when installed; torchao registers pytree constants that torch warns about.
+LIBRARIES = ("onnx_neural_compressor", "transformers", "onnxruntime", "torch.onnx", "peft", "bitsandbytes", "torchao",
+             "torch.utils._pytree")
 STDERR_FORMAT = "%(name)s %(levelname)s: %(message)s"
 FILE_FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
 _HANDLER_MARK = "_quantpipe"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from pipeline.core.errors import InputError, read_json_input
-from pipeline.core.hashing import file_sha256
+from pipeline.core.hashing import combined_hash, file_sha256
 from pipeline.models.sentence_modules import SentenceModules, read_sentence_modules
 from pipeline.models.validation import check_config, check_tokenizer
 
@@ -137,6 +137,9 @@ class ModelInfo:
     normalize_embeddings: bool
     trust_remote_code: bool = False  # import Python code shipped in the folder (config auto_map)
     sentence_modules: Optional[SentenceModules] = None  # a sentence-transformers folder's pooling, Dense, Normalize
+    # A folder Quantpipe made from the user's input (a merged PEFT adapter, a de-quantized bitsandbytes
+    # checkpoint; pipeline.models.adapters): what it was made from, for the export check and the manifest.
+    origin: Optional[dict[str, Any]] = None
 
     @property
     def family(self) -> FamilySpec:
@@ -310,6 +313,23 @@ def folder_fingerprint(folder: Path) -> str:
         return digest.hexdigest()
 
     return _memoized_digest(folder, files, compute)
+
+
+# The files AutoTokenizer reads from a folder (a GGUF file carries its tokenizer: its whole digest is used).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+                   "merges.txt", "added_tokens.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+                   "chat_template.jinja")
+
+
+def tokenizer_fingerprint(path: Path) -> str:
+    """sha256 over a model's tokenizer files only: builds of models that share a tokenizer (adapters of one
+    base) share the stages that read nothing else of the model."""
+    if path.is_file():
+        return model_fingerprint(path)
+    digests = {name: file_sha256(path / name) for name in TOKENIZER_FILES if (path / name).is_file()}
+    if not digests:  # no tokenizer file we know of: the whole folder decides
+        return folder_fingerprint(path)
+    return combined_hash(digests)
 
 
 def tokenizer_from(folder: Path, trust_remote_code: bool = False) -> Any:

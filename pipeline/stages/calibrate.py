@@ -21,7 +21,7 @@ from engines.cpu import neural_compressor
 from pipeline.config import BuildConfig, CalibrationConfig
 from pipeline.core.errors import InputError, StageError
 from pipeline.core.hashing import file_sha256
-from pipeline.models.registry import ModelInfo, folder_fingerprint, load_tokenizer
+from pipeline.models.registry import ModelInfo, load_tokenizer, tokenizer_fingerprint
 from pipeline.stages.base import Stage, StageContext
 from pipeline.stages.facts import CalibrationFacts
 
@@ -76,10 +76,11 @@ class CalibrateStage(Stage):
         return {"calibration": calibration, "input_names": list(model.architecture.input_names)}
 
     def external_inputs(self, config: BuildConfig, model: ModelInfo) -> dict[str, str]:
-        # The tokenizer lives in the model folder.
+        # Only the tokenizer is read from the model folder (adapters of one base share it; their ranges come
+        # from the upstream graph, keyed by its hash).
         return {
             "source": source_for(config.calibration).fingerprint(),
-            "model_folder": folder_fingerprint(model.path),
+            "tokenizer": tokenizer_fingerprint(model.path),
         }
 
     def run(self, context: StageContext, out: Path) -> dict[str, Any]:

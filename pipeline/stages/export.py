@@ -14,6 +14,7 @@ from calibration.sources import default_source
 from engines.onnx_io import graph_input_names
 from pipeline.config import BuildConfig
 from pipeline.core.errors import InputError, StageError
+from pipeline.models.adapters import adapter_inputs, is_adapted, peft_reference
 from pipeline.models.registry import ModelInfo, check_pickled_weights, folder_fingerprint, load_tokenizer
 from pipeline.models.sentence_modules import pool, sentence_head
 from pipeline.models.validation import check_loaded_weights
@@ -147,7 +148,7 @@ class ExportStage(Stage):
         return keyed
 
     def external_inputs(self, config: BuildConfig, model: ModelInfo) -> dict[str, str]:
-        return {"model_folder": folder_fingerprint(model.path)}
+        return {"model_folder": folder_fingerprint(model.path), **adapter_inputs(model)}
 
     def run(self, context: StageContext, out: Path) -> dict[str, Any]:
         import torch
@@ -178,11 +179,15 @@ class ExportStage(Stage):
         input_names = graph_input_names(out / "model.onnx")
         tokenizer.save_pretrained(str(out / "tokenizer"))
 
+        reference_module = module
+        if is_adapted(info):  # the PEFT model (LoRA unmerged), not the merged weights the graph was traced from
+            context.progress.info(f"reference: the PEFT model of {info.origin['adapter']} on its base, unmerged")
+            reference_module = build_export_module(peft_reference(info, info.task.auto_class), info, candidates)
         context.progress.info(f"checking ONNX Runtime against PyTorch on {PROBE_SENTENCES} real sentences")
         with torch.inference_mode():
             torch_outputs = []
             for batch in probes:
-                result = module(*(torch.from_numpy(batch[name]) for name in candidates))
+                result = reference_module(*(torch.from_numpy(batch[name]) for name in candidates))
                 result = result if isinstance(result, tuple) else (result,)
                 torch_outputs.append({n: t.numpy() for n, t in zip(output_names, result)})
         with OrtRunner(out / "model.onnx", output_names=output_names) as runner:

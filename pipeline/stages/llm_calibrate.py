@@ -18,7 +18,7 @@ from calibration.selection import select_samples
 from pipeline.config import BuildConfig
 from pipeline.core.errors import InputError
 from pipeline.models.kv_cache import CacheLayout
-from pipeline.models.registry import ModelInfo
+from pipeline.models.registry import ModelInfo, tokenizer_fingerprint
 from pipeline.stages.base import Stage, StageContext
 from pipeline.stages.calibrate import source_for
 from pipeline.stages.facts import CalibrationFacts
@@ -47,9 +47,6 @@ class LlmCalibrateStage(Stage):
     facts = CalibrationFacts
     outputs = ("calibration.safetensors", "heldout.safetensors", "prompts.json", "samples.json")
 
-    def depends_on(self, config: BuildConfig) -> tuple[str, ...]:
-        return ("export",)  # the tokenizer the export saved
-
     def config_slice(self, config: BuildConfig, model: ModelInfo) -> dict[str, Any]:
         settings = config.calibration
         return {"samples": settings.samples, "heldout_samples": settings.heldout_samples, "seed": settings.seed,
@@ -59,16 +56,17 @@ class LlmCalibrateStage(Stage):
                 "prompts": PROMPTS, "prompt_words": PROMPT_WORDS}
 
     def external_inputs(self, config: BuildConfig, model: ModelInfo) -> dict[str, str]:
-        return {"source": source_for(config.calibration).fingerprint()}
+        # The model's tokenizer only, not its weights: adapters of one base share this stage.
+        return {"source": source_for(config.calibration).fingerprint(), "tokenizer": tokenizer_fingerprint(model.path)}
 
     def run(self, context: StageContext, out: Path) -> dict[str, Any]:
-        from transformers import AutoTokenizer
+        from pipeline.models.loading import load_llm_tokenizer
 
         settings = context.config.calibration
         source = source_for(settings)
         calibration, heldout = select_samples(source, settings.samples, settings.heldout_samples, settings.seed,
                                               source.name, None)
-        tokenizer = AutoTokenizer.from_pretrained(str(context.input("export").path("tokenizer")))
+        tokenizer = load_llm_tokenizer(context.model.path)
         calibration_chunks = token_chunks([s.text for s in calibration], tokenizer, settings.max_length)
         heldout_chunks = token_chunks([s.text for s in heldout], tokenizer, settings.max_length)
         prompts = [" ".join(s.text.split()[:PROMPT_WORDS]) for s in heldout if len(s.text.split()) > PROMPT_WORDS]

@@ -16,6 +16,7 @@ import onnx
 
 from pipeline.config import BuildConfig
 from pipeline.core.errors import StageError
+from pipeline.models.adapters import adapter_inputs, is_adapted, peft_reference
 from pipeline.models.registry import ModelInfo, model_fingerprint
 from pipeline.stages.base import Stage, StageContext
 from pipeline.stages.facts import ExportFacts
@@ -91,7 +92,7 @@ class LlmExportStage(Stage):
                 "decode_steps": DECODE_STEPS}
 
     def external_inputs(self, config: BuildConfig, model: ModelInfo) -> dict[str, str]:
-        return {"model": model_fingerprint(model.path)}
+        return {"model": model_fingerprint(model.path), **adapter_inputs(model)}
 
     def run(self, context: StageContext, out: Path) -> dict[str, Any]:
         from onnx import version_converter
@@ -117,7 +118,11 @@ class LlmExportStage(Stage):
         prompt_ids = list(tokenizer(probe_prompt()).input_ids)
         context.progress.info(f"checking ONNX Runtime against PyTorch: prefill of {len(prompt_ids)} tokens "
                               f"and {DECODE_STEPS} decode steps with the cache")
-        expected, tokens = torch_reference(model, prompt_ids, DECODE_STEPS)
+        reference = model
+        if is_adapted(info):  # the PEFT model's LoRA-injected module (unmerged), not the merged weights
+            context.progress.info(f"reference: the PEFT model of {info.origin['adapter']} on its base, unmerged")
+            reference = peft_reference(info, "AutoModelForCausalLM").get_base_model()
+        expected, tokens = torch_reference(reference, prompt_ids, DECODE_STEPS)
         actual = onnx_logits(out / "model.onnx", prompt_ids, tokens)
         prefill = float(np.abs(expected[0] - actual[0]).max())
         decode = float(max(np.abs(e - a).max() for e, a in zip(expected[1:], actual[1:])))
