@@ -22,7 +22,7 @@ demo: install
 	$(BIN)/pipeline build --target cpu
 
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
 clean:
 	rm -rf build $(VENV)

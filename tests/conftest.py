@@ -11,6 +11,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# The ~140 builds of the suite leave parity.html's plots out (pipeline/reports/html.py); the HTML tests
+# (tests/pipeline/test_parity_reports.py) verify with them drawn.
+os.environ.setdefault("QUANTPIPE_REPORT_PLOTS", "0")
 
 
 def _has_tensorrt() -> bool:
@@ -29,6 +32,30 @@ def _has_gpu() -> bool:
     ).returncode == 0
 
 
+# Session fixtures that cost a minute or more: under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`)
+# the files that use one of them go to the same worker, so each is built once, not once per worker.
+SHARED_BUILDS = ("llm_base_stages", "trt_build", "tiny_llama_cli_build", "tiny_llm_build")
+
+
+def _xdist_groups(items: list[pytest.Item]) -> dict[str, str]:
+    """File -> xdist group: one group per file (its module fixtures are built once), files joined when they
+    share one of SHARED_BUILDS (union-find over files)."""
+    parent: dict[str, str] = {}
+
+    def find(name: str) -> str:
+        while parent.setdefault(name, name) != name:
+            name = parent[name]
+        return name
+
+    for item in items:
+        file = find(str(item.path))
+        for fixture in SHARED_BUILDS:
+            if fixture in getattr(item, "fixturenames", ()):
+                parent[file] = find(f"fixture:{fixture}")
+                file = find(file)
+    return {str(item.path): find(str(item.path)) for item in items}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     reasons = {
         "tensorrt": None if _has_tensorrt() else "TensorRT (libnvinfer) is not installed on this host",
@@ -38,6 +65,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for marker, reason in reasons.items():
             if reason and marker in item.keywords:
                 item.add_marker(pytest.mark.skip(reason=reason))
+    if config.pluginmanager.hasplugin("xdist") and config.getoption("dist", "no") == "loadgroup":
+        groups = _xdist_groups(items)
+        for item in items:
+            item.add_marker(pytest.mark.xdist_group(groups[str(item.path)]))
 
 
 @pytest.fixture(scope="session")

@@ -5,11 +5,16 @@ from __future__ import annotations
 import base64
 import html
 import io
+import os
 from typing import Any, Optional
 
 from pipeline.parity.gates import relation
 from pipeline.parity.report import Histogram, Localization, ParityReport
 from pipeline.reports.write import metric_columns
+
+# `QUANTPIPE_REPORT_PLOTS=0` leaves the matplotlib plots out of parity.html (tables and numbers stay), for test
+# suites and CI jobs that build many models and never open the page; unset or any other value draws them.
+PLOTS_ENV = "QUANTPIPE_REPORT_PLOTS"
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2rem;max-width:72rem;color:#222}
@@ -82,7 +87,12 @@ def _verdict(passed: bool) -> str:
     return '<span class="pass">pass</span>' if passed else '<span class="fail">FAIL</span>'
 
 
+def plots_enabled() -> bool:
+    return os.environ.get(PLOTS_ENV, "1").strip() != "0"
+
+
 def render_html(report: ParityReport) -> str:
+    plots = plots_enabled()
     passed = report.status == "pass"
     candidate, reference, heldout = report.candidate, report.reference, report.heldout
     parts = [
@@ -111,14 +121,17 @@ def render_html(report: ParityReport) -> str:
         for name, metrics in report.outputs.items()
     ]))
     parts.append("<h2>Error histograms</h2>")
+    if not plots:
+        parts.append(f"<p>Plots not drawn (<code>{PLOTS_ENV}=0</code>).</p>")
     for name, metrics in report.outputs.items():
-        if metrics.histogram:
+        if metrics.histogram and plots:
             parts.append(f'<img alt="absolute error histogram of {html.escape(name)}" '
                          f'src="data:image/png;base64,{_histogram_plot(name, metrics.histogram)}">')
     parts.append("<h2>Error per layer</h2>")
     localization = report.localization
     if localization and localization.layers:
-        parts.append(f'<img alt="error per layer" src="data:image/png;base64,{_layer_plot(localization)}">')
+        if plots:
+            parts.append(f'<img alt="error per layer" src="data:image/png;base64,{_layer_plot(localization)}">')
         first = localization.first_divergent
         if first:
             parts.append(f"<p>First divergent layer: <code>{html.escape(first.node)}</code> "

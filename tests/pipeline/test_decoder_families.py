@@ -8,7 +8,6 @@ held-out chunks and 2 greedy prompts; each build still runs every stage with its
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import onnx
@@ -23,16 +22,8 @@ CALIBRATION = {"samples": 16, "heldout_samples": 24, "max_length": 32}  # 20 pro
 CHEAP = {"calibration": CALIBRATION, "verify": {"greedy_prompts": 2}}
 PRECISIONS = ("int8", "fp8", "fp16")
 TORCH_MAX_ABS = 1e-4
-# Every precision for the families with the layouts that differ most (head_dim != hidden / heads, one kv
-# head, sliding and global layers); int8 for the others in the default suite, and their fp8/fp16 builds when
-# QUANTPIPE_DECODER_MATRIX=1 (about 10 s of CPU each: the whole matrix would add minutes to the suite).
-FULL_MATRIX = ("qwen3", "gemma3_text")
-TRT_CASES = [
-    pytest.param(model_type, precision, marks=() if model_type in FULL_MATRIX or precision == "int8" else (
-        pytest.mark.slow,
-        pytest.mark.skipif(not os.environ.get("QUANTPIPE_DECODER_MATRIX"), reason="QUANTPIPE_DECODER_MATRIX=1 runs it")))
-    for model_type in sorted(FAMILIES) for precision in PRECISIONS
-]
+# Every family at every precision: one TensorRT build each (export and calibrate are shared per family).
+TRT_CASES = [(model_type, precision) for model_type in sorted(FAMILIES) for precision in PRECISIONS]
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import pytest
 from onnx import numpy_helper
 
 from pipeline.core.errors import ExitCode
+from pipeline.reports.html import PLOTS_ENV
 from tests.helpers import assert_one_line_error, run_cli
 
 BROKEN_LAYER = "/model/encoder/layer.2/intermediate/dense/MatMul"
@@ -42,7 +43,8 @@ def broken_run(default_build, tmp_path_factory: pytest.TempPathFactory):
     result = subprocess.run(
         [sys.executable, "-m", "pipeline", "verify", str(default_build.build_dir), "--candidate",
          str(folder / "broken.onnx"), "-o", str(folder / "reports"), "--quiet"],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "GITHUB_STEP_SUMMARY": str(summary)},
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "GITHUB_STEP_SUMMARY": str(summary), PLOTS_ENV: "1"},  # the HTML tests read its plots
     )
     return result, folder / "reports", summary
 
@@ -116,6 +118,20 @@ def test_html_is_self_contained_with_plots(broken_run) -> None:
     page = (reports / "parity.html").read_text()
     assert "<script" not in page and "http://" not in page and "https://" not in page
     assert page.count('src="data:image/png;base64,') == 3, "two error histograms and the error-per-layer plot"
+
+
+def test_html_without_plots_keeps_every_table(broken_run, monkeypatch) -> None:
+    """QUANTPIPE_REPORT_PLOTS=0 (the suite's setting) drops the images only: the same tables as the full page."""
+    from pipeline.parity.report import ParityReport
+    from pipeline.reports.html import render_html
+
+    _, reports, _ = broken_run
+    report = ParityReport.model_validate_json((reports / "parity.json").read_text())
+    monkeypatch.setenv(PLOTS_ENV, "0")
+    page = render_html(report)
+    assert "<img" not in page and f"{PLOTS_ENV}=0" in page
+    full = (reports / "parity.html").read_text()
+    assert page.count("<tr>") == full.count("<tr>") and BROKEN_LAYER in page
 
 
 def test_html_renders_in_headless_chromium(broken_run, tmp_path: Path) -> None:
