@@ -63,12 +63,61 @@ def test_the_int8_graph_is_the_same_with_and_without_vnni(default_build, static_
 
 
 def _evaluate(default_build, batches: int = 4):
+    """The product's tuning metric: candidates run on ONNX Runtime's integer kernels, which differ per ISA."""
     calibration = load_batches(default_build.outputs["calibrate"].path("calibration.safetensors"))
     fp32 = default_build.outputs["optimize"].path("model.onnx")
     return tuning_metric(TASKS["feature-extraction"], fp32, calibration[:batches])
 
 
+def _evaluate_exact(default_build, batches: int = 4):
+    """Mean cosine of the sentence embeddings to FP32 (numpy), the candidate's Q/DQ run as exact fake quantization
+    (the QDQ fusions off, as the TensorRT simulation runs): no integer kernel of this host's ISA takes part, so
+    the numbers are those of every host (measured here: within 4e-5 of the integer kernels on AVX-512 VNNI)."""
+    calibration = load_batches(default_build.outputs["calibrate"].path("calibration.safetensors"))[:batches]
+    output = TASKS["feature-extraction"].primary_output
+    with OrtRunner(default_build.outputs["optimize"].path("model.onnx"), output_names=[output]) as reference:
+        expected = [reference.infer(batch)[output] for batch in calibration]
+
+    def evaluate(candidate_path: Path) -> float:
+        with OrtRunner(candidate_path, output_names=[output], simulate_tensorrt=True) as candidate:
+            actual = [candidate.infer(batch)[output] for batch in calibration]
+        a, b = np.concatenate(expected), np.concatenate(actual)
+        return float(np.mean(np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
+
+    return evaluate
+
+
+def _with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    del copy.graph.output[:]
+    copy.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in names)
+    return copy.SerializeToString()
+
+
+def _step_error(init: dict[str, np.ndarray], quantize: onnx.NodeProto, values: np.ndarray) -> np.ndarray:
+    """|DQ(Q(v)) - v| can be at most half a step, plus what the Q node's range clips."""
+    zero_point = init[quantize.input[2]] if len(quantize.input) > 2 else np.uint8(0)
+    scale, zero, info = float(init[quantize.input[1]]), float(zero_point), np.iinfo(zero_point.dtype)
+    return scale / 2 + np.abs(values - np.clip(values, (info.min - zero) * scale, (info.max - zero) * scale))
+
+
+def _matmul_step_bound(init: dict[str, np.ndarray], producers: dict[str, onnx.NodeProto], matmul: onnx.NodeProto,
+                       x: np.ndarray) -> np.ndarray:
+    """Worst-case |x'W' - xW| (x: rows x K) of a Q/DQ MatMul from its quantization parameters, whatever the
+    kernel: x' = DQ(Q(x)) is off by _step_error, W' = DQ(W_q) by half its channel's step, so per output channel
+    n: sum_k e_k |W'_kn| + s_w[n] / 2 * sum_k |x_k|."""
+    activation_dq, weight_dq = (producers[name] for name in matmul.input)
+    error = _step_error(init, producers[activation_dq.input[0]], x)
+    codes, weight_scale = init[weight_dq.input[0]].astype(np.float64), init[weight_dq.input[1]].astype(np.float64)
+    weight_zero = init[weight_dq.input[2]].astype(np.float64) if len(weight_dq.input) > 2 else 0.0
+    weight = (codes - weight_zero) * weight_scale
+    return error @ np.abs(weight) + np.abs(x) @ np.broadcast_to(weight_scale / 2, weight.shape)
+
+
 def test_transplanting_one_quantized_node_costs_only_that_node(default_build, static_int8, tmp_path) -> None:
+    import onnxruntime
+
     fp32_path = default_build.outputs["optimize"].path("model.onnx")
     fp32, int8 = onnx.load(str(fp32_path)), onnx.load(str(static_int8))
     boundary = {out for node in fp32.graph.node for out in node.output} | {i.name for i in fp32.graph.input}
@@ -77,15 +126,42 @@ def test_transplanting_one_quantized_node_costs_only_that_node(default_build, st
     ops = Counter(node.op_type for node in mixed.graph.node)
     assert ops["DequantizeLinear"] >= 2 and ops["QuantizeLinear"] >= 1, "Q/DQ on the activation and the weight"
     assert ops["MatMul"] == Counter(n.op_type for n in fp32.graph.node)["MatMul"], "the node itself is kept"
-    evaluate = _evaluate(default_build)
+    # The node's input is FP32's; its MatMul and its output's Q/DQ are off by no more than their steps allow.
+    node = next(n for n in fp32.graph.node if n.name == FFN_OUTPUT.format(0))
+    init = {t.name: onnx.numpy_helper.to_array(t) for t in mixed.graph.initializer}
+    producers = {out: n for n in mixed.graph.node for out in n.output}
+    output_quantize = producers[producers[node.output[0]].input[0]]
+    matmul = producers[output_quantize.input[0]]
+    assert (matmul.op_type, output_quantize.op_type) == ("MatMul", "QuantizeLinear")
+    batch = load_batches(default_build.outputs["calibrate"].path("calibration.safetensors"))[0]
+    feed = {i.name: batch[i.name] for i in fp32.graph.input}
+    exact = onnxruntime.SessionOptions()
+    exact.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL  # Q/DQ as float ops
+    x, y = onnxruntime.InferenceSession(_with_outputs(fp32, [node.input[0], node.output[0]]), exact,
+                                        providers=["CPUExecutionProvider"]).run(None, feed)
+    x_mixed, y_matmul, y_mixed = onnxruntime.InferenceSession(
+        _with_outputs(mixed, [node.input[0], matmul.output[0], node.output[0]]), exact,
+        providers=["CPUExecutionProvider"]).run(None, feed)
+    np.testing.assert_array_equal(x_mixed, x)
+    rows = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    bound = _matmul_step_bound(init, producers, matmul, rows)
+    error = np.abs(y_matmul - y).reshape(bound.shape)
+    assert 0 < error.max() and np.all(error <= bound * (1 + 1e-4) + 1e-5), float((error - bound).max())
+    assert np.all(np.abs(y_mixed - y_matmul) <= _step_error(init, output_quantize, y_matmul) * (1 + 1e-4) + 1e-6)
+    # Through the rest of the model, with the Q/DQ exact (the same on every host): one node costs less than all.
+    evaluate = _evaluate_exact(default_build)
     assert evaluate(fp32_path) == pytest.approx(1.0, abs=1e-6)
-    assert 0.9 < evaluate(tmp_path / "mixed.onnx") < 0.9999 < evaluate(fp32_path) + 1e-6
+    assert 0.9 < evaluate(tmp_path / "mixed.onnx") < 0.9999  # measured 0.9814
     assert evaluate(static_int8) < evaluate(tmp_path / "mixed.onnx"), "one node costs less than all of them"
+    # The product's metric, on this host's integer kernels: the same order (their values depend on the ISA).
+    host = _evaluate(default_build)
+    assert host(static_int8) < host(tmp_path / "mixed.onnx") < host(fp32_path) == pytest.approx(1.0, abs=1e-6)
 
 
 def test_sensitivity_ranking_finds_the_post_gelu_matmuls(default_build, static_int8, tmp_path) -> None:
+    """The ranking's own metric with exact Q/DQ (_evaluate_exact): the order every host's search starts from."""
     ranking = cpu_fallback.rank_sensitivity(
-        default_build.outputs["optimize"].path("model.onnx"), static_int8, _evaluate(default_build, 2), tmp_path
+        default_build.outputs["optimize"].path("model.onnx"), static_int8, _evaluate_exact(default_build, 2), tmp_path
     )
     assert len(ranking) >= 18
     top = [name for name, _ in ranking[:4]]
@@ -136,7 +212,8 @@ def test_smoothquant_works_on_our_bert_export(default_build, tmp_path) -> None:
     shared = sorted(set(weights[0.5]) & set(weights[0.9]))
     assert shared and any(not np.allclose(weights[0.5][n], weights[0.9][n]) for n in shared), "alpha is honoured"
     heldout = load_batches(default_build.outputs["calibrate"].path("heldout.safetensors"))[:4]
-    with OrtRunner(fp32) as reference, OrtRunner(tmp_path / "sq0.5.onnx") as candidate:
+    # Q/DQ exact (simulate_tensorrt: no integer kernel of this host's ISA), so the bound holds on every host.
+    with OrtRunner(fp32) as reference, OrtRunner(tmp_path / "sq0.5.onnx", simulate_tensorrt=True) as candidate:
         for batch in heldout:
             a, b = reference.infer(batch)["sentence_embedding"], candidate.infer(batch)["sentence_embedding"]
             assert np.mean(np.sum(a * b, axis=1)) > 0.85
