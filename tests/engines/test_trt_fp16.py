@@ -102,3 +102,27 @@ def test_real_fp16_graph_keeps_sensitive_ops_in_fp32(fp16_model: onnx.ModelProto
     assert weights and all(t.data_type == TensorProto.FLOAT16 for t in weights)
     io_types = {v.type.tensor_type.elem_type for v in fp16_model.graph.output}
     assert io_types == {TensorProto.FLOAT}, "graph outputs keep FP32: a drop-in replacement"
+
+
+def test_simulated_fp16_matmul_runs_fp32_kernels_on_every_x86_host(tmp_path) -> None:
+    """Why the simulated FP16 bounds hold on AVX2 and AVX-512 hosts alike: ONNX Runtime's CPU provider has no
+    x86 FP16 MatMul kernel, so it casts the FP16 inputs to FP32, multiplies in FP32 and casts back (no
+    ISA-dependent FP16 or integer arithmetic); the result is the FP32 product of the FP16-rounded inputs."""
+    from engines.ort_session import create_session
+
+    k = 4096
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "g",
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT16, [1, k]),
+                               helper.make_tensor_value_info("b", TensorProto.FLOAT16, [k, 1])],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT16, [1, 1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    a = (np.random.default_rng(0).random((1, k)) + 1).astype(np.float16)
+    b = np.ones((k, 1), np.float16)
+    session = create_session(model.SerializeToString(), simulate_tensorrt=True,
+                             optimized_model_path=tmp_path / "optimized.onnx")
+    (c,) = session.run(None, {"a": a, "b": b})
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
+    assert [node.op_type for node in optimized.graph.node].count("Cast") == 3
+    exact = float(a.astype(np.float64).sum())
+    assert abs(float(c[0, 0]) - exact) <= np.spacing(np.float16(exact)), "FP32 accumulation (FP16 would drift)"

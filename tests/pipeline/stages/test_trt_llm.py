@@ -128,7 +128,9 @@ def test_simulated_fp16_parity_meets_the_llm_gates(trt_llm_build) -> None:
     gate = next(c for c in report["checks"] if c["metric"] == "perplexity_increase")
     assert gate["threshold"] == PERPLEXITY_GATE and gate["passed"]
     assert logits["perplexity_candidate"] != logits["perplexity_reference"], "a different graph, not the reference"
-    assert abs(logits["perplexity_increase"]) < 0.01  # measured +0.01%: the norm statistics stay FP32
+    # Measured +0.01%: the norm statistics stay FP32. The same on every x86 host: the simulation runs FP16 MatMuls
+    # as FP32 kernels on FP16-rounded values, no ISA-dependent arithmetic (test_trt_fp16.py::*_every_x86_host).
+    assert abs(logits["perplexity_increase"]) < 0.01
     assert logits["cosine_mean"] > 0.999 and logits["greedy_token_agreement"] >= 0.95
     assert logits["greedy_prompts"] == GREEDY_PROMPTS and logits["greedy_new_tokens"] == 32
     assert logits["rows"] == 4 * 128  # logits statistics over every token of the first held-out chunks
