@@ -167,7 +167,8 @@ def ort_by_hand(folder: Path, tokenizer: Any, threads: int, max_length: int, wor
     return OrtGraph("ort-by-hand", quantized, tokenizer, threads, max_length)
 
 
-def openvino_nncf(folder: Path, tokenizer: Any, threads: int, max_length: int, calibration: Sequence[str]) -> OpenVinoModel:
+def openvino_nncf(folder: Path, tokenizer: Any, threads: int, max_length: int, calibration: Sequence[str],
+                  work: Path) -> OpenVinoModel:
     import nncf
     import openvino as ov
     import torch
@@ -182,6 +183,7 @@ def openvino_nncf(folder: Path, tokenizer: Any, threads: int, max_length: int, c
                              for text in calibration)]
     quantized = nncf.quantize(converted, nncf.Dataset(feeds), model_type=nncf.ModelType.TRANSFORMER,
                               subset_size=len(feeds))
+    ov.save_model(quantized, str(work / "openvino.xml"))  # its size on disk: openvino.bin holds the weights
     compiled = ov.Core().compile_model(quantized, "CPU", {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
                                                           "PERFORMANCE_HINT": "LATENCY"})
     return OpenVinoModel("openvino-nncf", compiled, tokenizer, names, max_length)
@@ -245,7 +247,8 @@ def run_encoder_peers(build_dir: Path, threads: int, batches: Sequence[int], seq
             "openvino-nncf": lambda: openvino_nncf(
                 folder, tokenizer, threads, max_length,
                 [s.text if hasattr(s, "text") else str(s) for s in
-                 select_samples(default_source(), int(calibration["samples"]), 0, int(calibration["seed"]))[0]]),
+                 select_samples(default_source(), int(calibration["samples"]), 0, int(calibration["seed"]))[0]],
+                Path(work)),
         }
         for name in peers:
             progress.info(f"making {name}")
@@ -255,8 +258,9 @@ def run_encoder_peers(build_dir: Path, threads: int, batches: Sequence[int], seq
                 missing.append(made)
             else:
                 contenders.append(made)
-        if (Path(work) / "int8.onnx").exists():
-            sizes["ort-by-hand"] = (Path(work) / "int8.onnx").stat().st_size / 1e6
+        for name, file in (("ort-by-hand", "int8.onnx"), ("openvino-nncf", "openvino.bin")):
+            if (Path(work) / file).exists():
+                sizes[name] = (Path(work) / file).stat().st_size / 1e6
         feeds = {f"{batch}x{sequence}": text_inputs(tokenizer, runner.input_names, batch, sequence) for batch in batches}
         results = common.measure(contenders, setup_s, sizes, feeds, reference, sentences, runs, warmup, progress)
     results += [common.PeerResult(m.name, False, m.reason) for m in missing]
