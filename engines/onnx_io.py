@@ -38,6 +38,17 @@ def declare_domains(model: onnx.ModelProto) -> None:
         model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
 
 
+def replace_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto], unused_initializers: set[str]) -> None:
+    """A graph rewrite's last step: `nodes` become the graph's nodes, the initializers no node reads any more
+    go, and the domains of the new nodes (com.microsoft contrib ops) are declared."""
+    kept = [tensor for tensor in model.graph.initializer if tensor.name not in unused_initializers]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    declare_domains(model)
+
+
 def graph_input_names(path: Path) -> list[str]:
     """The inputs a graph reads at run time (initializers listed as inputs excluded), in order."""
     model = onnx.load_model(str(path), load_external_data=False)

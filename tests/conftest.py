@@ -71,6 +71,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.xdist_group(groups[str(item.path)]))
 
 
+@pytest.fixture(scope="module")
+def inputs_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Merged and de-quantized input folders (adapters, bitsandbytes) go to a cache of the requesting module's
+    own ($QUANTPIPE_INPUT_CACHE), not the user's home."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("QUANTPIPE_INPUT_CACHE", str(tmp_path_factory.mktemp("inputs")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def default_build(tmp_path_factory: pytest.TempPathFactory):
     """The default build (all-MiniLM-L6-v2, dynamic INT8) run once through the Python API, `pipeline.build()`."""

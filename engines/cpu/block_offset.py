@@ -28,6 +28,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from engines.onnx_io import replace_nodes
+
 BITS = 4
 LEVELS = (1 << BITS) - 1
 
@@ -177,12 +179,5 @@ def replace_matmuls(model: onnx.ModelProto, node_names: set[str], block_size: in
         ]
         consumers[base] -= 1
         replaced.append(node.name)
-    unused = {name for name, count in consumers.items() if count == 0 and name in constants}
-    kept = [tensor for tensor in model.graph.initializer if tensor.name not in unused]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
-    del model.graph.node[:]
-    model.graph.node.extend(new_nodes)
-    if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    replace_nodes(model, new_nodes, {name for name, count in consumers.items() if count == 0 and name in constants})
     return replaced

@@ -28,7 +28,6 @@ here, and its known bugs are worked around in this one place:
 
 from __future__ import annotations
 
-import logging
 import tempfile
 from collections import Counter
 from pathlib import Path

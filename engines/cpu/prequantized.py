@@ -25,6 +25,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from engines.cpu.block_offset import _pack, _unpack
+from engines.onnx_io import replace_nodes
 
 BITS = 4
 
@@ -164,13 +165,6 @@ def replace_with_checkpoint(model: onnx.ModelProto, linears: list[QuantizedLinea
             accuracy_level=accuracy_level))
         consumers[base] -= 1
         counts["checkpoint_matmuls"] += 1
-    unused = {name for name, count in consumers.items() if count == 0 and name in constants}
-    kept = [tensor for tensor in model.graph.initializer if tensor.name not in unused]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
-    del model.graph.node[:]
-    model.graph.node.extend(new_nodes)
-    if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    replace_nodes(model, new_nodes, {name for name, count in consumers.items() if count == 0 and name in constants})
     counts["unmatched_linears"] = len({linear.name for linear in linears} - matched)
     return counts

@@ -154,10 +154,10 @@ def lead(results: Sequence[PeerResult], ours: str, shape: str) -> dict[str, Any]
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
+    from pipeline.core.durable import write_bytes_durable
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".partial")
-    temporary.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    temporary.replace(path)
+    write_bytes_durable(path, (json.dumps(payload, indent=2) + "\n").encode("utf-8"))
 
 
 def host_record(threads: int) -> dict[str, Any]:

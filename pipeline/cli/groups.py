@@ -27,6 +27,17 @@ GROUPS: dict[str, tuple[str, ...]] = {
 }
 
 
+def int_list(value: str) -> list[int]:
+    """A comma-separated list of positive whole numbers (--batch 1,8,32), or click's usage error."""
+    try:
+        numbers = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated whole numbers, got '{value}'") from None
+    if not numbers or min(numbers) < 1:
+        raise click.BadParameter(f"expected positive whole numbers, got '{value}'")
+    return numbers
+
+
 def schema_default(dotted: str) -> Any:
     """The schema's default of a dotted configuration key (None when it has none)."""
     model: Any = BuildConfig

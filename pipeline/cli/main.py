@@ -21,7 +21,7 @@ from pipeline.cli.report import report, verify
 from pipeline.api.options import FLAG_KEYS, SHAPE_OPTIONS
 from pipeline.config import STAGE_NAMES
 from pipeline.core.errors import ExitCode, QuantpipeError
-from pipeline.cli.groups import GroupedCommand
+from pipeline.cli.groups import GroupedCommand, int_list
 from pipeline.core.logs import configure_logging, quiet_libraries
 from pipeline.core.progress import Progress
 
@@ -169,15 +169,6 @@ def build_summary(result: Any) -> dict[str, Any]:
             "failures": result.failures}
 
 
-def _int_list(value: str) -> list[int]:
-    try:
-        numbers = [int(part) for part in value.split(",") if part.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated whole numbers, got '{value}'") from None
-    if not numbers or min(numbers) < 1:
-        raise click.BadParameter(f"expected positive whole numbers, got '{value}'")
-    return numbers
-
 
 @cli.command()
 @click.argument("artifacts", nargs=-1, required=True)
@@ -215,8 +206,8 @@ def bench(artifacts: tuple[str, ...], batches: str, sequences: str, threads: int
         default_model_path(),
     )
     progress = Progress(quiet=quiet)
-    results = latency.benchmark(resolved, tokenizer_from(folder), _int_list(batches),
-                                _int_list(sequences), threads, runs, warmup, progress)
+    results = latency.benchmark(resolved, tokenizer_from(folder), int_list(batches),
+                                int_list(sequences), threads, runs, warmup, progress)
     baseline = resolved[0].label
     speedups = latency.ratios(results, baseline)
     latency.write_results(Path(output), results, speedups, baseline, threads)

@@ -6,17 +6,8 @@ from pathlib import Path
 
 import click
 
+from pipeline.cli.groups import int_list
 from pipeline.core.progress import Progress
-
-
-def _ints(value: str) -> list[int]:
-    try:
-        numbers = [int(part) for part in value.split(",") if part.strip()]
-    except ValueError:
-        numbers = []
-    if not numbers or min(numbers) < 1:
-        raise click.BadParameter(f"expected positive whole numbers, got '{value}'")
-    return numbers
 
 
 @click.command("bench-peers")
@@ -55,7 +46,7 @@ def bench_peers(build_dir: Path, other_builds: tuple[Path, ...], batches: str, s
     if unknown:
         raise click.BadParameter(f"unknown peer {', '.join(unknown)} (known: {', '.join(PEERS)})", param_hint="--peers")
     quiet_libraries()
-    payload = run_encoder_peers(build_dir, threads, _ints(batches), sequence, runs, warmup, sentences, chosen,
+    payload = run_encoder_peers(build_dir, threads, int_list(batches), sequence, runs, warmup, sentences, chosen,
                                 Progress(quiet=quiet), other_builds)
     write_json(output, payload)
     click.echo(payload["table"], nl=False)

@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, TypeVar
 
 import numpy as np
 
 from pipeline.core.errors import InputError
+
+_Runner = TypeVar("_Runner", bound="_ClosedOnExit")
 
 @dataclass
 class Prediction:
@@ -53,7 +55,20 @@ def build_labels(build_dir: Path, manifest: dict[str, Any]) -> dict[int, str]:
     return {}
 
 
-class BuildRunner:
+class _ClosedOnExit:
+    """`with pipeline.load(build) as runner:` releases the runner's ONNX Runtime session on the way out."""
+
+    def __enter__(self: _Runner) -> _Runner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class BuildRunner(_ClosedOnExit):
     """The build's model.onnx in ONNX Runtime with its recorded settings, and its tokenizer."""
 
     def __init__(self, build_dir: Path, manifest: dict[str, Any], threads: int = 0) -> None:
@@ -81,12 +96,6 @@ class BuildRunner:
         rows = [self.session.run([output], self.feed(texts[start:start + batch_size]))[0]
                 for start in range(0, len(texts), batch_size)]
         return np.concatenate(rows)
-
-    def __enter__(self) -> "BuildRunner":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def close(self) -> None:
         self.session = None  # type: ignore[assignment]
@@ -116,7 +125,7 @@ class ClassifierRunner(BuildRunner):
                 for row, i in enumerate(best)]
 
 
-class GeneratorRunner:
+class GeneratorRunner(_ClosedOnExit):
     """A decoder LLM build: its KV-cache graph, decoded greedily (or sampled) like `pipeline generate`."""
 
     def __init__(self, build_dir: Path, manifest: dict[str, Any], threads: int = 0, fp32: bool = False) -> None:
@@ -152,12 +161,6 @@ class GeneratorRunner:
         """The continuation of `prompt` (without the prompt), greedy at temperature 0."""
         _, result = self.generate_ids(prompt, max_new_tokens, temperature, top_k, seed, chat)
         return str(self.tokenizer.decode(result.tokens, skip_special_tokens=True))
-
-    def __enter__(self) -> "GeneratorRunner":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def close(self) -> None:
         self.decoder = None  # type: ignore[assignment]

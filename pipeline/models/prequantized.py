@@ -263,11 +263,14 @@ def _compressed_linear(path: Path, scheme: Scheme, tensors: dict[str, Any], pref
                            _g_idx(path, tensors, f"{prefix}.weight_g_idx", k, groups))
 
 
-def _gptq_linear(path: Path, scheme: Scheme, tensors: dict[str, Any], prefix: str) -> QuantizedLinear:
+def _int32_packed(path: Path, scheme: Scheme, tensors: dict[str, Any], prefix: str, along_k: bool,
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int, int, int]:
+    """(qweight, scales, qzeros, K, N, groups, group size) of a GPTQ (8 codes per int32 word along K) or AWQ
+    (along N) Linear, with the shapes both formats share checked: scales [groups, N], qzeros [groups, N/8]."""
     qweight = _array(tensors, f"{prefix}.qweight", path, np.int32)
     if qweight.ndim != 2:
         raise _refuse(path, f"{prefix}.qweight is not 2-D")
-    k, n = qweight.shape[0] * 8, qweight.shape[1]
+    k, n = (qweight.shape[0] * 8, qweight.shape[1]) if along_k else (qweight.shape[0], qweight.shape[1] * 8)
     scales = _array(tensors, f"{prefix}.scales", path)
     if scales.ndim != 2 or scales.shape[1] != n:
         raise _shape_error(path, f"{prefix}.scales", scales.shape, (-1, n), "qweight")
@@ -275,6 +278,11 @@ def _gptq_linear(path: Path, scheme: Scheme, tensors: dict[str, Any], prefix: st
     size = _group_size(path, scheme, prefix, k, groups)
     qzeros = _array(tensors, f"{prefix}.qzeros", path, np.int32)
     _check(path, f"{prefix}.qzeros", qzeros, (groups, -(-n // 8)), "qweight and the scales")
+    return qweight, scales, qzeros, k, n, groups, size
+
+
+def _gptq_linear(path: Path, scheme: Scheme, tensors: dict[str, Any], prefix: str) -> QuantizedLinear:
+    qweight, scales, qzeros, k, n, groups, size = _int32_packed(path, scheme, tensors, prefix, along_k=True)
     # [K/8, N] words, row 8i+j at bits 4j -> [K, N] -> codes [N, K]
     codes = np.ascontiguousarray(_nibbles(qweight.T).reshape(n, k))
     zeros = _nibbles(qzeros)[:, :n].astype(np.int16) + scheme.zero_offset
@@ -286,17 +294,7 @@ def _gptq_linear(path: Path, scheme: Scheme, tensors: dict[str, Any], prefix: st
 
 
 def _awq_linear(path: Path, scheme: Scheme, tensors: dict[str, Any], prefix: str) -> QuantizedLinear:
-    qweight = _array(tensors, f"{prefix}.qweight", path, np.int32)
-    if qweight.ndim != 2:
-        raise _refuse(path, f"{prefix}.qweight is not 2-D")
-    k, n = qweight.shape[0], qweight.shape[1] * 8
-    scales = _array(tensors, f"{prefix}.scales", path)
-    if scales.ndim != 2 or scales.shape[1] != n:
-        raise _shape_error(path, f"{prefix}.scales", scales.shape, (-1, n), "qweight")
-    groups = scales.shape[0]
-    size = _group_size(path, scheme, prefix, k, groups)
-    qzeros = _array(tensors, f"{prefix}.qzeros", path, np.int32)
-    _check(path, f"{prefix}.qzeros", qzeros, (groups, n // 8), "qweight and the scales")
+    qweight, scales, qzeros, k, n, groups, size = _int32_packed(path, scheme, tensors, prefix, along_k=False)
     inverse = np.argsort(AWQ_ORDER)  # nibble i of a word holds column order[i]
 
     def unpack(words: np.ndarray) -> np.ndarray:

@@ -82,15 +82,6 @@ def build(tmp: Path, name: str, cache: Path, **model: str):
 
 
 @pytest.fixture(scope="module")
-def inputs_cache(tmp_path_factory: pytest.TempPathFactory):
-    """Merged and de-quantized folders go to a cache of this module's own, not the user's home."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("QUANTPIPE_INPUT_CACHE", str(tmp_path_factory.mktemp("inputs")))
-    yield
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
 def encoder_builds(tmp_path_factory: pytest.TempPathFactory, inputs_cache):
     """A tiny BERT and two adapters: one given with --adapter, one as a folder naming its base; shared cache."""
     from tests.tiny_encoders import write_tiny_bert

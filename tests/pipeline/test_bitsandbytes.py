@@ -59,14 +59,6 @@ def raw_dequantized(folder: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def inputs_cache(tmp_path_factory: pytest.TempPathFactory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("QUANTPIPE_INPUT_CACHE", str(tmp_path_factory.mktemp("inputs")))
-    yield
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
 def bert_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.tiny_encoders import write_tiny_bert
 
