@@ -14,7 +14,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-# peft imports torchao and bitsandbytes when installed; torchao registers pytree constants that torch warns about.
+# torchao, once installed, is imported by transformers on every model load (and by peft). torchao 0.18 prints
+# through two loggers, both at import: its own ("Failed to load .../torchao/_C_mxfp8...so": CUDA kernels,
+# torchao/__init__.py) and torch's pytree logger (register_constant on its Enum configs,
+# torch/utils/_pytree.py, in torch's "W1202 ..." format). Both are plain `logging`, silenced here.
 LIBRARIES = ("onnx_neural_compressor", "transformers", "onnxruntime", "torch.onnx", "peft", "bitsandbytes", "torchao",
              "torch.utils._pytree")
 STDERR_FORMAT = "%(name)s %(levelname)s: %(message)s"

@@ -180,3 +180,21 @@ def test_neural_compressor_log_lines_are_routed_through_logging(capfd) -> None:
     finally:
         configure_logging(verbose=False)
         logging.getLogger().handlers = [h for h in logging.getLogger().handlers if not getattr(h, "_quantpipe", False)]
+
+
+# What torchao 0.18 prints on stderr when imported (transformers imports it on every model load): its own
+# logger ("Failed to load .../torchao/_C_mxfp8...so", kernels built for CUDA) and torch's pytree logger
+# (register_constant on its Enum configs, in torch's own "W1202 ..." format).
+_IMPORT_TORCHAO = "import torchao, sys; sys.stderr.flush()"
+
+
+def test_torchao_import_output_is_silenced_once_logging_is_configured() -> None:
+    pytest.importorskip("torchao")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    bare = subprocess.run([sys.executable, "-c", _IMPORT_TORCHAO], capture_output=True, text=True, env=env)
+    # The control: without Quantpipe's logging set-up torchao does print (if this starts failing, torchao
+    # stopped printing and the LIBRARIES entries may go).
+    assert "torchao" in bare.stderr or "_pytree" in bare.stderr, bare.stderr
+    quiet = subprocess.run([sys.executable, "-c", "from pipeline.core.logs import configure_logging; "
+                            "configure_logging(); " + _IMPORT_TORCHAO], capture_output=True, text=True, env=env)
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
