@@ -208,3 +208,54 @@ def _place_nodes(graph: onnx.GraphProto, weight_nodes: list[onnx.NodeProto],
         ordered.append(node)
     del graph.node[:]
     graph.node.extend(ordered)
+
+
+# Element types TensorRT 11 takes in explicit quantization (INT8, FP8 E4M3, INT4 weight-only).
+TRT_QDQ_TYPES = (TensorProto.INT8, TensorProto.FLOAT8E4M3FN, TensorProto.INT4)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A Q/DQ graph read against TensorRT's explicit-quantization rules (the rules `insert_qdq` writes by)."""
+
+    refusals: list[str]  # TensorRT cannot build the graph as it is (asymmetric, per-channel activations, uint8)
+    float_ops: list[str]  # DequantizeLinear outputs read by ops TensorRT does not fuse with them: run in float
+    partly_quantized: list[str]  # MatMul/Gemm/Conv with some float inputs through a DQ and some not
+
+
+def placement(model: onnx.ModelProto, op_types: Sequence[str] = QUANTIZABLE_OPS) -> Placement:
+    """TensorRT's rules: zero points 0 (symmetric only), INT8/FP8/INT4 types, activations per-tensor;
+    a DQ feeds the ops TensorRT fuses into quantized kernels, and such an op reads all its data inputs
+    through DQ (the rest is legal but runs in float)."""
+    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    refusals, float_ops = [], []
+    dq_outputs = set()
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        label = f"{node.op_type} {node.name or node.output[0]}"
+        zero = initializers.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if zero is not None and zero.data_type not in TRT_QDQ_TYPES:
+            refusals.append(f"{label}: zero point type {TensorProto.DataType.Name(zero.data_type)} "
+                            "(TensorRT takes INT8, FP8 E4M3 or INT4)")
+        elif zero is not None and np.any(numpy_helper.to_array(zero).astype(np.float32)):
+            refusals.append(f"{label}: zero point not 0 (TensorRT quantizes symmetrically)")
+        scale = initializers.get(node.input[1])
+        if node.input[0] not in initializers and scale is not None and numpy_helper.to_array(scale).size != 1:
+            refusals.append(f"{label}: activation scale of shape {list(scale.dims)} (TensorRT: per-tensor)")
+        if node.op_type == "DequantizeLinear":
+            dq_outputs.add(node.output[0])
+            outside = sorted({r.op_type for r in readers.get(node.output[0], []) if r.op_type not in op_types})
+            if outside:
+                float_ops.append(f"{label} -> {', '.join(outside)}")
+    partly = []
+    for node in model.graph.node:
+        if node.op_type in op_types:
+            through = [name in dq_outputs for name in node.input[:2] if name]
+            if any(through) and not all(through):
+                partly.append(node.name or node.output[0])
+    return Placement(refusals, float_ops, partly)

@@ -31,6 +31,7 @@ TRT_MODEL_ARTIFACTS = {
     "model.fp32.onnx": ("export", "model.onnx"),
 }
 TRT_BUNDLE_DIR = "trt"
+QDQ_INPUT_FLOAT = "model.float.onnx"  # pipeline.stages.qdq_input.FLOAT_GRAPH
 
 
 def _place(source: Path, target: Path) -> None:
@@ -104,6 +105,8 @@ def publish_build(
     for name, (stage, file) in {**models, **REPORT_ARTIFACTS}.items():
         if name == "model.fp32.onnx" and "optimize" not in outputs:
             stage = "export"  # TensorRT and decoder LLM builds have no optimize stage: the export is the FP32 baseline
+            if "export" in outputs and QDQ_INPUT_FLOAT in outputs["export"].files:
+                file = QDQ_INPUT_FLOAT  # a Q/DQ ONNX input: its export is the Q/DQ graph; the float graph under it
         target = build_dir / name
         is_report = name in REPORT_ARTIFACTS
         if stage in outputs and (is_report or passed):

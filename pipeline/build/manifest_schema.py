@@ -45,8 +45,14 @@ class _Section(BaseModel):
 class OriginSection(_Section):
     """What a model folder Quantpipe made was made from (pipeline/models/adapters.py, bitsandbytes.py)."""
 
-    kind: Literal["lora", "qlora", "bitsandbytes"]
+    kind: Literal["lora", "qlora", "bitsandbytes", "onnx-qdq"]
     base: str
+    graph: Optional[str] = Field(None, description="onnx-qdq: the Q/DQ ONNX graph given as the model (a QAT export)")
+    graph_sha256: Optional[Sha256] = None
+    quantize_linear: Optional[int] = Field(None, ge=0)
+    dequantize_linear: Optional[int] = Field(None, ge=0)
+    quantized_weights: Optional[int] = Field(None, ge=0)
+    scale_tensors: Optional[int] = Field(None, ge=0, description="onnx-qdq: the graph's scales, kept as they are")
     adapter: Optional[str] = None
     adapter_sha256: Optional[Sha256] = None
     quantization: Optional[Literal["8bit", "4bit-nf4", "4bit-fp4"]] = None

@@ -17,7 +17,8 @@ from pipeline.build.applicability import check_applicable
 from pipeline.core.errors import ConfigError, MissingDependencyError
 from pipeline.models.adapters import prepare_input
 from pipeline.models.prequantized import check_checkpoint, checkpoint_scheme
-from pipeline.models.registry import Family, ModelInfo, inspect_model
+from pipeline.models.qdq_input import check_trt_placement
+from pipeline.models.registry import Family, InputKind, ModelInfo, inspect_model
 from pipeline.stages.base import Stage
 from pipeline.stages.bundle import BundleStage
 from pipeline.stages.calibrate import CalibrateStage
@@ -28,12 +29,15 @@ from pipeline.stages.llm_quantize import LlmQuantizeStage
 from pipeline.stages.llm_verify import LlmVerifyStage
 from pipeline.stages.optimize import OptimizeStage
 from pipeline.stages.precision import PrecisionStage
+from pipeline.stages.qat_verify import QatVerifyStage
+from pipeline.stages.qdq_build import QdqIntegerStage, QdqPassThroughStage
+from pipeline.stages.qdq_input import QdqInputStage
 from pipeline.stages.quantize import QuantizeStage
 from pipeline.stages.verify import VerifyStage
 
 StageFactory = Callable[[], Stage]
 
-PLAN: dict[tuple[Target, Family], tuple[StageFactory, ...]] = {
+PLAN: dict[tuple[Target, InputKind], tuple[StageFactory, ...]] = {
     # CPU, encoders: ranges come from the ONNX Runtime-optimized FP32 graph, which is also the reference.
     ("cpu", "encoder"): (
         ExportStage, OptimizeStage, lambda: CalibrateStage(ranges_of="optimize"), QuantizeStage,
@@ -52,7 +56,20 @@ PLAN: dict[tuple[Target, Family], tuple[StageFactory, ...]] = {
     ("trt", "decoder"): (
         LlmExportStage, LlmCalibrateStage, PrecisionStage, lambda: LlmVerifyStage(candidate="precision"), BundleStage,
     ),
+    # A Q/DQ ONNX graph (an encoder's QAT export): its scales are kept, so nothing calibrates (calibrate
+    # selects the held-out set only). CPU: ONNX Runtime's integer graph of it; TensorRT: the Q/DQ as they are.
+    # Both are verified against the graph's own fake-quantized forward, then against the float graph under it.
+    ("cpu", "onnx-qdq"): (
+        QdqInputStage, lambda: CalibrateStage(ranges_of=None), QdqIntegerStage,
+        lambda: QatVerifyStage(candidate="quantize"),
+    ),
+    ("trt", "onnx-qdq"): (
+        QdqInputStage, lambda: CalibrateStage(ranges_of=None), QdqPassThroughStage,
+        lambda: QatVerifyStage(candidate="precision"), BundleStage,
+    ),
 }
+# Settings a Q/DQ ONNX input never reads: its graph decides its quantization (--quant, --precision).
+QDQ_INPUT_FIXED = {"quantization": ("mode",), "trt": ("precision", "calibration_method", "percentile")}
 
 
 def targets_of(family: Family) -> list[str]:
@@ -83,11 +100,25 @@ def plan_build(config: BuildConfig) -> BuildPlan:
     if scheme is not None:
         check_checkpoint(model.path, scheme)  # a malformed GPTQ/AWQ checkpoint is refused before any work
     check_applicable(config, model)  # a setting this target or family never reads is refused, not ignored
+    if model.kind == "onnx-qdq":
+        _check_qdq_input(config, model)
     resolved = apply_family_defaults(config, model)
     if resolved.target == "trt" and resolved.trt.require_engine:
         _require_tensorrt()  # refuse before any work, not after minutes of calibration
-    stages = tuple(factory() for factory in PLAN[(resolved.target, model.architecture.family)])
+    stages = tuple(factory() for factory in PLAN[(resolved.target, model.kind)])
     return BuildPlan(resolved, model, stages)
+
+
+def _check_qdq_input(config: BuildConfig, model: ModelInfo) -> None:
+    """A Q/DQ ONNX input keeps its own quantization: a scheme or precision asked for is refused, not ignored;
+    on --target trt, Q/DQ TensorRT cannot take as they are are refused before any work."""
+    given = [f"{section}.{key}" for section, keys in QDQ_INPUT_FIXED.items()
+             for key in keys if key in getattr(config, section).model_fields_set]
+    if given:
+        raise ConfigError(f"{', '.join(given)} does not apply to {model.graph}: a Q/DQ ONNX graph keeps its own "
+                          "scales (to re-calibrate, build the float model's folder instead)")
+    if config.target == "trt":
+        check_trt_placement(model)
 
 
 def apply_family_defaults(config: BuildConfig, model: ModelInfo) -> BuildConfig:

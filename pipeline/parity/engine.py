@@ -49,12 +49,15 @@ def onnx_runner(model: object, name: str, simulate_tensorrt: bool = False):
 
 
 def stream_pair(reference: object, candidate: object, batches: Sequence[Batch],
-                simulate_tensorrt: bool = False) -> Iterator[tuple[Batch, Batch]]:
-    """(reference outputs, candidate outputs) for each batch, one batch in memory at a time."""
+                simulate_tensorrt: bool = False, fake_quant_reference: bool = False) -> Iterator[tuple[Batch, Batch]]:
+    """(reference outputs, candidate outputs) for each batch, one batch in memory at a time.
+
+    fake_quant_reference: the reference alone runs as exact fake quantization (a QAT graph's own forward,
+    against the CPU integer graph built from it)."""
     from polygraphy.comparator import Comparator
     from polygraphy.logger import G_LOGGER
 
-    runners = [onnx_runner(reference, "reference", simulate_tensorrt),
+    runners = [onnx_runner(reference, "reference", simulate_tensorrt or fake_quant_reference),
                onnx_runner(candidate, "candidate", simulate_tensorrt)]
     if isinstance(reference, Path):  # batches may hold inputs the graph does not read (a DeBERTa's token types)
         from engines.onnx_io import graph_input_names
@@ -76,10 +79,12 @@ def run_pair(
     output_names: Sequence[str],
     on_batch: Optional[Callable[[int, int], None]] = None,
     simulate_tensorrt: bool = False,
+    fake_quant_reference: bool = False,
 ) -> tuple[dict[str, list[np.ndarray]], dict[str, list[np.ndarray]]]:
     """Both graphs on every batch; returns (reference, candidate) outputs, one array per batch."""
     collected: tuple[dict[str, list], dict[str, list]] = ({n: [] for n in output_names}, {n: [] for n in output_names})
-    for index, outputs in enumerate(stream_pair(reference, candidate, batches, simulate_tensorrt), start=1):
+    pairs = stream_pair(reference, candidate, batches, simulate_tensorrt, fake_quant_reference)
+    for index, outputs in enumerate(pairs, start=1):
         for produced, store in zip(outputs, collected):
             for name in output_names:
                 store[name].append(produced[name])

@@ -77,6 +77,21 @@ def thresholds(config: BuildConfig, task: TaskSpec) -> Gates:
     return encoder_thresholds(task, config.verify)
 
 
+# A QAT graph's integer (CPU) or passed-through (TensorRT) build against the graph's own fake-quantized
+# forward: the same scales on both sides, so only the integer kernels' requantization rounding differs.
+QAT_MIN_COSINE = 0.999
+
+
+def qat_thresholds(config: BuildConfig, task: TaskSpec) -> Gates:
+    """The gates of a Q/DQ ONNX input's build against its own fake-quantized forward: the build's gates with
+    the primary output's cosine at QAT_MIN_COSINE (unless --min-cosine is given). The float graph under the
+    Q/DQ is held to the build's own gates (`thresholds`), the looser line."""
+    gates = thresholds(config, task)
+    if config.verify.min_cosine is None:
+        gates[(task.primary_output, "cosine_mean")] = max(QAT_MIN_COSINE, gates.get((task.primary_output, "cosine_mean"), 0.0))
+    return gates
+
+
 def engine_thresholds(config: BuildConfig, task: TaskSpec) -> Gates:
     """The gates of the TensorRT engine's own check (bundle stage): the build's, less what it cannot measure."""
     return {key: value for key, value in thresholds(config, task).items() if key[1] not in DECODE_ONLY_METRICS}

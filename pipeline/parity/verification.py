@@ -34,6 +34,8 @@ class ParityInputs:
     export_parity: dict[str, float] = field(default_factory=dict)  # ONNX Runtime against PyTorch (export stage)
     candidate_fp32_nodes: list[str] = field(default_factory=list)  # kept in FP32 (--exclude, fallback search)
     reference_description: str = "FP32 ONNX (optimized)"
+    # The reference is a Q/DQ graph run as exact fake quantization (a QAT model's own forward), whatever the target.
+    fake_quant_reference: bool = False
 
 
 def _labelled_outputs(inputs: ParityInputs, config: BuildConfig, model: ModelInfo,
@@ -57,18 +59,20 @@ def _labelled_outputs(inputs: ParityInputs, config: BuildConfig, model: ModelInf
     return labels, outputs, Evaluation(file=Path(eval_file).name, samples=len(texts))
 
 
-def run_parity(inputs: ParityInputs, config: BuildConfig, model: ModelInfo, progress: Progress) -> ParityReport:
-    """Measure, gate, localize when asked or failing; returns the parity report."""
+def run_parity(inputs: ParityInputs, config: BuildConfig, model: ModelInfo, progress: Progress,
+               gates: Optional[policy.Gates] = None) -> ParityReport:
+    """Measure, gate (the build's gates unless `gates` are given), localize when asked or failing; returns
+    the parity report."""
     task = model.task
     settings = config.verify
     batches = load_batches(inputs.heldout)
     reference, candidate = run_pair(
         inputs.reference, inputs.candidate, batches, task.output_names,
         on_batch=lambda done, total: progress.batches("held-out", done, total),
-        simulate_tensorrt=config.target == "trt",
+        simulate_tensorrt=config.target == "trt", fake_quant_reference=inputs.fake_quant_reference,
     )
     labels, labelled, evaluation = _labelled_outputs(inputs, config, model, progress)
-    thresholds = policy.thresholds(config, task)
+    thresholds = policy.thresholds(config, task) if gates is None else gates
     masks = [batch.get("attention_mask") for batch in batches]
     result = measure(task, reference, candidate, masks, thresholds, labels, labelled)
     localization = None
