@@ -211,3 +211,27 @@ def test_bad_qat_inputs_are_refused_with_one_line(qat, tmp_path: Path) -> None:
     for file in qat["cpu"].iterdir():
         (garbage / file.name).write_bytes(b"not onnx" if file.name == "model.onnx" else file.read_bytes())
     assert_one_line_error(run_cli("build", "--model", str(garbage / "model.onnx"), "-o", out), 2, "is not an ONNX model")
+
+
+def test_both_parity_lines_gate(qat, tmp_path: Path) -> None:
+    """--min-cosine 1.0: the integer graph is not bit-equal to the fake-quantized forward (first line), nor
+    to the float graph (second line): exit 4, both failures named."""
+    result = _build(qat["cpu"], tmp_path / "build", "--min-cosine", "1.0")
+    assert result.returncode == 4, result.stderr[-2000:]
+    failures = _stage(tmp_path / "build", "verify")["metrics"]["failures"]
+    assert len(failures) == 2 and failures[1].startswith("against the float graph: "), failures
+
+
+def test_a_graph_without_the_tasks_outputs_is_refused(qat, tmp_path: Path) -> None:
+    model = onnx.load(str(qat["cpu"] / "model.onnx"))
+    kept = [value for value in model.graph.output if value.name != "last_hidden_state"]
+    del model.graph.output[:]
+    model.graph.output.extend(kept)
+    folder = tmp_path / "one-output"
+    folder.mkdir()
+    for file in qat["cpu"].iterdir():
+        if file.name != "model.onnx":
+            (folder / file.name).write_bytes(file.read_bytes())
+    onnx.save(model, str(folder / "model.onnx"))
+    assert_one_line_error(run_cli("build", "--model", str(folder), "-o", str(tmp_path / "out")), 2,
+                          "has no output last_hidden_state", "--task feature-extraction")
