@@ -95,7 +95,8 @@ def reverify(
         manifest_task = manifest.model.task
         stages = {entry.stage for entry in manifest.stages}
         if "export" in stages and "optimize" not in stages:  # only CPU encoder builds have an optimize stage
-            kind = "a TensorRT" if config.target == "trt" else "a decoder LLM"
+            qat = manifest.model.origin is not None and manifest.model.origin.kind == "onnx-qdq"
+            kind = "a Q/DQ ONNX (QAT)" if qat else "a TensorRT" if config.target == "trt" else "a decoder LLM"
             raise InputError(f"{build_dir} is {kind} build; `pipeline verify` re-checks CPU encoder builds. Run the "
                              "same `pipeline build` with the new thresholds instead: only its verify stage re-runs")
         model = inspect_model(config.model.path, manifest_task, config.model.trust_remote_code)

@@ -91,6 +91,8 @@ def test_cpu_build_fuses_the_graphs_own_scales_into_integer_kernels(qat, tmp_pat
     # model.fp32.onnx is the float graph under the Q/DQ, not the Q/DQ graph
     fp32 = onnx.load(str(build / "model.fp32.onnx"))
     assert not any(node.op_type in QDQ_OPS for node in fp32.graph.node)
+    # `pipeline verify BUILD_DIR` re-checks CPU encoder builds from their optimize stage: refused, saying why
+    assert_one_line_error(run_cli("verify", str(build)), 2, "is a Q/DQ ONNX (QAT) build")
 
 
 def test_tensorrt_build_passes_the_qdq_through_bit_for_bit(qat, tmp_path: Path) -> None:
