@@ -143,7 +143,8 @@ def _topological(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.
     while pending:
         ready = [node for node in pending if all(name in known for name in node.input)]
         if not ready:
-            raise ValueError(f"the graph has a cycle or reads undefined tensors ({pending[0].name or pending[0].op_type})")
+            stuck = pending[0].name or pending[0].op_type
+            raise ValueError(f"the graph has a cycle or reads undefined tensors ({stuck})")
         for node in ready:
             ordered.append(node)
             known.update(node.output)

@@ -66,7 +66,8 @@ def check_qdq_graph(graph: Path, info: ModelInfo) -> ModelInfo:
               "quantize_linear": counts["quantize_linear"], "dequantize_linear": counts["dequantize_linear"],
               "quantized_weights": counts["quantized_weights"], "scale_tensors": counts["scales"],
               "exact": "the scales and zero points are the graph's own (QAT), kept bit for bit: no calibration, "
-                       "no re-quantization (--target trt: the graph passed through unchanged; --target cpu: ONNX Runtime's "
+                       "no re-quantization (--target trt: the graph passed through unchanged; --target cpu: "
+                       "ONNX Runtime's "
                        "integer kernels, which re-round each requantized output once)"}
     return dataclasses.replace(info, graph=graph, origin=origin)
 

@@ -88,7 +88,8 @@ def qat_thresholds(config: BuildConfig, task: TaskSpec) -> Gates:
     Q/DQ is held to the build's own gates (`thresholds`), the looser line."""
     gates = thresholds(config, task)
     if config.verify.min_cosine is None:
-        gates[(task.primary_output, "cosine_mean")] = max(QAT_MIN_COSINE, gates.get((task.primary_output, "cosine_mean"), 0.0))
+        key = (task.primary_output, "cosine_mean")
+        gates[key] = max(QAT_MIN_COSINE, gates.get(key, 0.0))
     return gates
 
 

@@ -17,7 +17,8 @@ from pipeline.parity import policy
 from pipeline.parity.engine import measure, run_pair
 
 
-def float_line(float_graph: Path, candidate: Path, heldout: Path, config: BuildConfig, model: ModelInfo) -> dict[str, Any]:
+def float_line(float_graph: Path, candidate: Path, heldout: Path, config: BuildConfig,
+               model: ModelInfo) -> dict[str, Any]:
     """Metrics and gate checks of `candidate` against `float_graph` on the held-out batches."""
     task = model.task
     batches = load_batches(heldout)
