@@ -111,7 +111,10 @@ def test_tensorrt_build_passes_the_qdq_through_bit_for_bit(qat, tmp_path: Path) 
     # (DQ -> Add); every MatMul reads all its inputs through a DQ.
     assert precision["float_after_dequantize"] and precision["partly_quantized"] == []
     assert precision["kept_higher_precision"] == []
-    assert _stage(build, "verify")["metrics"]["float_reference"]["primary"]["cosine_mean"] > 0.99
+    verify = _stage(build, "verify")["metrics"]
+    assert verify["pass_through_identical"] and verify["primary"]["cosine_mean"] > 0.99
+    report = json.loads((build / "parity.json").read_text())
+    assert "Q/DQ stripped" in report["reference"]["description"]  # not the graph against itself
 
 
 def test_a_changed_scale_is_caught(qat, tmp_path: Path) -> None:
