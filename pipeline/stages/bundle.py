@@ -22,7 +22,7 @@ from pipeline.config import BuildConfig
 from pipeline.core.hashing import file_sha256
 from pipeline.models.registry import ModelInfo
 from pipeline.stages.base import Stage, StageContext
-from pipeline.stages.facts import BundleFacts, CalibrationFacts, ExportFacts, VerifyFacts
+from pipeline.stages.facts import BundleFacts, CalibrationFacts, ExportFacts, PrecisionFacts, VerifyFacts
 from pipeline.stages.llm_trt import (
     ENGINE_CHECK_CHUNKS,
     decoder_profiles,
@@ -119,10 +119,11 @@ class BundleStage(Stage):
         for name in ("parity.json", "parity.md"):
             _link_or_copy(verify.path(name), out / name)
         profiles = self._profiles(context)
+        carried = context.facts("precision", PrecisionFacts).graph_precision or config.trt.precision
         build_config = {
             "format": "quantpipe-trt-bundle/1",
             "tensorrt": ">=11,<12",
-            "precision": config.trt.precision,
+            "precision": carried,
             "onnx": "model.onnx",
             "engine": ENGINE_FILE,
             "timing_cache": TIMING_CACHE,
@@ -138,7 +139,7 @@ class BundleStage(Stage):
             f'cd "$(dirname "$0")" && {command}\n', encoding="utf-8")
         (out / TRTEXEC_FILE).chmod(0o755)
         shutil.copyfile(trt_engine.__file__, out / BUILD_SCRIPT)
-        metrics: dict[str, Any] = {"trtexec": command, "profile": profiles["metrics"], "precision": config.trt.precision}
+        metrics: dict[str, Any] = {"trtexec": command, "profile": profiles["metrics"], "precision": carried}
         missing = trt_engine.tensorrt_missing_reason()
         if missing:
             metrics["engine"] = f"not built: {missing}"

@@ -86,6 +86,8 @@ class PrecisionFacts(Facts):
 
     kept_higher_precision: list[str] = []  # FP16 graphs keep no node in higher precision by the search
     kept_precision: Optional[str] = None
+    # What the graph carries when it is not --precision's (a pre-quantized checkpoint's INT4 weights)
+    graph_precision: Optional[str] = None
 
 
 class VerifyFacts(Facts):

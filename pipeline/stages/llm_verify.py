@@ -89,6 +89,8 @@ class LlmVerifyStage(Stage):
             from pipeline.stages.verify import TRT_KINDS
 
             precision = context.facts("precision", PrecisionFacts)
+            if precision.graph_precision:
+                return f"TensorRT {precision.graph_precision} ONNX, simulated in ONNX Runtime (CPU)"
             kept = precision.kept_higher_precision
             fallback = f", {len(kept)} MatMul(s) kept in {precision.kept_precision}" if kept else ""
             return f"TensorRT {TRT_KINDS[context.config.trt.precision]} ONNX{fallback}, simulated in ONNX Runtime (CPU)"

@@ -101,8 +101,10 @@ def write_compressed_tensors(folder: Path, source: Path, symmetric: bool = False
     return _write(folder, source, state, config)
 
 
-def write_gptq(folder: Path, source: Path, act_order: bool, seed: int = 0) -> tuple[Path, dict]:
-    """GPTQ v1 (zero points stored minus 1); act-order: a random channel order per Linear, groups of that order."""
+def write_gptq(folder: Path, source: Path, act_order: bool, seed: int = 0,
+               symmetric: bool = False) -> tuple[Path, dict]:
+    """GPTQ v1 (zero points stored minus 1); act-order: a random channel order per Linear, groups of that order;
+    symmetric: `sym: true`, zero points 8."""
     import torch
 
     rng = np.random.default_rng(seed)
@@ -112,7 +114,7 @@ def write_gptq(folder: Path, source: Path, act_order: bool, seed: int = 0) -> tu
         weight = state.pop(f"{name}.weight").numpy()
         n, k = weight.shape
         order = rng.permutation(k) if act_order else np.arange(k)
-        codes, scales, zeros = rtn(weight[:, order])  # groups of consecutive channels in `order`
+        codes, scales, zeros = rtn(weight[:, order], symmetric=symmetric)  # groups of consecutive channels in `order`
         g_idx = np.empty(k, dtype=np.int32)
         g_idx[order] = np.arange(k) // GROUP
         full = np.empty_like(codes)
@@ -122,7 +124,7 @@ def write_gptq(folder: Path, source: Path, act_order: bool, seed: int = 0) -> tu
         state[f"{name}.qzeros"] = torch.from_numpy(_words(zeros.T.astype(np.int16) - 1 & 0xF))
         state[f"{name}.scales"] = torch.from_numpy(np.ascontiguousarray(scales.T))
         state[f"{name}.g_idx"] = torch.from_numpy(g_idx)
-    config = {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "desc_act": act_order, "sym": False,
+    config = {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "desc_act": act_order, "sym": symmetric,
               "checkpoint_format": "gptq"}
     return _write(folder, source, state, config), truth
 
