@@ -12,7 +12,14 @@ import pytest
 
 from pipeline.core.errors import ExitCode
 from tests.helpers import assert_one_line_error, run_cli
-from tests.pipeline.test_prequantized import CHEAP, MAX_PERPLEXITY_INCREASE, _read, write_compressed_tensors, write_gptq
+from tests.pipeline.test_prequantized import (
+    CHEAP,
+    MAX_PERPLEXITY_INCREASE,
+    _read,
+    write_compressed_tensors,
+    write_gptq,
+    write_torchao_qat,
+)
 
 pytest.importorskip("gguf")  # the tiny decoder's tokenizer is SmolLM2's, read from its GGUF file
 
@@ -68,13 +75,16 @@ def int4_mismatches(model, linears: dict) -> list[str]:
     return problems
 
 
-@pytest.fixture(scope="module", params=["gptq-act-order", "compressed-tensors"])
+@pytest.fixture(scope="module", params=["gptq-act-order", "compressed-tensors", "torchao-qat"])
 def trt_build(request, tiny_llama_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A symmetric GPTQ v1 act-order checkpoint (zero points stored as 7) or a symmetric compressed-tensors one
-    (signed codes, no zero point), each built with --target trt."""
+    (signed codes, no zero point) or a torchao QAT model (IntxWeightOnlyConfig int4: symmetric, codes -8..7),
+    each built with --target trt."""
     where = tmp_path_factory.mktemp(request.param) / f"tiny-llama-{request.param}-sym"
     if request.param == "compressed-tensors":
         folder = write_compressed_tensors(where, tiny_llama_folder, symmetric=True)
+    elif request.param == "torchao-qat":
+        folder = write_torchao_qat(where, tiny_llama_folder)[0]
     else:
         folder, _ = write_gptq(where, tiny_llama_folder, act_order=True, symmetric=True)
     out = tmp_path_factory.mktemp(f"{request.param}-trt") / "build"
