@@ -49,6 +49,7 @@ class QdqIntegerStage(Stage):
 class QdqPassThroughStage(Stage):
     name = "precision"
     facts = PrecisionFacts
+    version = 2  # 2: graph_precision, so the bundle does not label the graph with --precision's default
     outputs = ("model.onnx", "precision.json")
 
     def depends_on(self, config: BuildConfig) -> tuple[str, ...]:
@@ -70,6 +71,7 @@ class QdqPassThroughStage(Stage):
                        and not any(name in dq_outputs for name in node.input[:2])]
         summary = {
             "precision": "the input's Q/DQ (passed through)",
+            "graph_precision": "the input's Q/DQ (passed through)",
             "scales": "the input graph's own, bit for bit (no calibration)",
             "scales_checked": checked,
             "float_after_dequantize": rules.float_ops,

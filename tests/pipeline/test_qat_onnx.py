@@ -111,6 +111,8 @@ def test_tensorrt_build_passes_the_qdq_through_bit_for_bit(qat, tmp_path: Path) 
     # (DQ -> Add); every MatMul reads all its inputs through a DQ.
     assert precision["float_after_dequantize"] and precision["partly_quantized"] == []
     assert precision["kept_higher_precision"] == []
+    bundled = json.loads((build / "trt" / "build_config.json").read_text())
+    assert bundled["precision"] == "the input's Q/DQ (passed through)"  # not --precision's default (int8)
     verify = _stage(build, "verify")["metrics"]
     assert verify["pass_through_identical"] and verify["primary"]["cosine_mean"] > 0.99
     report = json.loads((build / "parity.json").read_text())
