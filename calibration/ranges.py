@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 
 from calibration.batches import Batch
+from pipeline.core.host import session_threads
 
 Method = Literal["minmax", "percentile", "entropy"]
 CACHE_SCHEMA_VERSION = 1
@@ -87,7 +88,9 @@ def _exposed_session(model_path: Path, tensors: Sequence[str], threads: int):
             model.graph.output.append(onnx.ValueInfoProto(name=name))
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = threads
+    options.intra_op_num_threads, spin = session_threads(threads)
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     with tempfile.TemporaryDirectory(prefix="quantpipe-ranges-") as scratch:

@@ -9,6 +9,8 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import onnxruntime as ort
 
+from pipeline.core.host import session_threads
+
 Feed = dict[str, np.ndarray]
 
 OPTIMIZATION_LEVELS = {
@@ -32,9 +34,14 @@ TENSORRT_SIMULATION_CONFIG = {
 }
 
 
-# Set in a worker process of engines.parallel: the cores it shares with its sibling workers. A session that
-# would take every core (threads=0) takes this many, without spinning, so workers do not oversubscribe.
-WORKER_THREADS: list[int] = []
+def apply_threads(options: ort.SessionOptions, threads: int) -> None:
+    """threads=0: every core, or the process's core budget (pipeline.core.host.core_budget); a budgeted session
+    does not spin its idle threads, which on a shared host take the cores its siblings are computing on."""
+    threads, spin = session_threads(threads)
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
 
 
 @dataclass(frozen=True)
@@ -94,11 +101,7 @@ def create_session(
     "runtime"); they replace `optimization` and `simulate_tensorrt`.
     """
     options = ort.SessionOptions()
-    if threads == 0 and WORKER_THREADS:
-        threads = WORKER_THREADS[0]
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
+    apply_threads(options, threads)
     options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
     options.log_severity_level = 3
     if simulate_tensorrt:

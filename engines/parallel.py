@@ -46,9 +46,9 @@ def _call_task(item: Any) -> Any:
 
 
 def _share_cores(threads: int) -> None:
-    from engines import ort_session
+    from pipeline.core import host
 
-    ort_session.WORKER_THREADS[:] = [threads]
+    host.WORKER_THREADS[:] = [threads]
 
 
 def _local_map(function: Callable[[T], R], items: Sequence[T], jobs: int) -> list[R]:

@@ -166,10 +166,9 @@ class QuantizationConfig(_Strict):
     )
     max_fallback_nodes: int = Field(8, ge=1, le=200, description="Fallback: most nodes kept in FP32.")
     cpu_isa: Literal["auto", "avx2", "avx512-vnni", "amx", "arm64"] = Field(
-        "auto", description="CPU INT8 (encoders): the deployment host's instruction set, which decides the weight "
-        "range it asks for (avx2: 7-bit weights, ONNX Runtime's reduce_range; avx512-vnni, amx, arm64: 8-bit; "
-        "onnx-neural-compressor 1.0 drops the request, and the manifest records the range the graph holds). "
-        "auto: the build host's.",
+        "auto", description="CPU INT8 (encoders): the deployment host's instruction set, which decides how the "
+        "weights are stored (avx2: uint8 with zero point 128, for ONNX Runtime's exact u8u8 kernels, since AVX2's "
+        "u8 x s8 products saturate at 16 bits; avx512-vnni, amx, arm64: int8). auto: the build host's.",
     )
 
     @model_validator(mode="after")

@@ -14,6 +14,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # The ~140 builds of the suite leave parity.html's plots out (pipeline/reports/html.py); the HTML tests
 # (tests/pipeline/test_parity_reports.py) verify with them drawn.
 os.environ.setdefault("QUANTPIPE_REPORT_PLOTS", "0")
+# Under pytest-xdist each worker gets its share of the cores (`make test`: 2 workers on 2 cores, one each).
+# Read by torch at import and by our ONNX Runtime sessions (pipeline.core.host.core_budget), and inherited by
+# the CLI subprocesses: 2 workers x 2 spinning threads on 2 cores would spend much of each run spinning.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT", "").isdigit():
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 
 def _has_tensorrt() -> bool:

@@ -44,14 +44,3 @@ def tensor_types(model: "onnx.ModelProto") -> dict[str, int]:
              for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
     types.update({t.name: t.data_type for t in model.graph.initializer})
     return types
-
-
-def int8_weight_range(model_path) -> tuple[int, int]:
-    """The smallest and largest INT8 weight code of a quantized graph (MatMulInteger / QDQ `*_quantized`)."""
-    import onnx
-    from onnx import numpy_helper
-
-    codes = [numpy_helper.to_array(t) for t in onnx.load(str(model_path)).graph.initializer
-             if t.data_type == onnx.TensorProto.INT8 and t.name.endswith("_quantized")]
-    return int(min(c.min() for c in codes)), int(max(c.max() for c in codes))
-

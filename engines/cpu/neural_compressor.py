@@ -94,21 +94,18 @@ def resolve_exclusions(model: onnx.ModelProto, exclude: Sequence[str]) -> list[s
     return sorted({node.name for node in model.graph.node if node.name in exclude or node.op_type in exclude})
 
 
-def _reduce_range(cpu_isa: str) -> bool:
-    # Without VNNI, u8*s8 products can saturate the 16-bit accumulation: 7-bit weights avoid it. The
-    # deployment host's ISA decides (--cpu-isa; the plan resolves auto to the build host's).
-    from pipeline.core.host import reduce_range_for, resolved_isa
-
-    return reduce_range_for(resolved_isa(cpu_isa))
-
-
-def weight_code_range(model: onnx.ModelProto) -> tuple[int, int]:
-    """The smallest and largest INT8 weight code in a quantized graph (its `*_quantized` initializers)."""
+def weight_codes(model: onnx.ModelProto) -> tuple[str, int, int]:
+    """(element type, smallest, largest) of the weight codes of a quantized graph (its `*_quantized`
+    initializers), uint8 codes taken relative to their zero point 128: the range the kernels multiply."""
     codes = [onnx.numpy_helper.to_array(t) for t in model.graph.initializer
-             if t.data_type == onnx.TensorProto.INT8 and t.name.endswith("_quantized") and t.dims]
+             if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) and t.name.endswith("_quantized")
+             and t.dims]
     if not codes:
-        return (0, 0)
-    return int(min(c.min() for c in codes)), int(max(c.max() for c in codes))
+        return ("none", 0, 0)
+    kinds = {str(c.dtype) for c in codes}
+    if kinds == {"uint8"}:
+        return ("uint8", int(min(c.min() for c in codes)) - 128, int(max(c.max() for c in codes)) - 128)
+    return (",".join(sorted(kinds)), int(min(c.min() for c in codes)), int(max(c.max() for c in codes)))
 
 
 def prepare_graph(fp32_path: Path, output_path: Path) -> Path:
@@ -235,7 +232,9 @@ def quantize(
     """
     from onnx_neural_compressor.quantization import config as inc_config
     from onnx_neural_compressor.quantization import quantize as inc_quantize
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
+
+    from pipeline.core.host import weight_type_for
 
     _quiet_library_logger()
 
@@ -243,14 +242,15 @@ def quantize(
     name_all_nodes(model)
     excluded = resolve_exclusions(model, [*settings.exclude, *extra_exclusions])
     excluded = sorted(set(excluded) | set(unquantizable_nodes(model)))
-    reduce_range = _reduce_range(settings.cpu_isa)
+    isa = resolved_isa(settings.cpu_isa)
+    weight_type = QuantType.QUInt8 if weight_type_for(isa) == "uint8" else QuantType.QInt8
     extra_options: dict[str, Any] = {"DefaultTensorType": onnx.TensorProto.FLOAT}
     static_options: dict[str, Any] = dict(
         calibrate_method=CalibrationMethod.MinMax,
         quant_format=QuantFormat.QDQ if settings.format == "qdq" else QuantFormat.QOperator,
         per_channel=settings.per_channel,
         nodes_to_exclude=excluded,
-        reduce_range=reduce_range,
+        weight_type=weight_type,
     )
     with tempfile.TemporaryDirectory(prefix="quantpipe-inc-") as scratch:
         out_dir = Path(scratch) / "out"
@@ -262,7 +262,7 @@ def quantize(
                 named_input = smoothed(named_input, Path(scratch) / "smoothed.onnx", settings.smoothquant_alpha,
                                        calibration, on_batch)
             quant_config = inc_config.DynamicQuantConfig(
-                per_channel=settings.per_channel, nodes_to_exclude=excluded, reduce_range=reduce_range,
+                per_channel=settings.per_channel, nodes_to_exclude=excluded, weight_type=weight_type,
                 extra_options=extra_options,
             )
             inc_quantize(str(named_input), str(out_dir / "model.onnx"), quant_config)
@@ -289,17 +289,16 @@ def quantize(
         quantized = onnx.load(str(out_dir / "model.onnx"))  # pulls in the external data it wrote
     save_model(quantized, output_path)
     op_counts = Counter(node.op_type for node in quantized.graph.node)
+    codes = weight_codes(quantized)
     return {
         "mode": settings.mode,
         "format": settings.format if settings.mode == "static" else None,
         "smoothquant_alpha": settings.smoothquant_alpha if settings.smoothquant else None,
         "per_channel": settings.per_channel,
-        # What the graph holds, not what was asked: onnx-neural-compressor 1.0 drops reduce_range (its entries
-        # never hand it to their quantizers), so every ISA gets 8-bit weights (docs/test-suite.md).
-        "reduce_range": weight_code_range(quantized) in ((-64, 63), (-63, 63)),
-        "reduce_range_requested": reduce_range,
-        "weight_codes": list(weight_code_range(quantized)),
-        "cpu_isa": resolved_isa(settings.cpu_isa),
+        # What the graph holds, read back from it: int8 codes, or on AVX2 the same codes + 128 as uint8.
+        "weight_type": codes[0],
+        "weight_codes": list(codes[1:]),
+        "cpu_isa": isa,
         "excluded_nodes": excluded,
         "op_counts": dict(sorted(op_counts.items())),
     }

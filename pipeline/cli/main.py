@@ -60,7 +60,7 @@ def cli() -> None:
 @click.option("--min-token-agreement", type=float, help="LLM parity gate: greedy token agreement. [default: not gated]")
 @click.option("--per-channel/--per-tensor", default=None, help="Weight scales per output channel. [default: per-channel]")
 @click.option("--cpu-isa", type=click.Choice(["auto", "avx2", "avx512-vnni", "amx", "arm64"]),
-              help="The deployment CPU: decides the INT8 weight range (avx2: 7-bit). auto: this host's.")
+              help="The deployment CPU: decides the INT8 weight storage (avx2: uint8, exact u8u8 kernels). auto: this host's.")
 @click.option("--exclude", multiple=True, help="Op type or node name to keep in FP32 (repeatable).")
 @click.option("--format", "quant_format", type=click.Choice(["qdq", "qoperator"]),
               help="Static INT8 graph format.")

@@ -5,6 +5,7 @@ default of `--cpu-isa auto`: INT8 speed and even INT8 accuracy depend on the CPU
 from __future__ import annotations
 
 import functools
+import os
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -73,7 +74,33 @@ def resolved_isa(cpu_isa: str) -> str:
     return host_isa() if cpu_isa == "auto" else cpu_isa
 
 
-def reduce_range_for(isa: str) -> bool:
-    """7-bit weights (ONNX Runtime's reduce_range) where u8 x s8 products can saturate the 16-bit
-    accumulation: x86-64 without VNNI (AVX2's VPMADDUBSW). VNNI, AMX and Arm dot products accumulate in 32 bits."""
-    return isa == "avx2"
+def weight_type_for(isa: str) -> str:
+    """INT8 weight storage for a deployment ISA. AVX2 (x86-64 without VNNI) multiplies uint8 activations by int8
+    weights with VPMADDUBSW, which saturates each pair's sum at 16 bits (measured on an AVX2 EPYC: a dot product
+    of 255 x 127 over 64 elements gives 1,048,544 instead of 2,072,640); with uint8 weights (the same codes +
+    128, zero point 128) ONNX Runtime runs its u8u8 kernels, which widen to 16 bits first and are exact, at
+    ~15% of the INT8 speed (docs/encoder-speed.md). VNNI, AMX and Arm dot products accumulate in 32 bits."""
+    return "uint8" if isa == "avx2" else "int8"
+
+
+# Set in a worker process of engines.parallel: the cores it shares with its sibling workers.
+WORKER_THREADS: list[int] = []
+
+
+def core_budget() -> int | None:
+    """The cores this process was given, when fewer than the machine's: a worker of engines.parallel, or
+    OMP_NUM_THREADS (what Ray, batch schedulers and container platforms set for a job that shares a host;
+    torch reads it, ONNX Runtime does not). None: every core."""
+    if WORKER_THREADS:
+        return WORKER_THREADS[0]
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if value.isdigit() and 0 < int(value) < (os.cpu_count() or 1):
+        return int(value)
+    return None
+
+
+def session_threads(threads: int) -> tuple[int, bool]:
+    """(intra-op threads, spin) for an ONNX Runtime session asked for `threads` (0: every core). Within a core
+    budget, idle threads must not spin: they would take the cores sibling processes are computing on."""
+    budget = core_budget() if threads == 0 else None
+    return (budget, False) if budget is not None else (threads, True)

@@ -42,7 +42,7 @@ def tuning_metric(task: TaskSpec, fp32: Path, batches: Sequence[Batch]) -> Calla
 class QuantizeStage(Stage):
     name = "quantize"
     facts = QuantizeFacts
-    version = 4  # 4: reduce_range records the graph's weight range (and reduce_range_requested the ask)
+    version = 5  # 5: AVX2 graphs hold uint8 weights (no u8 x s8 saturation); 4: records the graph's weight range
     outputs = ("model.onnx",)
 
     def depends_on(self, config: BuildConfig) -> tuple[str, ...]:
@@ -54,7 +54,7 @@ class QuantizeStage(Stage):
     def config_slice(self, config: BuildConfig, model: ModelInfo) -> dict[str, Any]:
         from pipeline.core.host import resolved_isa
 
-        # The deployment ISA decides the weight range (reduce_range): --cpu-isa auto means this host's, so the
+        # The deployment ISA decides the weight type (uint8 on AVX2): --cpu-isa auto means this host's, so the
         # resolved ISA is keyed too (an AVX2 host never reuses a VNNI host's graph).
         return {"quantization": config.quantization.model_dump(mode="json"), "task": model.task.name,
                 "weight_isa": resolved_isa(config.quantization.cpu_isa)}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 
 from calibration.batches import load_batches
@@ -21,7 +22,6 @@ from pipeline.core.progress import Progress
 from pipeline.models.registry import TASKS
 from pipeline.stages.calibrate import CACHE_FILE
 from pipeline.stages.quantize import tuning_metric
-from tests.helpers import int8_weight_range
 
 FFN_OUTPUT = "/model/encoder/layer.{}/output/dense/MatMul"
 
@@ -40,26 +40,68 @@ def _weights(path: Path) -> dict[str, bytes]:
     return {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in onnx.load(str(path)).graph.initializer}
 
 
+def _codes(path: Path) -> dict[str, np.ndarray]:
+    """Every quantized weight's codes relative to its zero point (uint8 codes - 128), by the int8 tensor's name."""
+    codes = {}
+    for tensor in onnx.load(str(path)).graph.initializer:
+        if tensor.name.endswith("_quantized") and tensor.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
+            values = onnx.numpy_helper.to_array(tensor).astype(np.int16)
+            codes[tensor.name] = values - 128 if tensor.data_type == onnx.TensorProto.UINT8 else values
+    return codes
+
+
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
-def test_the_int8_graph_is_the_same_with_and_without_vnni(default_build, static_int8, mode: str, tmp_path) -> None:
-    """The ISA-dependent choice run both ways on this host: the quantizer asks for 7-bit weights (reduce_range)
-    where the CPU lacks VNNI, and onnx-neural-compressor 1.0 drops that option (its entries never hand it to
-    their quantizers, and DynamicQuantizer would not pass it on): AVX2 and AVX-512 VNNI hosts get the same 8-bit
-    graph, so the suite's bounds on it do not depend on the host's choice (ONNX Runtime's integer kernels, which
-    differ per ISA, still run it). If this fails, 7-bit weights took effect: re-measure every INT8 bound (with
-    7-bit weights the default build measured cosine 0.9855 here, under its 0.99 gate)."""
-    host = neural_compressor._reduce_range("auto")
-    built = default_build.outputs["quantize"].path("model.onnx") if mode == "dynamic" else static_int8
+def test_avx2_graphs_hold_the_vnni_codes_as_uint8(default_build, mode: str, tmp_path) -> None:
+    """Both --cpu-isa choices, made on any host: the AVX2 graph holds the VNNI graph's weights at the same 8-bit
+    resolution as uint8 with zero point 128 (ONNX Runtime then runs its exact u8u8 kernels, see the next test):
+    its scales are 127/127.5 of the int8 ones (symmetric uint8 spans 255 steps around 128) and each code is
+    within one step of the int8 code + 128. The quantize record says which."""
+    optimized = default_build.outputs["optimize"].path("model.onnx")
     ranges = RangeCache.load(default_build.outputs["calibrate"].path(CACHE_FILE)).ranges if mode == "static" else None
-    other_isa = "avx512-vnni" if host else "avx2"  # the deployment ISA of the other kind of host (--cpu-isa)
-    other = tmp_path / "other-host.onnx"
-    summary = neural_compressor.quantize(default_build.outputs["optimize"].path("model.onnx"), other,
-                                         QuantizationConfig(mode=mode, cpu_isa=other_isa), ranges=ranges)
-    assert summary["reduce_range_requested"] is (not host), "the quantizer was asked for the other host's weights"
-    # ... and the record says what the graph holds, not what was asked.
-    assert summary["reduce_range"] is False and summary["weight_codes"] == [-127, 127]
-    assert int8_weight_range(built) == int8_weight_range(other) == (-127, 127)
-    assert _weights(built) == _weights(other)
+    graphs, summaries = {}, {}
+    for isa in ("avx512-vnni", "avx2"):
+        graphs[isa] = tmp_path / f"{isa}.onnx"
+        summaries[isa] = neural_compressor.quantize(optimized, graphs[isa], QuantizationConfig(mode=mode, cpu_isa=isa),
+                                                    ranges=ranges)
+    assert summaries["avx512-vnni"]["weight_type"] == "int8" and summaries["avx2"]["weight_type"] == "uint8"
+    assert summaries["avx512-vnni"]["weight_codes"] == [-127, 127] and summaries["avx2"]["weight_codes"] == [-128, 127]
+    vnni, avx2 = _codes(graphs["avx512-vnni"]), _codes(graphs["avx2"])
+    assert len(vnni) >= 18 and vnni.keys() == avx2.keys()
+    for name in vnni:
+        assert np.abs(vnni[name] - avx2[name]).max() <= 1, name
+    scales = {isa: {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer
+                    if t.name.endswith("_scale") and t.name.replace("_scale", "_quantized") in vnni}
+              for isa, path in graphs.items()}
+    assert scales["avx2"].keys() == scales["avx512-vnni"].keys() and scales["avx2"]
+    for name, scale in scales["avx2"].items():
+        np.testing.assert_allclose(scale, scales["avx512-vnni"][name] * 127 / 127.5, rtol=1e-6, err_msg=name)
+
+
+def _matmul_integer(weight_type: int, weight: int, zero_point: int) -> int:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "b", "a_zero", "b_zero"], ["y"])], "dot",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [1, 1])],
+        [helper.make_tensor("b", weight_type, [64, 1], [weight] * 64),
+         helper.make_tensor("a_zero", TensorProto.UINT8, [], [0]),
+         helper.make_tensor("b_zero", weight_type, [], [zero_point])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return int(session.run(None, {"a": np.full((1, 64), 255, np.uint8)})[0][0, 0])
+
+
+def test_uint8_weights_are_exact_where_int8_weights_saturate() -> None:
+    """Why AVX2 graphs hold uint8 weights: a dot product of 64 activations of 255 with weights of +127. The u8u8
+    kernels give the exact 2,072,640 on every host; the u8 x s8 kernels give it with VNNI (32-bit accumulation)
+    and 1,048,544 on AVX2 (VPMADDUBSW saturates each pair's sum at 32,767): measured on an AVX2 EPYC."""
+    exact = 255 * 127 * 64
+    assert _matmul_integer(onnx.TensorProto.UINT8, 255, 128) == exact
+    from pipeline.core.host import host_isa
+
+    expected = exact if host_isa() != "avx2" else 32_767 * 32
+    assert _matmul_integer(onnx.TensorProto.INT8, 127, 0) == expected
 
 
 def _evaluate(default_build, batches: int = 4):

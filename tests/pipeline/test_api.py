@@ -53,9 +53,13 @@ def test_loaded_build_encodes_like_the_fp32_graph_with_the_recorded_session_sett
     cosines = _cosines(embeddings, reference)
     assert cosines.min() > 0.95, cosines
     assert not np.allclose(embeddings, reference, atol=1e-6)  # it is the INT8 graph, not the FP32 one
-    # One text at a time gives the same rows (padding does not leak into the pooled embedding).
+    # One text at a time: padding does not leak into the pooled embedding. Exact in the FP32 graph; the INT8 rows
+    # differ by their activation scale (dynamic INT8 takes one per batch), so each is held to the FP32 bound above.
+    single_feeds = [runner.feed([text]) for text in TEXTS]
+    fp32_single = np.concatenate([fp32.run(["sentence_embedding"], feed)[0] for feed in single_feeds])
+    np.testing.assert_allclose(fp32_single, reference, atol=1e-5)
     single = np.concatenate([runner.encode(text) for text in TEXTS])
-    np.testing.assert_allclose(single, embeddings, atol=2e-2)
+    assert _cosines(single, fp32_single).min() > 0.95
 
 
 def test_unknown_option_and_missing_build_are_typed_errors(tmp_path: Path) -> None:
