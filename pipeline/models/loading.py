@@ -8,7 +8,7 @@ import functools
 import importlib.util
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from pipeline.core.errors import InputError, MissingDependencyError
 
@@ -57,9 +57,36 @@ def _read_config(path: Path) -> dict[str, Any]:
 
     location, extra = _from_pretrained_arguments(path)
     try:
-        return AutoConfig.from_pretrained(location, **extra).to_dict()
+        with _gguf_parsed_once() if extra else contextlib.nullcontext():
+            return AutoConfig.from_pretrained(location, **extra).to_dict()
     except (OSError, ValueError, KeyError) as exc:
         raise InputError(f"cannot read the configuration of {path}: {str(exc).splitlines()[0]}") from None
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """Work-arounds for transformers 5's GGUF loading, while we call it:
+    - it parses the whole file (gguf-py's GGUFReader, ~10 s for SmolLM2's 49,152-token vocabulary on an AVX2 EPYC)
+      for the configuration, again for the tokenizer and again for the weights: a file is parsed once per process
+      (the reader is only read; a changed or replaced file is parsed again);
+    - get_gguf_hf_weights_map asks gguf for its tensor-name map at every module it recurses into (397 times for
+      SmolLM2, 15 s): the map depends only on (architecture, layers), so each is built once."""
+    import gguf
+
+    saved = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = lambda path, mode="r": _gguf_reader(*_file_identity(Path(path)), mode)
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(saved[1])
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = saved
+
+
+@functools.lru_cache(maxsize=1)
+def _gguf_reader(path: str, size: int, inode: int, mtime_ns: int, ctime_ns: int, mode: str) -> Any:
+    from gguf.gguf_reader import GGUFReader  # the class itself: gguf.GGUFReader may be the patched factory
+
+    return GGUFReader(path, mode)
 
 
 def load_llm(path: Path) -> Any:
@@ -72,9 +99,14 @@ def load_llm(path: Path) -> Any:
     if scheme is not None:  # GPTQ/AWQ: de-quantized from the checkpoint's own codes
         return load_dequantized_llm(path, scheme)
     location, extra = _from_pretrained_arguments(path)
+    if path.is_file():  # a GGUF file: its metadata, parsed once for the configuration, is not parsed again (~10 s)
+        from transformers import AutoConfig
+
+        settings = load_llm_config(path)
+        extra["config"] = AutoConfig.for_model(settings.pop("model_type"), **settings)
     try:
         # The GGUF de-quantizer draws a tqdm bar of its own on stderr, outside transformers' logging switch.
-        with contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stderr(io.StringIO()), _gguf_parsed_once():
             model = AutoModelForCausalLM.from_pretrained(
                 location, attn_implementation="eager", dtype="float32", trust_remote_code=False, **extra
             )
@@ -100,7 +132,8 @@ def _read_tokenizer(path: Path) -> Any:
 
     location, extra = _from_pretrained_arguments(path)
     try:
-        return AutoTokenizer.from_pretrained(location, trust_remote_code=False, **extra)
+        with _gguf_parsed_once() if extra else contextlib.nullcontext():
+            return AutoTokenizer.from_pretrained(location, trust_remote_code=False, **extra)
     except (OSError, ValueError, KeyError) as exc:
         raise InputError(f"cannot load the tokenizer of {path}: {str(exc).splitlines()[0]}") from None
 

@@ -220,6 +220,8 @@ def test_fallback_build_records_its_choice(default_build, tmp_path) -> None:
     config = load_config(None, {
         "output_dir": str(build_dir),
         "quantization": {"mode": "static", "fallback": "auto", "max_fallback_nodes": 2, "tolerable_loss": 0.001},
+        # 32 calibration samples: the search tunes on half of them (16) and ranks every quantizable node with them
+        "calibration": {"samples": 32},
         "verify": {"min_cosine": 0.9},
     })
     result = run_build(config, Progress(quiet=True))

@@ -43,6 +43,7 @@ def llm_build(llm_stages):
         "model": {"task": "text-generation"},
         "quantization": {"mode": "rtn"},
         "calibration": {"samples": 16, "heldout_samples": 64},
+        "verify": {"greedy_prompts": 2},  # this build is for generate; the parity test measures greedy agreement
     })
     import pipeline
 
@@ -154,7 +155,7 @@ def test_llm_parity_perplexity_and_greedy_agreement_on_held_out_text(llm_stages,
 
     calibrate = llm_stages["calibrate"]
     tokenizer = AutoTokenizer.from_pretrained(str(llm_stages["export"].path("tokenizer")))
-    prompts = [tokenizer(p).input_ids for p in json.loads(calibrate.path("prompts.json").read_text())[:3]]
+    prompts = [tokenizer(p).input_ids for p in json.loads(calibrate.path("prompts.json").read_text())[:2]]
     heldout = load_chunks(calibrate.path("heldout.safetensors"))[:4]
     fp32, int4 = llm_stages["export"].path("model.onnx"), llm_stages["quantize"].path("model.onnx")
     metrics = llm_parity(fp32, int4, heldout, prompts)["metrics"]
@@ -173,7 +174,7 @@ def test_llm_parity_perplexity_and_greedy_agreement_on_held_out_text(llm_stages,
     # real held-out text; ONNX Runtime's symmetric blocks measured +15% here.
     assert metrics["perplexity_increase"] < 0.08
     # Greedy agreement recomputed: the FP32 graph's greedy continuation (whole sequence each step), then the
-    # candidate teacher-forced on it; one token of the 96 may differ where the cached FP32 run met a near tie.
+    # candidate teacher-forced on it; one token of the 64 may differ where the cached FP32 run met a near tie.
     agreed = 0
     for prompt in prompts:
         ids = np.array([prompt], dtype=np.int64)

@@ -22,7 +22,7 @@ pytest.importorskip("gguf")
 
 LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64
 MATMULS = LAYERS * 9 + 1  # q, k, v, o, gate, up, down, two attention MatMuls per layer; the lm_head
-GREEDY_PROMPTS = 4
+GREEDY_PROMPTS = 2
 CALIBRATION = {"samples": 16, "heldout_samples": 24}  # 4 calibration and 5 held-out chunks of 128 tokens
 PERPLEXITY_GATE = 0.08  # the CPU LLM path's default gate
 
