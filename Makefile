@@ -1,11 +1,12 @@
-# Quantpipe: `make demo` installs and runs the default build; `make test` installs and runs the tests.
+# Quantpipe: `make demo` installs and runs the default build; `make test` installs and runs the tests;
+# `make test-slow` runs the long end-to-end runs (real SmolLM2 TensorRT builds, Ray, fault injection), which CI runs too.
 PYTHON ?= python3
 VENV ?= .venv
 # Install the CPU build of torch first: a plain `torch` requirement can pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-slow bench clean
 
 $(BIN)/pipeline: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +23,10 @@ demo: install
 	$(BIN)/pipeline build --target cpu
 
 test: install
-	$(BIN)/python -m pytest -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -m "not slow"
+
+test-slow: install
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -m slow
 
 clean:
 	rm -rf build $(VENV)

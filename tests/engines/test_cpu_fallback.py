@@ -212,6 +212,7 @@ def test_sensitivity_ranking_finds_the_post_gelu_matmuls(default_build, static_i
     assert ranking[0][1] > 10 * ranking[-1][1]
 
 
+@pytest.mark.slow  # a static build with the whole search on the real model (~1 min on an AVX2 EPYC)
 def test_fallback_build_records_its_choice(default_build, tmp_path) -> None:
     import shutil
 

@@ -22,8 +22,10 @@ CALIBRATION = {"samples": 16, "heldout_samples": 24, "max_length": 32}  # 20 pro
 CHEAP = {"calibration": CALIBRATION, "verify": {"greedy_prompts": 2}}
 PRECISIONS = ("int8", "fp8", "fp16")
 TORCH_MAX_ABS = 1e-4
-# Every family at every precision: one TensorRT build each (export and calibrate are shared per family).
-TRT_CASES = [(model_type, precision) for model_type in sorted(FAMILIES) for precision in PRECISIONS]
+# Every family at every precision: one TensorRT build each (export and calibrate are shared per family); int8
+# (Q/DQ placement, calibration, the fallback search) in the default suite, fp8 and fp16 with `make test-slow`.
+TRT_CASES = [pytest.param(model_type, precision, marks=() if precision == "int8" else pytest.mark.slow)
+             for model_type in sorted(FAMILIES) for precision in PRECISIONS]
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,9 @@ def test_reference_manifest_is_consistent(reference) -> None:
 
 # Quantize and verify are the stages worth killing in the short suite (a few seconds each here);
 # "none" kills a build that only reuses the cache, while it publishes.
-@pytest.mark.parametrize("run, cold_from, aim", [(1, "quantize", "quantize"), (2, "verify", "verify"),
+# The two stage kills re-run real stages of the default model (~95 s on an AVX2 EPYC): `make test-slow`.
+@pytest.mark.parametrize("run, cold_from, aim", [pytest.param(1, "quantize", "quantize", marks=pytest.mark.slow),
+                                                 pytest.param(2, "verify", "verify", marks=pytest.mark.slow),
                                                  (3, "none", "publish")])
 def test_killed_build_resumes_to_identical_artifacts(reference, tmp_path: Path, run: int, cold_from: str,
                                                      aim: str) -> None:

@@ -26,6 +26,8 @@ from tests.pipeline.matrix.conftest import TINY_CALIBRATION, write_matrix
 from tests.pipeline.matrix.test_local import _wait_for, _worker_pid
 
 ray = pytest.importorskip("ray")
+# A real two-node cluster and eight builds (~2.5 min on an AVX2 EPYC): `make test-slow` (CI runs it too).
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[3]
 LLM_CALIBRATION = {"samples": 8, "heldout_samples": 24, "max_length": 32}
 # Reports hold measured speeds (LLM decode tokens/s) and the manifest times and paths: they are not

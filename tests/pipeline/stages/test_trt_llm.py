@@ -25,6 +25,9 @@ MATMULS = LAYERS * 9 + 1  # q, k, v, o, gate, up, down, two attention MatMuls pe
 GREEDY_PROMPTS = 2
 CALIBRATION = {"samples": 16, "heldout_samples": 24}  # 4 calibration and 5 held-out chunks of 128 tokens
 PERPLEXITY_GATE = 0.08  # the CPU LLM path's default gate
+# The real SmolLM2 TensorRT builds (about 4 minutes on an AVX2 EPYC) run with `make test-slow` (CI runs it too);
+# the default suite builds every decoder family's tiny model for TensorRT instead (test_decoder_families.py).
+SMOLLM2_TRT = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +66,7 @@ def test_trt_target_takes_decoder_llms() -> None:
         "LlmExportStage", "LlmCalibrateStage", "PrecisionStage", "LlmVerifyStage", "BundleStage"]
 
 
+@SMOLLM2_TRT
 def test_fp16_graph_keeps_norm_statistics_and_softmax_in_fp32(trt_llm_build) -> None:
     model = onnx.load(str(trt_llm_build("fp16").outputs["precision"].path("model.onnx")))
     types = tensor_types(model)
@@ -80,6 +84,7 @@ def test_fp16_graph_keeps_norm_statistics_and_softmax_in_fp32(trt_llm_build) -> 
             and v.name not in ("attention_mask", "position_ids")} == {onnx.TensorProto.FLOAT}
 
 
+@SMOLLM2_TRT
 def test_int8_qdq_sits_on_matmul_inputs_only(trt_llm_build) -> None:
     result = trt_llm_build("int8")
     model = onnx.load(str(result.outputs["precision"].path("model.onnx")))
@@ -117,6 +122,7 @@ def test_int8_qdq_sits_on_matmul_inputs_only(trt_llm_build) -> None:
     assert {node.domain for node in model.graph.node} <= {"", "ai.onnx"}
 
 
+@SMOLLM2_TRT
 def test_simulated_fp16_parity_meets_the_llm_gates(trt_llm_build) -> None:
     result = trt_llm_build("fp16")
     report = json.loads(result.outputs["verify"].path("parity.json").read_text())
@@ -140,6 +146,7 @@ def test_simulated_fp16_parity_meets_the_llm_gates(trt_llm_build) -> None:
     assert ParityReport.model_validate(report).family == "decoder" and report["target"] == "trt"
 
 
+@SMOLLM2_TRT
 def test_int8_fallback_ranks_the_outlier_matmuls_first(trt_llm_build) -> None:
     """271 MatMuls are too many to probe one by one: nodes are ranked by their own quantization error, which puts
     the down_proj MatMuls fed by SmolLM2's massive activations (|x| ~ 3000 against a p99.9 of ~1.4) first."""
@@ -152,6 +159,7 @@ def test_int8_fallback_ranks_the_outlier_matmuls_first(trt_llm_build) -> None:
     assert 0.0 < summary["calibration_perplexity_ratio"] < 1.0 and summary["target_perplexity_ratio"] == round(1 / 1.07, 6)
 
 
+@SMOLLM2_TRT
 def test_bundle_profiles_cover_batch_sequence_and_past_axes(trt_llm_build) -> None:
     from engines.ort_session import create_session
     from tests.engines.trt_api_checker import load_api
@@ -196,6 +204,7 @@ def test_bundle_profiles_cover_batch_sequence_and_past_axes(trt_llm_build) -> No
     assert not (bundle / "model.plan").exists() and result.outputs["bundle"].metrics["engine"].startswith("not built")
 
 
+@SMOLLM2_TRT
 def test_published_build_holds_the_bundle(trt_llm_build) -> None:
     result = trt_llm_build("fp16")
     manifest = json.loads((result.build_dir / "manifest.json").read_text())
