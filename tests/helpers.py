@@ -1,15 +1,22 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """The real `pipeline` command in a child process, as a user or CI runs it."""
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=cwd, timeout=600
-    )
+    """The real `pipeline` command in a child process of its own, as a user or CI runs it, forked from a process
+    that has already imported the heavy libraries (tests/cli_zygote.py); QUANTPIPE_TEST_COLD_CLI=1 starts each
+    command as `python -m pipeline` instead."""
+    if os.environ.get("QUANTPIPE_TEST_COLD_CLI") == "1":
+        return subprocess.run(
+            [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+        )
+    from tests.cli_zygote import ZYGOTE
+
+    return ZYGOTE.run(list(args), cwd, timeout=600)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
