@@ -17,9 +17,11 @@ from typing import Optional
 # torchao, once installed, is imported by transformers on every model load (and by peft). torchao 0.18 prints
 # through two loggers, both at import: its own ("Failed to load .../torchao/_C_mxfp8...so": CUDA kernels,
 # torchao/__init__.py) and torch's pytree logger (register_constant on its Enum configs,
-# torch/utils/_pytree.py, in torch's "W1202 ..." format). Both are plain `logging`, silenced here.
+# torch/utils/_pytree.py, in torch's "W1202 ..." format). Both are plain `logging`, silenced here. Hugging Face's
+# `kernels` (0.19, a dependency of transformers 5.25) warns on every bitsandbytes load that it skips a hub trust check
+# because the hub is offline, which it always is here.
 LIBRARIES = ("onnx_neural_compressor", "transformers", "onnxruntime", "torch.onnx", "peft", "bitsandbytes", "torchao",
-             "torch.utils._pytree")
+             "torch.utils._pytree", "kernels")
 STDERR_FORMAT = "%(name)s %(levelname)s: %(message)s"
 FILE_FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
 _HANDLER_MARK = "_quantpipe"
