@@ -16,7 +16,7 @@ from pipeline.stages.facts import ExportFacts, WeightOnlyFacts
 class LlmQuantizeStage(Stage):
     name = "quantize"
     facts = WeightOnlyFacts
-    version = 7  # 7: --llm-graph genai (onnxruntime-genai's fused graph); 6: float-offset blocks keep a source grid
+    version = 8  # 8: residual offsets folded into the MatMulNBits; 7: --llm-graph genai; 6: source grids kept
     outputs = ("model.onnx",)
 
     def depends_on(self, config: BuildConfig) -> tuple[str, ...]:
