@@ -4,7 +4,7 @@ TensorRT's IDequantizeLayer takes INT4 weights with block quantization along one
 no zero point (or an all-zero one): only symmetric quantization. A symmetric checkpoint (codes q in 0..15
 with zero point 8, compressed-tensors' signed codes + 8, torchao's symmetric int8 -8..7 + 8) is exactly
 that: W^T[k, n] = (q[n, k] - 8) * s[n, g(k)]. So each body MatMul of the FP32 export (matched to its
-checkpoint Linear by the bytes of its de-quantized weight, as engines/cpu/prequantized.py does) reads
+checkpoint Linear by the bytes of its de-quantized weight, engines/checkpoint_linears.py) reads
 
     INT4 initializer [K, N] (q - 8, in -8..7) -> DequantizeLinear(scale [K/group, N], axis 0,
                                                  block_size = group, no zero point) -> MatMul
@@ -23,8 +23,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from engines.cpu.prequantized import QuantizedLinear, weight_key
-from engines.onnx_io import replace_nodes
+from engines.checkpoint_linears import QuantizedLinear, WrittenWeight, rewrite_checkpoint_matmuls
 
 SYMMETRIC_ZERO = 8
 MIN_OPSET = 21  # blocked DequantizeLinear (block_size) and INT4 tensors
@@ -64,12 +63,8 @@ def to_int4(linear: QuantizedLinear) -> Int4Weight:
         raise ValueError(f"{linear.name}: K={k} is not a multiple of the group size {size}")
     if np.any(linear.zero_points != SYMMETRIC_ZERO):
         raise ValueError(f"{linear.name}: zero points other than {SYMMETRIC_ZERO} (asymmetric)")
-    codes, permutation = linear.codes, None
-    if linear.act_order:
-        permutation = np.argsort(linear.groups, kind="stable")
-        if np.any(linear.groups[permutation] != np.arange(k) // size):
-            raise ValueError(f"{linear.name}: g_idx does not give every group exactly {size} channels")
-        codes = codes[:, permutation]
+    permutation = linear.group_order()
+    codes = linear.codes if permutation is None else linear.codes[:, permutation]
     values = (codes.astype(np.int8) - SYMMETRIC_ZERO).T
     scales = np.ascontiguousarray(linear.scales[:, : k // size].T, dtype=np.float32)
     return Int4Weight(np.ascontiguousarray(values), scales, size, permutation)
@@ -91,53 +86,16 @@ def replace_with_int4(model: onnx.ModelProto, linears: list[QuantizedLinear]) ->
     DequantizeLinear with that Linear's codes and scales, in place. Returns counts: matmuls and blocks taken
     from the checkpoint, act-order matmuls, checkpoint Linears that matched no MatMul."""
     _ensure_opset(model)
-    by_key = {weight_key(linear.dequantize().T): linear for linear in linears}
-    constants = {tensor.name: tensor for tensor in model.graph.initializer}
-    consumers: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers[name] = consumers.get(name, 0) + 1
-    counts = {"checkpoint_matmuls": 0, "checkpoint_blocks": 0, "act_order_matmuls": 0}
-    matched: set[str] = set()
-    written: dict[str, Int4Weight] = {}
-    gathers: dict[tuple[str, bytes], str] = {}
-    new_nodes: list[onnx.NodeProto] = []
-    for node in model.graph.node:
-        weight = constants.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        if weight is None or weight.data_type != TensorProto.FLOAT or len(weight.dims) != 2:
-            new_nodes.append(node)
-            continue
-        base = weight.name
-        if base not in written:
-            linear = by_key.get(weight_key(numpy_helper.to_array(weight)))
-            if linear is None:
-                new_nodes.append(node)
-                continue
-            int4 = to_int4(linear)
-            written[base] = int4
-            matched.add(linear.name)
-            counts["checkpoint_blocks"] += int4.scales.size
-            model.graph.initializer.extend([_int4_tensor(int4.values, f"{base}_int4"),
-                                            numpy_helper.from_array(int4.scales, f"{base}_scale")])
-            new_nodes.append(helper.make_node("DequantizeLinear", [f"{base}_int4", f"{base}_scale"],
-                                              [f"{base}_dequantized"], name=f"{base}_DequantizeLinear",
-                                              axis=0, block_size=int4.block_size))
-        int4 = written[base]
-        activation = node.input[0]
-        if int4.permutation is not None:
-            key = (activation, int4.permutation.tobytes())
-            if key not in gathers:
-                index = f"{base}_act_order"
-                model.graph.initializer.append(numpy_helper.from_array(int4.permutation.astype(np.int64), index))
-                gathers[key] = f"{node.name}_act_order_input"
-                new_nodes.append(helper.make_node("Gather", [activation, index], [gathers[key]], axis=-1,
-                                                  name=f"{node.name}_ActOrder"))
-            activation = gathers[key]
-            counts["act_order_matmuls"] += 1
-        new_nodes.append(helper.make_node("MatMul", [activation, f"{base}_dequantized"], list(node.output),
-                                          name=node.name))
-        consumers[base] -= 1
-        counts["checkpoint_matmuls"] += 1
-    replace_nodes(model, new_nodes, {name for name, count in consumers.items() if count == 0 and name in constants})
-    counts["unmatched_linears"] = len({linear.name for linear in linears} - matched)
-    return counts
+
+    def write_weight(base: str, linear: QuantizedLinear) -> WrittenWeight:
+        int4 = to_int4(linear)
+        dequantize = helper.make_node("DequantizeLinear", [f"{base}_int4", f"{base}_scale"], [f"{base}_dequantized"],
+                                      name=f"{base}_DequantizeLinear", axis=0, block_size=int4.block_size)
+        return WrittenWeight([_int4_tensor(int4.values, f"{base}_int4"),
+                              numpy_helper.from_array(int4.scales, f"{base}_scale")],
+                             int4.scales.size, int4.permutation, int4, [dequantize])
+
+    def write_matmul(node: onnx.NodeProto, activation: str, base: str, weight: WrittenWeight) -> onnx.NodeProto:
+        return helper.make_node("MatMul", [activation, f"{base}_dequantized"], list(node.output), name=node.name)
+
+    return rewrite_checkpoint_matmuls(model, linears, set(), write_weight, write_matmul)

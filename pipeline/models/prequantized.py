@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from engines.cpu.prequantized import QuantizedLinear
+from engines.checkpoint_linears import QuantizedLinear
 from pipeline.core.errors import InputError
 
 METHODS = ("compressed-tensors", "gptq", "awq", "torchao")
