@@ -157,7 +157,8 @@ def test_a_4_bit_gguf_grid_is_kept_and_wider_grids_are_rounded_once(qtype: str, 
     rng = np.random.default_rng(3)
     # GGUF rows [N, K]; sub-blocks of 32 of different magnitudes, as in real weights (Q4_K's small sub-blocks
     # get coarse 6-bit scales).
-    rows = (rng.standard_normal((16, 512)) * np.repeat(rng.uniform(0.02, 0.2, (16, 16)), BLOCK, axis=1)).astype(np.float32)
+    normal = rng.standard_normal((16, 512))
+    rows = (normal * np.repeat(rng.uniform(0.02, 0.2, (16, 16)), BLOCK, axis=1)).astype(np.float32)
     kind = GGMLQuantizationType[qtype]
     source = rows if qtype == "F32" else quants.dequantize(quantize_rows(rows, kind), kind)
     blocks = quantize_offset_blocks(np.ascontiguousarray(source.T), BLOCK)
