@@ -35,10 +35,12 @@ def _token_id(value: Any) -> Any:
 
 
 def genai_config(model: ModelInfo, past_names: list[str], session_entries: dict[str, str],
-                 context_length: int, position_ids: bool = True) -> dict[str, Any]:
+                 context_length: int, position_ids: bool = True, share_buffer: bool = False) -> dict[str, Any]:
     """onnxruntime-genai's configuration for our KV-cache graph: its input and output names as we export them
     (past_key_values.%d.key / present.%d.key), greedy search by default, and the build's session settings.
-    position_ids: False for a graph that derives positions from the mask (onnxruntime-genai's own, --llm-graph genai)."""
+    position_ids: False for a graph that derives positions from the mask (onnxruntime-genai's own, --llm-graph genai);
+    share_buffer: the graph's attention appends to its cache in place (GroupQueryAttention), so the generator may
+    keep one past/present buffer of max_length (as the builder's own configuration does)."""
     config = model.config
     heads = int(config["num_attention_heads"])
     kv_heads = int(config.get("num_key_value_heads") or heads)
@@ -69,7 +71,7 @@ def genai_config(model: ModelInfo, past_names: list[str], session_entries: dict[
             "vocab_size": int(config["vocab_size"]),
         },
         "search": {"do_sample": False, "max_length": context_length, "min_length": 0, "num_beams": 1,
-                   "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+                   "num_return_sequences": 1, "past_present_share_buffer": share_buffer, "repetition_penalty": 1.0,
                    "temperature": 1.0, "top_k": 1, "top_p": 1.0, "early_stopping": True,
                    "length_penalty": 1.0, "diversity_penalty": 0.0, "no_repeat_ngram_size": 0},
     }
@@ -85,6 +87,8 @@ def write_standalone_files(build_dir: Path, model: ModelInfo, tokenizer_dir: Pat
         return written
     import onnx
 
+    from pipeline.models.decoding import presents_share_buffer
+
     graph = onnx.load(str(build_dir / "model.onnx"), load_external_data=False).graph
     past = [item.name for item in graph.input if item.name.startswith("past_key_values.")]
     entries = dict(runtime.get("session_config_entries") or {})
@@ -94,7 +98,8 @@ def write_standalone_files(build_dir: Path, model: ModelInfo, tokenizer_dir: Pat
     context = int(model.config.get("max_position_embeddings") or 2048)
     try:
         genai = genai_config(model, past, entries, context,
-                             position_ids=any(item.name == "position_ids" for item in graph.input))
+                             position_ids=any(item.name == "position_ids" for item in graph.input),
+                             share_buffer=presents_share_buffer(graph))
     except (KeyError, TypeError, ValueError):  # a config without the sizes genai needs: the build stands without it
         return written
     write_text(build_dir / GENAI_CONFIG, json.dumps(genai, indent=2) + "\n")

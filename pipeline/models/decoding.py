@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 
 from engines.ort_session import SessionSettings, create_session
 from pipeline.core.errors import InputError
@@ -47,6 +49,10 @@ class KVDecoder:
         self.output_names = [LOGITS] + [PRESENT_PREFIX + name[len(PAST_PREFIX):] for name in self.past_names]
         # Graphs whose attention computes rotary positions from the mask (GroupQueryAttention) take no position_ids.
         self.takes_positions = "position_ids" in inputs
+        # Only graphs whose attention takes no positions can be GroupQueryAttention with rotary inside; reading the
+        # graph costs seconds on a large FP32 export, which always takes position_ids.
+        self.shares_buffer = not self.takes_positions and presents_share_buffer(
+            onnx.load(str(model_path), load_external_data=False).graph)
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for _ in self.past_names]
@@ -68,11 +74,70 @@ class KVDecoder:
         mask = np.ones_like(input_ids) if attention_mask is None else attention_mask
         return self.step(input_ids, mask, self.empty_past(input_ids.shape[0]))[0]
 
+    def bound_cache(self, max_length: int) -> "BoundCache":
+        """A cache that stays in ONNX Runtime's buffers between steps, for one sequence of at most max_length tokens."""
+        return BoundCache(self, max_length)
+
     def __enter__(self) -> "KVDecoder":
         return self
 
     def __exit__(self, *exc: object) -> None:
         del self.session
+
+
+def presents_share_buffer(graph: onnx.GraphProto) -> bool:
+    """True when every present output comes straight out of a GroupQueryAttention node: that kernel writes the new
+    keys/values in place when its past and present are one buffer (onnxruntime-genai's past_present_share_buffer)."""
+    producers = {output: node.op_type for node in graph.node for output in node.output}
+    presents = [item.name for item in graph.output if item.name.startswith(PRESENT_PREFIX)]
+    return bool(presents) and all(producers.get(name) == "GroupQueryAttention" for name in presents)
+
+
+class BoundCache:
+    """The KV cache of one sequence, kept in ONNX Runtime's own buffers between decode steps (IO binding), so a
+    step does not copy the whole cache out to numpy and back in.
+
+    GroupQueryAttention graphs get one [1, kv_heads, max_length, head_dim] buffer per past/present pair, bound as
+    both: the kernel appends the step's keys/values in place and reads the valid length from the attention mask
+    (as onnxruntime-genai's generator runs them). Other graphs concatenate past and new keys themselves: their
+    present outputs are handed back as the next step's past without leaving ONNX Runtime."""
+
+    def __init__(self, decoder: KVDecoder, max_length: int) -> None:
+        self.decoder, self.max_length, self.length = decoder, max_length, 0
+        self.binding = decoder.session.io_binding()
+        self.binding.bind_output(LOGITS)  # bound first: get_outputs() lists outputs in the order they were bound
+        self.presents = decoder.output_names[1:]
+        if decoder.shares_buffer:
+            shape = (1, decoder.kv_heads, max_length, decoder.head_dim)
+            for past, present in zip(decoder.past_names, self.presents):
+                buffer = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32))
+                self.binding.bind_ortvalue_input(past, buffer)
+                self.binding.bind_ortvalue_output(present, buffer)
+        else:
+            for past, empty in zip(decoder.past_names, decoder.empty_past(1)):
+                self.binding.bind_cpu_input(past, empty)
+
+    def step(self, input_ids: Sequence[int]) -> np.ndarray:
+        """Logits [1, len(input_ids), vocab] of the new tokens, appended to the cache."""
+        new = len(input_ids)
+        if self.length + new > self.max_length:
+            raise ValueError(f"the cache holds {self.max_length} tokens; {self.length} + {new} do not fit")
+        binding = self.binding
+        binding.bind_cpu_input("input_ids", np.array([list(input_ids)], dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", np.ones((1, self.length + new), dtype=np.int64))
+        if self.decoder.takes_positions:
+            binding.bind_cpu_input("position_ids", np.arange(self.length, self.length + new, dtype=np.int64)[None, :])
+        binding.bind_output(LOGITS)  # its shape changes with the step's length: ONNX Runtime allocates it
+        if not self.decoder.shares_buffer:
+            for present in self.presents:
+                binding.bind_output(present)
+        self.decoder.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        if not self.decoder.shares_buffer:
+            for past, value in zip(self.decoder.past_names, outputs[1:]):
+                binding.bind_ortvalue_input(past, value)
+        self.length += new
+        return outputs[0].numpy()
 
 
 @dataclass
@@ -106,8 +171,12 @@ def generate(decoder: KVDecoder, prompt_ids: Sequence[int], new_tokens: int, *, 
     """Greedy (temperature 0) or sampled decoding of one prompt; without the cache, every step re-reads the whole text."""
     rng = np.random.default_rng(seed)
     ids = np.array([list(prompt_ids)], dtype=np.int64)
+    cache = decoder.bound_cache(len(prompt_ids) + new_tokens) if use_cache else None
     started = time.perf_counter()
-    logits, past = decoder.step(ids, np.ones_like(ids), decoder.empty_past(1))
+    if cache is not None:
+        logits = cache.step(prompt_ids)
+    else:
+        logits, _ = decoder.step(ids, np.ones_like(ids), decoder.empty_past(1))
     prefill_s = time.perf_counter() - started
     result = Generation([], prefill_s, 0.0)
     started = time.perf_counter()
@@ -122,8 +191,8 @@ def generate(decoder: KVDecoder, prompt_ids: Sequence[int], new_tokens: int, *, 
         if token in stop_ids or step == new_tokens - 1:
             break
         ids = np.concatenate([ids, [[token]]], axis=1)
-        if use_cache:
-            logits, past = decoder.step(ids[:, -1:], np.ones_like(ids), past)
+        if cache is not None:
+            logits = cache.step([token])
         else:
             logits, _ = decoder.step(ids, np.ones_like(ids), decoder.empty_past(1))
     result.decode_s = time.perf_counter() - started

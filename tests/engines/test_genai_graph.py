@@ -96,3 +96,39 @@ def test_a_build_on_the_fused_graph_runs_in_our_loader_and_in_genai_s_generator(
         generator.generate_next_token()
         tokens.append(int(generator.get_next_tokens()[0]))
     assert tokens == ours.tokens
+
+
+def _copy_loop(decoder, prompt: list[int], new_tokens: int) -> tuple[list[int], list[np.ndarray]]:
+    """Greedy decoding that hands the whole cache through numpy every step (the reference for the bound cache)."""
+    ids = np.array([prompt], dtype=np.int64)
+    logits, past = decoder.step(ids, np.ones_like(ids), decoder.empty_past(1))
+    tokens, step_logits = [], []
+    while True:
+        step_logits.append(logits[0, -1])
+        tokens.append(int(np.argmax(logits[0, -1])))
+        if len(tokens) == new_tokens:
+            return tokens, step_logits
+        ids = np.concatenate([ids, [[tokens[-1]]]], axis=1)
+        logits, past = decoder.step(ids[:, -1:], np.ones_like(ids), past)
+
+
+@pytest.mark.parametrize("graph", ["export", "genai"])
+def test_the_bound_cache_decodes_what_the_copy_loop_decodes(graph, tiny_llm_build, genai_build) -> None:
+    """generate() keeps the cache in ONNX Runtime's buffers (one shared past/present buffer on the fused graph);
+    its tokens and every step's logits must be those of feeding the cache back through numpy."""
+    from pipeline.models.decoding import KVDecoder, generate
+
+    build = tiny_llm_build if graph == "export" else genai_build
+    prompt = [1, 504, 2533, 1064, 335, 5355, 338, 260]
+    with KVDecoder(build.build_dir / "model.onnx") as decoder:
+        assert decoder.shares_buffer == (graph == "genai")
+        expected_tokens, expected_logits = _copy_loop(decoder, prompt, 12)
+        bound = generate(decoder, prompt, 12, keep_logits=True)
+        cache = decoder.bound_cache(len(prompt) + 1)
+        cache.step(prompt)
+        cache.step([0])
+        with pytest.raises(ValueError, match="do not fit"):
+            cache.step([0])
+    assert bound.tokens == expected_tokens
+    worst = max(float(np.abs(a - b).max()) for a, b in zip(bound.step_logits, expected_logits))
+    assert worst <= 1e-5, worst
