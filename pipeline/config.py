@@ -133,10 +133,12 @@ class QuantizationConfig(_Strict):
         "int: integer zero points (ONNX Runtime's quantizer; what GPTQ/AWQ and 8-bit rtn always use)."
     )
     lm_head: WeightPrecision = Field("int8", description="Weight-only: precision of the lm_head MatMul.")
-    llm_graph: Literal["export", "genai"] = Field(
-        "export", description="Weight-only: the graph quantized. export: our TorchScript KV-cache export; genai: "
+    llm_graph: Literal["auto", "export", "genai"] = Field(
+        "auto", description="Weight-only: the graph quantized. export: our TorchScript KV-cache export; genai: "
         "onnxruntime-genai's model builder's fused FP32 graph of the same weights (GroupQueryAttention, "
-        "SkipSimplifiedLayerNormalization, fused QKV), checked against the export before quantization."
+        "SkipSimplifiedLayerNormalization, fused QKV), checked against the export before quantization; auto: "
+        "genai for rtn builds of a plain checkpoint or GGUF file of a family whose fused graph is verified "
+        "(llama) when onnxruntime-genai is installed, export otherwise."
     )
     embeddings: Literal["fp32", "int4"] = Field(
         "int4", description="Weight-only: precision of the token embedding (int4: GatherBlockQuantized; "

@@ -72,6 +72,9 @@ class Architecture:
     # True: only MatMuls with a constant weight get Q/DQ (attention's activation x activation MatMuls stay FP).
     trt_qdq_weights_only: bool = False
     shares_code_with: Optional[str] = None  # transformers maps this model_type to another family's modules
+    # Decoders: onnxruntime-genai's model builder writes this family's fused graph, checked against our export by
+    # a test (tests/engines/test_genai_graph.py); --llm-graph auto quantizes that graph (engines/cpu/genai_graph.py).
+    genai_builder: bool = False
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -85,6 +88,9 @@ _NO_TOKEN_TYPES = ("input_ids", "attention_mask")
 # kv heads, head_dim and sliding windows from each config); GGUF files of the families transformers' GGUF
 # loader knows (llama, mistral, qwen2, qwen3, phi3, gemma3) load as the same model types.
 DECODER_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
+# Those whose fused onnxruntime-genai graph has been checked here (SmolLM2 and the tiny test Llama); the builder
+# knows the others too, unverified, so they take it only when asked (--llm-graph genai).
+GENAI_BUILDER_MODEL_TYPES = ("llama",)
 
 ARCHITECTURES: dict[str, Architecture] = {
     arch.model_type: arch
@@ -100,7 +106,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("deberta-v2", "encoder", _ENCODER_IDS, "bert", FFN_FUSIONS, trt_qdq_weights_only=True),
         Architecture("modernbert", "encoder", _NO_TOKEN_TYPES, "bert", ("gelu", "layer_norm")),
         # Decoder LLMs: the KV-cache inputs (past_key_values.N.key/value) follow from the layer count.
-        *(Architecture(model_type, "decoder", ("input_ids", "attention_mask", "position_ids"), "gpt2")
+        *(Architecture(model_type, "decoder", ("input_ids", "attention_mask", "position_ids"), "gpt2",
+                       genai_builder=model_type in GENAI_BUILDER_MODEL_TYPES)
           for model_type in DECODER_MODEL_TYPES),
     )
 }

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pipeline.config import BuildConfig
 from pipeline.core.errors import InputError, StageError
@@ -31,11 +32,12 @@ class LlmQuantizeStage(Stage):
         zero_point = "float" if uses_float_offsets(q.mode, q.weight_bits, q.symmetric, q.zero_point) else "int"
         return {"mode": q.mode, "weight_bits": q.weight_bits, "block_size": q.block_size, "symmetric": q.symmetric,
                 "zero_point": zero_point, "lm_head": q.lm_head, "embeddings": q.embeddings, "exclude": q.exclude,
-                "llm_graph": q.llm_graph}
+                # the graph quantized, and what was asked (auto or a graph), which its facts record
+                "llm_graph": chosen_graph(config, model), "llm_graph_asked": q.llm_graph}
 
     def external_inputs(self, config: BuildConfig, model: ModelInfo) -> dict[str, str]:
         # The genai graph is built from the checkpoint itself, not from the export.
-        return {"model": model_fingerprint(model.path)} if config.quantization.llm_graph == "genai" else {}
+        return {"model": model_fingerprint(model.path)} if chosen_graph(config, model) == "genai" else {}
 
     def run(self, context: StageContext, out: Path) -> dict[str, Any]:
         from calibration.readers import BatchReader
@@ -48,7 +50,8 @@ class LlmQuantizeStage(Stage):
         export = context.input("export")
         fp32 = export.path("model.onnx")
         fused: dict[str, Any] = {}
-        if q.llm_graph == "genai":
+        graph = chosen_graph(context.config, context.model)
+        if graph == "genai":
             fp32, fused = fused_graph(context, out)
         reader = None
         if q.mode in ("gptq", "awq"):  # the only modes that read calibration text (see depends_on)
@@ -80,13 +83,25 @@ class LlmQuantizeStage(Stage):
         quantized_bytes = (out / "model.onnx").stat().st_size
         return {
             **summary,
-            "llm_graph": {"graph": q.llm_graph, **fused},
+            "llm_graph": {"graph": graph, "asked": q.llm_graph, **fused},
             "fp32_bytes": fp32_bytes,
             "quantized_bytes": quantized_bytes,
             "size_ratio": round(quantized_bytes / fp32_bytes, 4),
             # The FP32 file holds the tied embedding twice (Gather table and transposed lm_head weight).
             "size_ratio_vs_fp32_parameters": round(quantized_bytes / (4 * context.facts("export", ExportFacts).parameters), 4),
         }
+
+
+def chosen_graph(config: BuildConfig, model: ModelInfo) -> Literal["export", "genai"]:
+    """The graph --llm-graph auto quantizes: onnxruntime-genai's fused graph where it is known to hold (the family
+    declares it, plain weights, rtn: the only mode whose inputs are not read from the export graph) and its
+    builder is installed; our export otherwise."""
+    asked = config.quantization.llm_graph
+    if asked != "auto":
+        return asked
+    plain_weights = model.origin is None and model.graph is None
+    fits = model.architecture.genai_builder and plain_weights and config.quantization.mode == "rtn"
+    return "genai" if fits and importlib.util.find_spec("onnxruntime_genai") is not None else "export"
 
 
 # The fused FP32 graph against our FP32 export, same weights: prefill and decode logits (max abs).

@@ -11,24 +11,18 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import pipeline
-from tests.conftest import LLM_TEST_CALIBRATION
-from tests.helpers import seed_stage_cache
-
-pytest.importorskip("onnxruntime_genai")
 
 # Same weights, two graphs (eager attention vs GroupQueryAttention, unfused vs fused RMSNorm): FP32 rounding only.
 FUSED_MAX_ABS = 1e-4
 
 
 @pytest.fixture(scope="module")
-def genai_build(tiny_llama_folder, tiny_llm_build, tmp_path_factory: pytest.TempPathFactory):
-    """The tiny Llama built on the fused graph, export and calibration reused from the default tiny build."""
-    out = tmp_path_factory.mktemp("tiny-llm-genai")
-    seed_stage_cache(out, tiny_llm_build.outputs, ("export", "calibrate"))
-    result = pipeline.build(model=str(tiny_llama_folder), output=out, calibration=LLM_TEST_CALIBRATION,
-                            verify={"greedy_prompts": 2}, quantization={"llm_graph": "genai"})
-    assert result.status == "passed", result.failures
-    return result
+def genai_build(tiny_llm_build):
+    """The tiny Llama's default build: --llm-graph auto quantizes the fused graph for the llama family."""
+    quantize = next(stage for stage in tiny_llm_build.manifest["stages"] if stage["stage"] == "quantize")
+    facts = quantize["metrics"]["llm_graph"]
+    assert facts["graph"] == "genai" and facts["asked"] == "auto", facts
+    return tiny_llm_build
 
 
 def test_the_fused_fp32_graph_computes_what_our_export_computes(tiny_llama_folder, tiny_llm_build, tmp_path) -> None:
@@ -118,9 +112,10 @@ def test_the_bound_cache_decodes_what_the_copy_loop_decodes(graph, tiny_llm_buil
     its tokens and every step's logits must be those of feeding the cache back through numpy."""
     from pipeline.models.decoding import KVDecoder, generate
 
-    build = tiny_llm_build if graph == "export" else genai_build
+    # The export's FP32 graph (attention spelled out, position_ids), and the build on the fused graph.
+    model = tiny_llm_build.build_dir / "model.fp32.onnx" if graph == "export" else genai_build.build_dir / "model.onnx"
     prompt = [1, 504, 2533, 1064, 335, 5355, 338, 260]
-    with KVDecoder(build.build_dir / "model.onnx") as decoder:
+    with KVDecoder(model) as decoder:
         assert decoder.shares_buffer == (graph == "genai")
         expected_tokens, expected_logits = _copy_loop(decoder, prompt, 12)
         bound = generate(decoder, prompt, 12, keep_logits=True)

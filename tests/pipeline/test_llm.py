@@ -141,10 +141,12 @@ def test_rtn_4bit_file_is_at_most_a_fifth_of_fp32(llm_stages) -> None:
     assert quantize["size_ratio"] <= 0.20, quantize  # float offsets included (measured 0.196)
     assert quantize["zero_point"] == "float" and not quantize["symmetric"]  # the default: GGUF Q4_1's grid
     assert quantize["quantized_ops"]["GatherBlockQuantized"] == 1  # the 4-bit embedding
-    assert quantize["quantized_ops"]["MatMulNBits"] == 30 * 7 + 1  # every linear layer and the lm_head
-    # Per layer 4 block sums (q/k/v and gate/up share theirs; the offsets ride inside the MatMulNBits), 2 attention
-    # MatMuls.
-    assert quantize["quantized_ops"]["MatMul"] == 30 * (4 + 2)
+    # The default graph for llama (--llm-graph auto): onnxruntime-genai's fused graph, q/k/v in one MatMul.
+    assert quantize["llm_graph"]["graph"] == "genai"
+    assert quantize["quantized_ops"]["MatMulNBits"] == 30 * 5 + 1  # every linear layer and the lm_head
+    # Per layer 4 block sums (q/k/v and gate/up share theirs; the offsets ride inside the MatMulNBits); attention
+    # is GroupQueryAttention, with no MatMul of its own.
+    assert quantize["quantized_ops"]["MatMul"] == 30 * 4
 
 
 def test_llm_parity_perplexity_and_greedy_agreement_on_held_out_text(llm_stages, hf_smollm2) -> None:

@@ -122,3 +122,27 @@ def test_an_engine_error_is_reported_as_the_failing_stage(tmp_path: Path) -> Non
     with pytest.raises(StageError, match="stage 'quantize' failed: the quantized graph lost the producers of axes") as err:
         run_build(load_config(None, {"output_dir": str(tmp_path / "b")}), Progress(quiet=True), stages=[Failing()])
     assert err.value.exit_code == ExitCode.STAGE_FAILED
+
+
+def test_llm_graph_auto_takes_the_fused_graph_only_where_it_is_declared_and_installed(monkeypatch) -> None:
+    import dataclasses
+    import importlib.util
+
+    from pipeline.stages import llm_quantize
+
+    model = inspect_model(None, "text-generation")  # the bundled SmolLM2 GGUF: llama
+    assert ARCHITECTURES["llama"].genai_builder and not ARCHITECTURES["mistral"].genai_builder
+
+    def chosen(model=model, **quantization) -> str:
+        return llm_quantize.chosen_graph(load_config(None, {"quantization": quantization}), model)
+
+    assert chosen(mode="rtn") == "genai"
+    assert chosen(mode="gptq") == "export"  # GPTQ/AWQ read calibration feeds laid out for the export
+    assert chosen(mode="rtn", llm_graph="export") == "export"
+    assert chosen(mode="gptq", llm_graph="genai") == "genai"  # asked: taken as it is
+    assert chosen(dataclasses.replace(model, architecture=ARCHITECTURES["mistral"]), mode="rtn") == "export"
+    assert chosen(dataclasses.replace(model, origin={"adapter": "lora"}), mode="rtn") == "export"
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "onnxruntime_genai" else real_find_spec(name, *args))
+    assert chosen(mode="rtn") == "export"
