@@ -138,7 +138,7 @@ class QuantizationConfig(_Strict):
         "onnxruntime-genai's model builder's fused FP32 graph of the same weights (GroupQueryAttention, "
         "SkipSimplifiedLayerNormalization, fused QKV), checked against the export before quantization; auto: "
         "genai for rtn builds of a plain checkpoint or GGUF file of a family whose fused graph is verified "
-        "(llama) when onnxruntime-genai is installed, export otherwise."
+        "(llama, qwen2, qwen3) when onnxruntime-genai is installed, export otherwise."
     )
     embeddings: Literal["fp32", "int4"] = Field(
         "int4", description="Weight-only: precision of the token embedding (int4: GatherBlockQuantized; "

@@ -54,7 +54,7 @@ def cli() -> None:
               help="LLM asymmetric 4-bit rtn: float block minimums (GGUF Q4_1 grid) or integer zero points.")
 @click.option("--llm-graph", type=click.Choice(["auto", "export", "genai"]),
               help="LLM graph quantized: our export, or onnxruntime-genai's builder's fused graph (faster); auto: the "
-                   "fused graph for rtn builds of llama-family checkpoints, the export otherwise. [default: auto]")
+                   "fused graph for rtn builds of llama, qwen2 and qwen3 checkpoints, the export otherwise. [default: auto]")
 @click.option("--embeddings", type=click.Choice(["fp32", "int4"]),
               help="LLM token-embedding precision.")
 @click.option("--max-perplexity-increase", type=float, help="LLM parity gate: relative perplexity increase. [default: 0.08]")
