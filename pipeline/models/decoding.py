@@ -47,6 +47,8 @@ class KVDecoder:
         first = inputs[self.past_names[0]].shape
         self.kv_heads, self.head_dim = int(first[1]), _head_dim(first[3], model_path)
         self.output_names = [LOGITS] + [PRESENT_PREFIX + name[len(PAST_PREFIX):] for name in self.past_names]
+        vocab = next(item.shape[-1] for item in self.session.get_outputs() if item.name == LOGITS)
+        self.vocab: Optional[int] = vocab if isinstance(vocab, int) else None
         # Graphs whose attention computes rotary positions from the mask (GroupQueryAttention) take no position_ids.
         self.takes_positions = "position_ids" in inputs
         # Only graphs whose attention takes no positions can be GroupQueryAttention with rotary inside; reading the
@@ -104,6 +106,8 @@ class BoundCache:
 
     def __init__(self, decoder: KVDecoder, max_length: int) -> None:
         self.decoder, self.max_length, self.length = decoder, max_length, 0
+        self.mask = np.ones((1, max_length), dtype=np.int64)  # each step binds a view: no array per step
+        self.positions = np.arange(max_length, dtype=np.int64)[None, :]
         self.binding = decoder.session.io_binding()
         self.binding.bind_output(LOGITS)  # bound first: get_outputs() lists outputs in the order they were bound
         self.presents = decoder.output_names[1:]
@@ -124,20 +128,26 @@ class BoundCache:
             raise ValueError(f"the cache holds {self.max_length} tokens; {self.length} + {new} do not fit")
         binding = self.binding
         binding.bind_cpu_input("input_ids", np.array([list(input_ids)], dtype=np.int64))
-        binding.bind_cpu_input("attention_mask", np.ones((1, self.length + new), dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", self.mask[:, :self.length + new])
         if self.decoder.takes_positions:
-            binding.bind_cpu_input("position_ids", np.arange(self.length, self.length + new, dtype=np.int64)[None, :])
-        binding.bind_output(LOGITS)  # its shape changes with the step's length: ONNX Runtime allocates it
+            binding.bind_cpu_input("position_ids", self.positions[:, self.length:self.length + new])
+        logits = None
+        if self.decoder.vocab is not None:  # ONNX Runtime writes the logits straight into a numpy array
+            logits = np.empty((1, new, self.decoder.vocab), dtype=np.float32)
+            binding.bind_ortvalue_output(LOGITS, ort.OrtValue.ortvalue_from_numpy(logits))
+        else:  # a symbolic vocabulary size: ONNX Runtime allocates the output
+            binding.bind_output(LOGITS)
         if not self.decoder.shares_buffer:
             for present in self.presents:
                 binding.bind_output(present)
         self.decoder.session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        if not self.decoder.shares_buffer:
-            for past, value in zip(self.decoder.past_names, outputs[1:]):
+        if not self.decoder.shares_buffer:  # the shared buffers need no handing back
+            for past, value in zip(self.decoder.past_names, binding.get_outputs()[1:]):
                 binding.bind_ortvalue_input(past, value)
+        if logits is None:
+            logits = binding.get_outputs()[0].numpy()
         self.length += new
-        return outputs[0].numpy()
+        return logits
 
 
 @dataclass
@@ -190,10 +200,10 @@ def generate(decoder: KVDecoder, prompt_ids: Sequence[int], new_tokens: int, *, 
             on_token(token)
         if token in stop_ids or step == new_tokens - 1:
             break
-        ids = np.concatenate([ids, [[token]]], axis=1)
         if cache is not None:
             logits = cache.step([token])
         else:
+            ids = np.concatenate([ids, [[token]]], axis=1)
             logits, _ = decoder.step(ids, np.ones_like(ids), decoder.empty_past(1))
     result.decode_s = time.perf_counter() - started
     return result
