@@ -7,9 +7,10 @@
   on real text; they emit MatMulNBits only at 4 bits (other widths would be de-quantized FP32 weights).
 - checkpoint (4 bits): a pre-quantized GPTQ/AWQ checkpoint's own codes, scales and zero points
   (engines/cpu/prequantized.py): nothing in the body is rounded again.
-- lm_head and the token embedding have their own policy (fp32, int8 or int4): with tied embeddings the
-  two vocabulary-sized matrices are a third of the FP32 file, so leaving them in FP32 caps the size
-  reduction, while the lm_head is the MatMul whose error reaches the logits most directly.
+- lm_head and the token embedding have their own policy (fp32, int8 or int4) and their own block size: with
+  tied embeddings the two vocabulary-sized matrices are a third of the FP32 file, so leaving them in FP32 caps
+  the size reduction, while the lm_head is the MatMul whose error reaches the logits most directly. An 8-bit
+  embedding tied to an 8-bit lm_head reads the lm_head's codes (engines/cpu/vocabulary.py).
 """
 
 from __future__ import annotations
@@ -23,13 +24,17 @@ import onnx
 
 from engines.cpu.block_offset import replace_matmuls
 from engines.cpu.neural_compressor import name_all_nodes
+from engines.cpu.vocabulary import quantize_embedding_int8, quantize_lm_head_int8, tied_to_lm_head
 from engines.onnx_io import save_model
 from pipeline.core.errors import EngineError, InputError
 
 Algorithm = Literal["rtn", "gptq", "awq", "checkpoint"]
 ZeroPoint = Literal["int", "float"]
-Precision = Literal["fp32", "int8", "int4"]  # embeddings: fp32 or int4 (ORT 1.32 quantizes Gather to 4 bits only)
-BITS = {"int8": 8, "int4": 4}
+Precision = Literal["fp32", "int8", "int4"]
+# Blocks of the lm_head and the embedding. SmolLM2, 8-bit lm_head and embedding sharing codes, AVX-512 VNNI, 2
+# threads, 54 held-out chunks (docs/float-offsets.md): block 32 +0.08% perplexity, block 64 +0.40% and decode
+# 1.13x block 32's (the 8-bit kernel's per-block work; the lm_head is a tenth of a decode step).
+VOCAB_BLOCK_SIZE = 64
 # MatMulNBits accuracy_level 4: int8 activations in the kernel. Measured on 2 cores with the default
 # float-offset blocks (README): decode 2.2x FP32 at level 4, 0.36x at level 0 (the 8-bit lm_head then
 # de-quantizes per call); perplexity +0.23% at level 4, +0.15% at level 0.
@@ -144,14 +149,16 @@ def _rtn_float_offsets(model: onnx.ModelProto, block_size: int, keep: Sequence[s
 def quantize_weight_only(fp32: Path, target: Path, algorithm: Algorithm, bits: int, block_size: int,
                          symmetric: bool, lm_head: Precision, embeddings: Precision, reader: Any = None,
                          exclude: Sequence[str] = (), zero_point: ZeroPoint = "int",
-                         checkpoint: Sequence[Any] = ()) -> dict[str, Any]:
+                         checkpoint: Sequence[Any] = (), vocab_block_size: int = VOCAB_BLOCK_SIZE) -> dict[str, Any]:
     """Quantize the MatMul weights of the body with `algorithm`, then lm_head and embeddings by their policy."""
     if algorithm != "rtn" and bits != 4:
         raise InputError(f"{algorithm} is 4-bit only here (Neural Compressor emits MatMulNBits only at 4 bits); "
                          "use --quant rtn for 8-bit weights")
     original = onnx.load(str(fp32))
     head = find_lm_head(original)
+    head_output = next(node.output[0] for node in original.graph.node if node.name == head)
     embedding_nodes = find_embeddings(original)
+    tied = len(embedding_nodes) == 1 and tied_to_lm_head(original, embedding_nodes[0], head)
     keep = [head, *exclude]
     float_offsets = uses_float_offsets(algorithm, bits, symmetric, zero_point)
     grid: dict[str, int] = {}
@@ -173,10 +180,16 @@ def quantize_weight_only(fp32: Path, target: Path, algorithm: Algorithm, bits: i
         model = _inc_quantize(fp32, algorithm, block_size, symmetric, keep, reader)
     # Symmetric blocks for the vocabulary matrices whatever the body uses: GGUF stores them as Q8_0
     # (symmetric), and ONNX Runtime's asymmetric blocks would force 0 into each range.
-    if lm_head != "fp32":
-        model = _ort_quantize(model, BITS[lm_head], block_size, True, [head], [], ("MatMul",))
-    if embeddings != "fp32" and embedding_nodes:
-        model = _ort_quantize(model, BITS[embeddings], block_size, True, embedding_nodes, [], ("Gather",))
+    if lm_head == "int8":
+        quantize_lm_head_int8(model, head, vocab_block_size, ACCURACY_LEVEL)
+    elif lm_head == "int4":
+        model = _ort_quantize(model, 4, vocab_block_size, True, [head], [], ("MatMul",))
+    shared = False
+    if embeddings == "int8":
+        for name in embedding_nodes:
+            shared |= quantize_embedding_int8(model, name, vocab_block_size, head_output if tied else None)
+    elif embeddings == "int4" and embedding_nodes:
+        model = _ort_quantize(model, 4, vocab_block_size, True, embedding_nodes, [], ("Gather",))
     with tempfile.TemporaryDirectory(prefix="quantpipe-woq-", dir=target.parent) as scratch:
         staged = Path(scratch) / target.name
         save_model(model, staged)
@@ -198,6 +211,9 @@ def quantize_weight_only(fp32: Path, target: Path, algorithm: Algorithm, bits: i
         "zero_point": "none" if symmetric else ("float" if float_offsets else "int"),
         "lm_head": lm_head,
         "embeddings": embeddings,
+        "vocab_block_size": vocab_block_size,
+        "tied_embeddings": tied,
+        "shared_vocabulary": shared,  # the 8-bit embedding reads the lm_head's codes
         "lm_head_node": head,
         # Float-offset RTN: blocks whose values were already on a 4-bit grid (de-quantized Q4_0/Q4_1/Q4_K)
         # and were kept on it exactly, of all the body's blocks (engines/cpu/block_offset.py).

@@ -50,6 +50,7 @@ FLAG_KEYS = {
     "weight_bits": "quantization.weight_bits",
     "block_size": "quantization.block_size",
     "lm_head": "quantization.lm_head",
+    "vocab_block_size": "quantization.vocab_block_size",
     "symmetric": "quantization.symmetric",
     "zero_point": "quantization.zero_point",
     "llm_graph": "quantization.llm_graph",

@@ -32,6 +32,7 @@ APPLIES: dict[str, Applies] = {
     "quantization.weight_bits": Applies("--weight-bits", ("cpu",), _LLM),
     "quantization.block_size": Applies("--block-size", ("cpu",), _LLM),
     "quantization.lm_head": Applies("--lm-head", ("cpu",), _LLM),
+    "quantization.vocab_block_size": Applies("--vocab-block-size", ("cpu",), _LLM),
     "quantization.symmetric": Applies("--symmetric/--asymmetric", ("cpu",), _LLM),
     "quantization.zero_point": Applies("--zero-point", ("cpu",), _LLM),
     "quantization.llm_graph": Applies("--llm-graph", ("cpu",), _LLM),

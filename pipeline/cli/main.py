@@ -49,14 +49,15 @@ def cli() -> None:
               help="LLM weight-only bits (8: rtn only).")
 @click.option("--block-size", type=int, help="LLM weight-only block size (power of two).")
 @click.option("--lm-head", type=click.Choice(["fp32", "int8", "int4"]), help="LLM lm_head precision.")
+@click.option("--vocab-block-size", type=int, help="LLM block size of the lm_head and token embedding (power of two). [default: 64]")
 @click.option("--symmetric/--asymmetric", default=None, help="LLM weight-only blocks with or without zero points. [default: asymmetric]")
 @click.option("--zero-point", type=click.Choice(["int", "float"]),
               help="LLM asymmetric 4-bit rtn: float block minimums (GGUF Q4_1 grid) or integer zero points.")
 @click.option("--llm-graph", type=click.Choice(["auto", "export", "genai"]),
               help="LLM graph quantized: our export, or onnxruntime-genai's builder's fused graph (faster); auto: the "
                    "fused graph for rtn builds of llama, qwen2 and qwen3 checkpoints, the export otherwise. [default: auto]")
-@click.option("--embeddings", type=click.Choice(["fp32", "int4"]),
-              help="LLM token-embedding precision.")
+@click.option("--embeddings", type=click.Choice(["fp32", "int8", "int4"]),
+              help="LLM token-embedding precision (int8 tied to an int8 lm_head shares its codes). [default: int8]")
 @click.option("--max-perplexity-increase", type=float, help="LLM parity gate: relative perplexity increase. [default: 0.08]")
 @click.option("--min-token-agreement", type=float, help="LLM parity gate: greedy token agreement. [default: not gated]")
 @click.option("--per-channel/--per-tensor", default=None, help="Weight scales per output channel. [default: per-channel]")

@@ -79,6 +79,8 @@ class WeightOnlyFacts(Facts):
     zero_point: str = "int"
     lm_head: str
     embeddings: str
+    vocab_block_size: Optional[int] = None  # blocks of the lm_head and embedding (the body's before stage version 9)
+    shared_vocabulary: bool = False  # the 8-bit embedding reads the lm_head's codes
 
 
 class PrecisionFacts(Facts):

@@ -17,7 +17,7 @@ from pipeline.stages.facts import ExportFacts, WeightOnlyFacts
 class LlmQuantizeStage(Stage):
     name = "quantize"
     facts = WeightOnlyFacts
-    version = 8  # 8: residual offsets folded into the MatMulNBits; 7: --llm-graph genai; 6: source grids kept
+    version = 9  # 9: 8-bit embedding sharing the lm_head's codes, vocab blocks of 64; 8: residual offsets folded into the MatMulNBits; 7: --llm-graph genai; 6: source grids kept
     outputs = ("model.onnx",)
 
     def depends_on(self, config: BuildConfig) -> tuple[str, ...]:
@@ -32,6 +32,7 @@ class LlmQuantizeStage(Stage):
         zero_point = "float" if uses_float_offsets(q.mode, q.weight_bits, q.symmetric, q.zero_point) else "int"
         return {"mode": q.mode, "weight_bits": q.weight_bits, "block_size": q.block_size, "symmetric": q.symmetric,
                 "zero_point": zero_point, "lm_head": q.lm_head, "embeddings": q.embeddings, "exclude": q.exclude,
+                "vocab_block_size": q.vocab_block_size,
                 # the graph quantized, and what was asked (auto or a graph), which its facts record
                 "llm_graph": chosen_graph(config, model), "llm_graph_asked": q.llm_graph}
 
@@ -72,9 +73,10 @@ class LlmQuantizeStage(Stage):
         float_offsets = uses_float_offsets(q.mode, q.weight_bits, q.symmetric, q.zero_point)
         scheme = "symmetric" if q.symmetric else "asymmetric, " + ("float offsets" if float_offsets else "integer zero points")
         context.progress.info(f"{q.mode} {q.weight_bits}-bit weights, block {q.block_size} ({scheme}); "
-                              f"lm_head {q.lm_head}, embeddings {q.embeddings}")
+                              f"lm_head {q.lm_head}, embeddings {q.embeddings} (blocks of {q.vocab_block_size})")
         summary = quantize_weight_only(fp32, out / "model.onnx", q.mode, q.weight_bits, q.block_size, q.symmetric,
-                                       q.lm_head, q.embeddings, reader, q.exclude, q.zero_point, checkpoint)
+                                       q.lm_head, q.embeddings, reader, q.exclude, q.zero_point, checkpoint,
+                                       q.vocab_block_size)
         check_graph(out / "model.onnx")
         if fused:
             fp32.unlink()  # the reference stays the export's FP32 graph (model.fp32.onnx)

@@ -96,7 +96,9 @@ class LlmVerifyStage(Stage):
             return f"TensorRT {TRT_KINDS[context.config.trt.precision]} ONNX{fallback}, simulated in ONNX Runtime (CPU)"
         q = context.facts(self.candidate, WeightOnlyFacts)
         return (f"{q.algorithm.upper()} {q.bits}-bit weight-only ONNX (block {q.block_size}, zero points "
-                f"{q.zero_point}, lm_head {q.lm_head}, embeddings {q.embeddings})")
+                f"{q.zero_point}, lm_head {q.lm_head}, embeddings {q.embeddings}"
+                + (f" in blocks of {q.vocab_block_size}" if q.vocab_block_size else "")
+                + (", one shared vocabulary table" if q.shared_vocabulary else "") + ")")
 
 
 def _sizes(reference: Path, candidate: Path) -> Size:
