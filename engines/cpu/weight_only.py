@@ -24,6 +24,7 @@ import onnx
 
 from engines.cpu.block_offset import replace_matmuls
 from engines.cpu.neural_compressor import name_all_nodes
+from engines.cpu.sibling_fusion import fuse_sibling_matmulnbits
 from engines.cpu.vocabulary import quantize_embedding_int8, quantize_lm_head_int8, tied_to_lm_head
 from engines.onnx_io import save_model
 from pipeline.core.errors import EngineError, InputError
@@ -190,6 +191,7 @@ def quantize_weight_only(fp32: Path, target: Path, algorithm: Algorithm, bits: i
             shared |= quantize_embedding_int8(model, name, vocab_block_size, head_output if tied else None)
     elif embeddings == "int4" and embedding_nodes:
         model = _ort_quantize(model, 4, vocab_block_size, True, embedding_nodes, [], ("Gather",))
+    siblings_fused = fuse_sibling_matmulnbits(model)
     with tempfile.TemporaryDirectory(prefix="quantpipe-woq-", dir=target.parent) as scratch:
         staged = Path(scratch) / target.name
         save_model(model, staged)
@@ -214,6 +216,7 @@ def quantize_weight_only(fp32: Path, target: Path, algorithm: Algorithm, bits: i
         "vocab_block_size": vocab_block_size,
         "tied_embeddings": tied,
         "shared_vocabulary": shared,  # the 8-bit embedding reads the lm_head's codes
+        "sibling_nodes_fused": siblings_fused,  # MatMulNBits stacked with a sibling of the same input
         "lm_head_node": head,
         # Float-offset RTN: blocks whose values were already on a 4-bit grid (de-quantized Q4_0/Q4_1/Q4_K)
         # and were kept on it exactly, of all the body's blocks (engines/cpu/block_offset.py).

@@ -99,3 +99,4 @@ def test_int4_and_fp32_embeddings_stay_available(tmp_path: Path) -> None:
             np.testing.assert_array_equal(embedded[0], table)
         else:  # 4-bit: coarser than 8 bits, still close
             assert 0 < np.abs(embedded[0] - table).max() < np.abs(table).max() / 4
+

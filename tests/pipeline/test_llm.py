@@ -146,7 +146,8 @@ def test_rtn_4bit_file_is_at_most_a_fifth_of_fp32(llm_stages) -> None:
     assert quantize["tied_embeddings"] and quantize["shared_vocabulary"] and quantize["vocab_block_size"] == 64
     # The default graph for llama (--llm-graph auto): onnxruntime-genai's fused graph, q/k/v in one MatMul.
     assert quantize["llm_graph"]["graph"] == "genai"
-    assert quantize["quantized_ops"]["MatMulNBits"] == 30 * 5 + 1  # every linear layer and the lm_head
+    # Every linear layer and the lm_head; gate and up read the same input and run as one stacked node.
+    assert quantize["quantized_ops"]["MatMulNBits"] == 30 * 4 + 1 and quantize["sibling_nodes_fused"] == 30
     # Per layer 4 block sums (q/k/v and gate/up share theirs; the offsets ride inside the MatMulNBits); attention
     # is GroupQueryAttention, with no MatMul of its own.
     assert quantize["quantized_ops"]["MatMul"] == 30 * 4

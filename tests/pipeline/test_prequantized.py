@@ -233,7 +233,12 @@ def _graph_weights(model_path: Path) -> dict[str, np.ndarray]:
             restored = np.empty_like(w)
             restored[:, init[source.input[1]]] = w
             w = restored
-        weights[node.name] = w
+        split = next((n for n in model.graph.node if n.op_type == "Split" and node.output[0] in n.input), None)
+        if split is not None:  # siblings stacked along N (engines/cpu/sibling_fusion.py): one weight per output
+            sizes = init[split.input[1]]
+            weights.update(zip(split.output, np.split(w, np.cumsum(sizes)[:-1], axis=0)))
+        else:
+            weights[node.name] = w
     return weights
 
 
