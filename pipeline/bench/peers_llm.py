@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -235,6 +236,14 @@ def _open_peers(build: Path, extra_builds: Sequence[Path], gguf: Path, peers: Se
     return opened, missing
 
 
+def round_order(items: Sequence[Any], turn: int) -> list[Any]:
+    """Round `turn`'s order of the contenders: a shuffle seeded by the round (the same in every run), so that over
+    the rounds each contender follows each of the others."""
+    order = list(items)
+    random.Random(turn).shuffle(order)
+    return order
+
+
 def run_llm_peers(threads: int = 2, new_tokens: int = 64, build: Optional[Path] = None, gguf: Optional[Path] = None,
                   rounds: int = 3, chunks: int = 8, work_dir: Optional[Path] = None,
                   on_progress: Callable[[str], None] = lambda message: None,
@@ -276,7 +285,9 @@ def run_llm_peers(threads: int = 2, new_tokens: int = 64, build: Optional[Path] 
             peer.generate(prompt, 4)
         for index in range(rounds):
             on_progress(f"round {index + 1}/{rounds}: {new_tokens} new tokens after {len(prompt)} prompt tokens")
-            for peer in runners:
+            # A runtime's threads keep spinning for a while after its turn and slow whoever comes next, so no
+            # contender may always follow the same one: each round has its own order.
+            for peer in round_order(runners, index):
                 tokens, prefill_s, decode_s = peer.generate(prompt, new_tokens)
                 rows[peer.name].decode_rounds.append((len(tokens) - 1) / decode_s)
                 prefill[peer.name].append(len(prompt) / prefill_s)

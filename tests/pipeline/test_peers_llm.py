@@ -39,3 +39,16 @@ def test_an_unknown_peer_is_refused_in_one_line(tiny_llm_build, tmp_path) -> Non
     done = run_cli("bench-peers-llm", str(tiny_llm_build.build_dir), "--peer", "vllm", "-o", str(tmp_path))
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "vllm" in done.stderr
+
+
+
+def test_no_contender_always_follows_the_same_one() -> None:
+    from pipeline.bench.peers_llm import round_order
+
+    contenders = ["ours", "other build", "fp32", "llama.cpp", "genai"]
+    orders = [round_order(contenders, turn) for turn in range(15)]  # the README's runs use 15 rounds
+    assert all(sorted(order) == sorted(contenders) for order in orders)
+    assert orders == [round_order(contenders, turn) for turn in range(15)]  # the same order in every run
+    follows = {(before, after) for order in orders for before, after in zip(order, order[1:])}
+    for name in contenders:  # within the rounds, each contender comes right after every other one at least once
+        assert {before for before, after in follows if after == name} == set(contenders) - {name}
