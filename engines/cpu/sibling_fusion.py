@@ -3,7 +3,8 @@
 MatMulNBits computes every output column from the same quantized activation blocks, so stacking the weights of
 siblings along N gives bit-identical outputs; one larger node costs less than several in a decode step, where
 per-node overhead and the split of work over threads weigh more than the arithmetic. Measured on SmolLM2's default
-graph (gate/up fused, AVX-512 VNNI, 2 threads, 20 interleaved rounds of 64 tokens): 1.06x decode, logits identical.
+graph (gate/up stacked, AVX-512 VNNI, 2 threads): logits identical, decode 1.04-1.06x in A/B scripts and 0.99-1.02x
+in `pipeline bench-peers-llm` (README): a few percent at most.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections import defaultdict
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from engines.onnx_io import replace_nodes
 
 # Attributes that must match for two MatMulNBits to share one kernel (N is what stacking adds up).
 _SHARED_ATTRIBUTES = ("K", "bits", "block_size", "accuracy_level")
@@ -47,7 +50,8 @@ def fuse_sibling_matmulnbits(model: onnx.ModelProto) -> int:
         signature = _signature(node, constants)
         if signature is not None:
             groups[signature].append(node)
-    removed = 0
+    stacked: dict[int, list[onnx.NodeProto]] = {}  # id of a group's first node -> the stacked node and its Split
+    dropped: set[int] = set()  # ids of the other siblings
     for (_, _, with_zero_points), siblings in groups.items():
         if len(siblings) < 2:
             continue
@@ -56,28 +60,25 @@ def fuse_sibling_matmulnbits(model: onnx.ModelProto) -> int:
         stacked_inputs = [first.input[0]]
         for slot in range(1, 4 if with_zero_points else 3):
             parts = [numpy_helper.to_array(constants[node.input[slot]]) for node in siblings]
-            rows = [part.reshape(width, -1) for part, width in zip(parts, widths)]
+            # Weights [N, blocks, bytes], scales and zero points [N * x] or [N, x]: rows stack along N.
+            rows = np.concatenate([part.reshape(width, -1) for part, width in zip(parts, widths)], axis=0)
             name = f"{first.name}_siblings_{slot}"
-            stacked = np.concatenate(rows, axis=0).reshape((sum(widths), *parts[0].shape[1:]) if parts[0].ndim == 3
-                                                          else (-1,) if parts[0].ndim == 1 else (sum(widths), -1))
-            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(stacked), name))
+            graph.initializer.append(numpy_helper.from_array(rows.reshape(-1, *parts[0].shape[1:]), name))
             stacked_inputs.append(name)
-        attributes = {**_attributes(first), "N": sum(widths)}
         fused_output = f"{first.name}_siblings_output"
-        fused = helper.make_node("MatMulNBits", stacked_inputs, [fused_output], name=f"{first.name}_siblings",
-                                 domain=first.domain, **attributes)
         sizes = f"{first.name}_siblings_sizes"
         graph.initializer.append(numpy_helper.from_array(np.array(widths, np.int64), sizes))
-        split = helper.make_node("Split", [fused_output, sizes], [node.output[0] for node in siblings],
-                                 name=f"{first.name}_siblings_split", axis=-1)
-        position = min(list(graph.node).index(node) for node in siblings)
-        for node in siblings:
-            graph.node.remove(node)
-        graph.node.insert(position, fused)
-        graph.node.insert(position + 1, split)
-        removed += len(siblings) - 1
-    used = {name for node in graph.node for name in node.input}
-    unused = [tensor for tensor in graph.initializer if tensor.name not in used]
-    for tensor in unused:
-        graph.initializer.remove(tensor)
-    return removed
+        stacked[id(first)] = [
+            helper.make_node("MatMulNBits", stacked_inputs, [fused_output], name=f"{first.name}_siblings",
+                             domain=first.domain, **{**_attributes(first), "N": sum(widths)}),
+            helper.make_node("Split", [fused_output, sizes], [node.output[0] for node in siblings],
+                             name=f"{first.name}_siblings_split", axis=-1),
+        ]
+        dropped.update(id(node) for node in siblings[1:])
+    if not stacked:
+        return 0
+    # The stacked node sits where the first sibling was: after the input's producer, before every sibling's consumer.
+    nodes = [new for node in graph.node if id(node) not in dropped for new in stacked.get(id(node), [node])]
+    used = {name for node in nodes for name in node.input}
+    replace_nodes(model, nodes, {tensor.name for tensor in graph.initializer if tensor.name not in used})
+    return len(dropped)

@@ -19,7 +19,15 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from engines.onnx_io import replace_nodes
+
 MS_DOMAIN = "com.microsoft"
+
+
+def _swap(model: onnx.ModelProto, old: onnx.NodeProto, new: list[onnx.NodeProto], freed: str) -> None:
+    """`new` in place of `old`; the initializer `freed` goes when no other node reads it."""
+    nodes = [replacement for node in model.graph.node for replacement in (new if node is old else [node])]
+    replace_nodes(model, nodes, {freed} - {name for node in nodes for name in node.input})
 
 
 def tied_to_lm_head(model: onnx.ModelProto, gather: str, head: str) -> bool:
@@ -64,13 +72,7 @@ def quantize_lm_head_int8(model: onnx.ModelProto, head_name: str, block_size: in
                                    name=f"{head.name}_Q8", domain=MS_DOMAIN, K=k, N=n, bits=8, block_size=block_size,
                                    accuracy_level=accuracy_level)
     graph.initializer.extend([data, scale])
-    position = list(graph.node).index(head)
-    graph.node.remove(head)
-    graph.node.insert(position, replacement)
-    if not any(head.input[1] in node.input for node in graph.node):
-        graph.initializer.remove(constants[head.input[1]])
-    if not any(opset.domain == MS_DOMAIN for opset in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    _swap(model, head, [replacement], head.input[1])
 
 
 def _gather_node(gather: onnx.NodeProto, data: str, scales: str, output: str, block_size: int,
@@ -105,7 +107,6 @@ def quantize_embedding_int8(model: onnx.ModelProto, gather_name: str, block_size
     constants = {tensor.name: tensor for tensor in graph.initializer}
     table_name = gather.input[0]
     head = _shareable_head(model, gather, head_output, block_size) if head_output else None
-    position = list(graph.node).index(gather)
     if head is not None:
         head_scales = numpy_helper.to_array(constants[head.input[2]])
         blocks = int(constants[head.input[1]].dims[1])
@@ -122,11 +123,5 @@ def quantize_embedding_int8(model: onnx.ModelProto, gather_name: str, block_size
         scales = numpy_helper.from_array(block_scales, f"{table_name}_Q8_scales")
         replacement = [_gather_node(gather, data.name, scales.name, gather.output[0], block_size, 1)]
         graph.initializer.extend([data, scales])
-    graph.node.remove(gather)
-    for offset, node in enumerate(replacement):
-        graph.node.insert(position + offset, node)
-    if not any(table_name in node.input for node in graph.node):
-        graph.initializer.remove(constants[table_name])
-    if not any(opset.domain == MS_DOMAIN for opset in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    _swap(model, gather, replacement, table_name)
     return head is not None

@@ -67,16 +67,15 @@ def test_int8_embedding_is_within_half_a_step_and_shares_the_lm_head_codes_when_
     head = next(node for node in model.graph.node if node.op_type == "MatMulNBits")
     assert (gather.input[0] == head.input[1]) is shared  # one table in the file
     assert not any(tensor.data_type == TensorProto.FLOAT and tensor.dims == [VOCAB, width] for tensor in model.graph.initializer)
-    if shared:  # the gathered rows are exactly the lm_head's codes de-quantized: (q - 128) * scale
-        codes = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == head.input[1]))
-        scales = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == head.input[2]))
-        rows = ((codes.astype(np.float32) - 128) * scales.reshape(VOCAB, -1, 1)).reshape(VOCAB, -1)[:, :width]
-        np.testing.assert_array_equal(embedded[0], rows)
-    # The lm_head: its codes de-quantized in numpy are within half a step of the FP32 weight, and the logits
-    # within the int8 rounding of the activations (accuracy_level 4) of x @ those weights.
+    # The lm_head's codes de-quantized in numpy: (q - 128) * scale, rows [VOCAB, width].
     codes = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == head.input[1]))
     scales = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == head.input[2]))
-    weight = ((codes.astype(np.float32) - 128) * scales[..., None]).reshape(VOCAB, -1)[:, :width].T
+    rows = ((codes.astype(np.float32) - 128) * scales.reshape(VOCAB, -1, 1)).reshape(VOCAB, -1)[:, :width]
+    if shared:  # the gathered rows are exactly those
+        np.testing.assert_array_equal(embedded[0], rows)
+    # The lm_head weight is within half a step of the FP32 weight, and the logits within the int8 rounding of the
+    # activations (accuracy_level 4) of x @ that weight.
+    weight = rows.T
     fp32_weight = numpy_helper.to_array(onnx.load(str(fp32)).graph.initializer[1])
     assert (np.abs(weight - fp32_weight) <= _half_steps(fp32_weight.T, block).T * (1 + 1e-5) + 1e-12).all()
     logits, _ = _run(quantized, ids)

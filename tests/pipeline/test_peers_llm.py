@@ -41,7 +41,6 @@ def test_an_unknown_peer_is_refused_in_one_line(tiny_llm_build, tmp_path) -> Non
     assert "vllm" in done.stderr
 
 
-
 def test_no_contender_always_follows_the_same_one() -> None:
     from pipeline.bench.peers_llm import round_order
 
