@@ -16,9 +16,10 @@ symbolic head size in its past/present shapes, which is fixed here to the model'
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import subprocess
-import sys
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -30,23 +31,12 @@ from onnx import helper, numpy_helper
 from engines.onnx_io import save_model
 from pipeline.core.errors import EngineError
 
-BUILDER = "onnxruntime_genai.models.builder"
-
-
 def fused_fp32_graph(hf_folder: Path, target: Path) -> dict[str, Any]:
     """Run the builder on a Hugging Face folder (FP32 weights, CPU) and write its graph as one file at
     `target`; returns the graph's op counts. An architecture the builder does not know is an EngineError."""
     with tempfile.TemporaryDirectory(prefix="quantpipe-genai-", dir=target.parent) as scratch:
         built = Path(scratch) / "built"
-        done = subprocess.run(
-            [sys.executable, "-m", BUILDER, "-i", str(hf_folder), "-o", str(built), "-p", "fp32", "-e", "cpu",
-             "-c", str(Path(scratch) / "cache")],
-            capture_output=True, text=True, check=False,
-        )
-        if done.returncode != 0 or not (built / "model.onnx").is_file():
-            lines = [line for line in (done.stderr or done.stdout).strip().splitlines() if line.strip()]
-            raise EngineError(f"onnxruntime-genai's model builder failed on {hf_folder.name}: "
-                              f"{lines[-1] if lines else 'no output'}")
+        _run_builder(hf_folder, built, Path(scratch) / "cache")
         model = onnx.load(str(built / "model.onnx"))  # its weights sit in model.onnx.data beside it
         head_size = int(json.loads((built / "genai_config.json").read_text(encoding="utf-8"))
                         ["model"]["decoder"]["head_size"])
@@ -60,6 +50,31 @@ def fused_fp32_graph(hf_folder: Path, target: Path) -> dict[str, Any]:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     save_model(model, target)
     return {"nodes": len(model.graph.node), "op_types": dict(sorted(counts.items()))}
+
+
+def _run_builder(hf_folder: Path, built: Path, cache: Path) -> None:
+    """The builder's own command (`python -m onnxruntime_genai.models.builder -p fp32 -e cpu`), called in this
+    process: as a subprocess it re-imported torch and transformers every time (about 10 s of a 12 s call on a
+    tiny model). Its prints go to a buffer (they would corrupt `--json` output) and the root logger is restored
+    (importing it can install a handler there); a failure is one EngineError line."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+            from onnxruntime_genai.models import builder
+
+            options = builder.parse_extra_options(None, str(hf_folder), str(built), "fp32", "cpu", str(cache), [])
+            builder.create_model(None, str(hf_folder), str(built), "fp32", "cpu", str(cache), **options)
+    except (Exception, SystemExit) as error:
+        lines = [line for line in [*printed.getvalue().splitlines(), str(error)] if line.strip()]
+        raise EngineError(f"onnxruntime-genai's model builder failed on {hf_folder.name}: "
+                          f"{lines[-1].strip() if lines else type(error).__name__}") from None
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    if not (built / "model.onnx").is_file():
+        raise EngineError(f"onnxruntime-genai's model builder wrote no model.onnx for {hf_folder.name}")
 
 
 def constant_embedding(model: onnx.ModelProto) -> int:

@@ -112,8 +112,11 @@ def _polygraphy_statistics(name: str, reference: np.ndarray, candidate: np.ndarr
 def error_histogram(reference: np.ndarray, candidate: np.ndarray) -> dict[str, list]:
     error = np.abs(candidate.astype(np.float64) - reference.astype(np.float64)).ravel()
     exponents = np.log10(np.maximum(error, 1e-30))
+    # The edges are evenly spaced: bins=count with a range takes numpy's arithmetic path (the same counts as
+    # bins=edges, which sorts the data block by block: seconds on [512, 49152] LLM logits).
     counts, _ = np.histogram(np.clip(exponents, HISTOGRAM_LOG10_EDGES[0], HISTOGRAM_LOG10_EDGES[-1]),
-                             bins=np.array(HISTOGRAM_LOG10_EDGES))
+                             bins=len(HISTOGRAM_LOG10_EDGES) - 1,
+                             range=(HISTOGRAM_LOG10_EDGES[0], HISTOGRAM_LOG10_EDGES[-1]))
     return {"log10_abs_error_edges": list(HISTOGRAM_LOG10_EDGES), "counts": [int(c) for c in counts]}
 
 
