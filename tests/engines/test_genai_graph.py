@@ -43,6 +43,35 @@ def test_the_fused_fp32_graph_computes_what_our_export_computes(tiny_llama_folde
     assert worst <= FUSED_MAX_ABS, worst
 
 
+def test_the_builder_runs_in_this_process_silently_and_fails_in_one_line(tiny_llama_folder, tmp_path, capfd) -> None:
+    """The builder is called in-process: what it prints must not reach our stdout (`--json`), it must leave the
+    root logger as it found it, and an architecture it does not know is one EngineError line."""
+    import logging
+    import shutil
+
+    from transformers import AutoConfig
+
+    from engines.cpu.genai_graph import fused_fp32_graph
+    from pipeline.core.errors import EngineError
+
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    fused_fp32_graph(tiny_llama_folder, tmp_path / "fused.onnx")
+    captured = capfd.readouterr()
+    assert "Extra options" not in captured.out + captured.err, captured  # the builder's own first print
+    assert root.handlers == handlers
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    for item in tiny_llama_folder.iterdir():
+        if item.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(item, folder)
+    AutoConfig.for_model("gpt2", n_layer=1, n_embd=32, n_head=2, architectures=["GPT2LMHeadModel"]).save_pretrained(folder)
+    with pytest.raises(EngineError, match="model builder failed on gpt2: .*not currently supported") as error:
+        fused_fp32_graph(folder, tmp_path / "gpt2.onnx")
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "gpt2.onnx").exists() and root.handlers == handlers
+
+
 def test_the_standard_rms_norm_equals_onnx_runtimes_kernel() -> None:
     import onnxruntime as ort
 
