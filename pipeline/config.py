@@ -162,6 +162,11 @@ class QuantizationConfig(_Strict):
     smoothquant_alpha: float = Field(
         0.5, ge=0.0, le=1.0, description="SmoothQuant migration strength (0: none, 1: all onto the weights)."
     )
+    outlier_threshold: float = Field(
+        2.0, ge=0.0, le=100.0, description="Dynamic INT8 (encoders): move each GEMM input channel whose calibration "
+        "maximum exceeds this many times the median channel's into the weights first (engines/cpu/outlier_channels.py); "
+        "0: off. Ignored with SmoothQuant, which scales every channel.",
+    )
     fallback: Literal["off", "auto"] = Field(
         "off",
         description="auto: keep the most sensitive nodes in FP32, one at a time, until the tuning metric "
@@ -183,6 +188,9 @@ class QuantizationConfig(_Strict):
             raise ValueError("smoothquant applies to INT8 encoders (--quant static or dynamic)")
         if self.mode == "dynamic" and self.format != "qdq":
             raise ValueError("format applies to static quantization only (--quant static)")
+        default_threshold = type(self).model_fields["outlier_threshold"].default
+        if self.outlier_threshold not in (0, default_threshold) and (self.mode != "dynamic" or self.smoothquant):
+            raise ValueError("outlier_threshold applies to dynamic INT8 without SmoothQuant (--quant dynamic)")
         if self.mode in ("gptq", "awq") and self.weight_bits != 4:
             raise ValueError(f"{self.mode} is 4-bit only; use --quant rtn for 8-bit weights")
         if "zero_point" in self.model_fields_set and self.zero_point == "float" and (

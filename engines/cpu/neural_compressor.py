@@ -37,6 +37,7 @@ import numpy as np
 import onnx
 
 from calibration.readers import BatchReader
+from engines.cpu import outlier_channels
 from engines.onnx_io import save_model
 from pipeline.core.errors import EngineError, InputError
 from pipeline.core.host import resolved_isa
@@ -51,6 +52,7 @@ class Int8Settings(Protocol):
     exclude: list[str]
     smoothquant: bool
     smoothquant_alpha: float
+    outlier_threshold: float
     cpu_isa: str
 
 
@@ -228,7 +230,8 @@ def quantize(
     """Quantize an FP32 graph to INT8 as the settings say.
 
     Static INT8 reads cached activation ranges; static INT8 with SmoothQuant reads calibration
-    batches instead (it calibrates the graph it rewrote); dynamic INT8 reads neither.
+    batches instead (it calibrates the graph it rewrote); dynamic INT8 reads them for SmoothQuant or to move
+    outlier channels (settings.outlier_threshold > 0), else neither.
     """
     from onnx_neural_compressor.quantization import config as inc_config
     from onnx_neural_compressor.quantization import quantize as inc_quantize
@@ -252,6 +255,7 @@ def quantize(
         nodes_to_exclude=excluded,
         weight_type=weight_type,
     )
+    outliers: Optional[dict[str, object]] = None
     with tempfile.TemporaryDirectory(prefix="quantpipe-inc-") as scratch:
         out_dir = Path(scratch) / "out"
         out_dir.mkdir()
@@ -261,6 +265,12 @@ def quantize(
             if settings.smoothquant:
                 named_input = smoothed(named_input, Path(scratch) / "smoothed.onnx", settings.smoothquant_alpha,
                                        calibration, on_batch)
+            elif settings.outlier_threshold > 0:
+                if not calibration:
+                    raise InputError("moving outlier channels needs calibration samples, and none were given "
+                                     "(or pass --outlier-threshold 0)")
+                named_input, outliers = outlier_channels.migrated(
+                    named_input, Path(scratch) / "outliers.onnx", calibration, settings.outlier_threshold, on_batch)
             quant_config = inc_config.DynamicQuantConfig(
                 per_channel=settings.per_channel, nodes_to_exclude=excluded, weight_type=weight_type,
                 extra_options=extra_options,
@@ -294,6 +304,7 @@ def quantize(
         "mode": settings.mode,
         "format": settings.format if settings.mode == "static" else None,
         "smoothquant_alpha": settings.smoothquant_alpha if settings.smoothquant else None,
+        "outlier_channels": outliers,
         "per_channel": settings.per_channel,
         # What the graph holds, read back from it: int8 codes, or on AVX2 the same codes + 128 as uint8.
         "weight_type": codes[0],

@@ -23,6 +23,7 @@ FLAG_KEYS = {
     "quant_format": "quantization.format",
     "smoothquant": "quantization.smoothquant",
     "smoothquant_alpha": "quantization.smoothquant_alpha",
+    "outlier_threshold": "quantization.outlier_threshold",
     "fallback": "quantization.fallback",
     "tolerable_loss": "quantization.tolerable_loss",
     "calib_source": "calibration.source",

@@ -42,6 +42,7 @@ APPLIES: dict[str, Applies] = {
     "quantization.format": Applies("--format", ("cpu",), _ENCODER),
     "quantization.smoothquant": Applies("--smoothquant", ("cpu",), _ENCODER),
     "quantization.smoothquant_alpha": Applies("--smoothquant-alpha", ("cpu",), _ENCODER),
+    "quantization.outlier_threshold": Applies("--outlier-threshold", ("cpu",), _ENCODER),
     "quantization.fallback": Applies("--fallback", ("cpu",), _ENCODER),
     "quantization.tolerable_loss": Applies("--tolerable-loss", ("cpu",), _ENCODER),
     "quantization.cpu_isa": Applies("--cpu-isa", ("cpu",), _ENCODER),

@@ -18,7 +18,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
                     "heldout_samples", "seed", "batch_size", "max_length", "stratify", "padding", "long_samples",
                     "calib_method", "percentile"),
     "CPU INT8 (encoders)": ("quant", "cpu_isa", "per_channel", "exclude", "quant_format", "smoothquant", "smoothquant_alpha",
-                            "fallback", "tolerable_loss"),
+                            "outlier_threshold", "fallback", "tolerable_loss"),
     "LLM weight-only (decoders)": ("weight_bits", "block_size", "lm_head", "vocab_block_size", "symmetric", "zero_point", "embeddings", "llm_graph"),
     "TensorRT (--target trt)": ("precision", "min_shapes", "opt_shapes", "max_shapes", "require_engine"),
     "Parity gates": ("min_cosine", "max_abs", "localize", "eval_file", "max_perplexity_increase",

@@ -68,6 +68,9 @@ def cli() -> None:
               help="Static INT8 graph format.")
 @click.option("--smoothquant/--no-smoothquant", default=None, help="SmoothQuant first (static or dynamic INT8; reads the calibration samples).")
 @click.option("--smoothquant-alpha", type=float, help="SmoothQuant migration strength, 0..1.")
+@click.option("--outlier-threshold", type=float,
+              help="Dynamic INT8: move input channels past this many times the median channel's calibration maximum "
+                   "into the weights first; 0: off. [default: 2.0]")
 @click.option("--fallback", type=click.Choice(["off", "auto"]),
               help="auto: keep the most sensitive nodes in FP32 until --tolerable-loss holds.")
 @click.option("--tolerable-loss", type=float, help="Fallback: allowed drop of the tuning metric.")

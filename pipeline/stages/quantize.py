@@ -42,13 +42,14 @@ def tuning_metric(task: TaskSpec, fp32: Path, batches: Sequence[Batch]) -> Calla
 class QuantizeStage(Stage):
     name = "quantize"
     facts = QuantizeFacts
-    version = 5  # 5: AVX2 graphs hold uint8 weights (no u8 x s8 saturation); 4: records the graph's weight range
+    version = 6  # 6: dynamic INT8 moves outlier channels first; 5: AVX2 graphs hold uint8 weights; 4: weight range
     outputs = ("model.onnx",)
 
     def depends_on(self, config: BuildConfig) -> tuple[str, ...]:
-        # Dynamic quantization without fallback or SmoothQuant reads no samples, so new samples must not re-run it.
+        # Dynamic quantization without fallback, SmoothQuant or outlier moving reads no samples: new samples must not re-run it.
         settings = config.quantization
-        needs_samples = settings.mode == "static" or settings.fallback == "auto" or settings.smoothquant
+        needs_samples = (settings.mode == "static" or settings.fallback == "auto" or settings.smoothquant
+                         or (settings.mode == "dynamic" and settings.outlier_threshold > 0))
         return ("optimize", "calibrate") if needs_samples else ("optimize",)
 
     def config_slice(self, config: BuildConfig, model: ModelInfo) -> dict[str, Any]:

@@ -53,6 +53,8 @@ def _describe_candidate(config: BuildConfig, quantized: QuantizeFacts) -> str:
         parts.append(settings.format.upper())
     if settings.smoothquant:
         parts.append(f"SmoothQuant alpha {settings.smoothquant_alpha}")
+    elif settings.mode == "dynamic" and settings.outlier_threshold > 0:
+        parts.append(f"outlier channels moved past {settings.outlier_threshold:g}x the median")
     kept = len(quantized.excluded_nodes)
     if kept:
         chosen = " by the fallback search" if quantized.fallback else ""

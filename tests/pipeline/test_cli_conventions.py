@@ -52,6 +52,7 @@ REFUSED = [  # (overrides, what the one line must say)
     ({"target": "trt", "quantization": {"mode": "static"}}, "--quant applies to --target cpu only"),
     ({"target": "trt", "quantization": {"smoothquant": True, "mode": "static"}}, "--smoothquant applies to --target cpu only"),
     ({"target": "trt", "quantization": {"fallback": "auto"}}, "--fallback applies to --target cpu only"),
+    ({"target": "trt", "quantization": {"outlier_threshold": 3.0}}, "--outlier-threshold applies to --target cpu only"),
     ({"target": "trt", "calibration": {"method": "percentile"}}, "--calib-method applies to --target cpu only"),
     ({"verify": {"eval_file": "labels.jsonl"}}, "--eval-file applies to --task text-classification only"),
 ]
