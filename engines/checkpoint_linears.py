@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from engines.onnx_io import replace_nodes
+from engines.onnx_io import consumer_counts, replace_nodes
 
 
 @dataclass(frozen=True)
@@ -93,10 +93,7 @@ def rewrite_checkpoint_matmuls(model: onnx.ModelProto, linears: list[QuantizedLi
     taken from the checkpoint, act-order matmuls, checkpoint Linears that matched no MatMul."""
     by_key = {weight_key(linear.dequantize().T): linear for linear in linears}
     constants = {tensor.name: tensor for tensor in model.graph.initializer}
-    consumers: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers[name] = consumers.get(name, 0) + 1
+    consumers = consumer_counts(model)
     counts = {"checkpoint_matmuls": 0, "checkpoint_blocks": 0, "act_order_matmuls": 0}
     matched: set[str] = set()
     written: dict[str, WrittenWeight] = {}

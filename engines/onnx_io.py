@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from collections import Counter
+
 import onnx
 
 PROTOBUF_LIMIT = 2 * 1024**3 - 1024 * 1024  # leave room for the graph itself
@@ -28,6 +30,11 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
         )
     else:
         onnx.save_model(model, str(path))
+
+
+def consumer_counts(model: onnx.ModelProto) -> Counter[str]:
+    """How many node inputs read each tensor name (a node reading a tensor twice counts twice)."""
+    return Counter(name for node in model.graph.node for name in node.input)
 
 
 def declare_domains(model: onnx.ModelProto) -> None:

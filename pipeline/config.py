@@ -165,7 +165,8 @@ class QuantizationConfig(_Strict):
     outlier_threshold: float = Field(
         2.0, ge=0.0, le=100.0, description="Dynamic INT8 (encoders): move each GEMM input channel whose calibration "
         "maximum exceeds this many times the median channel's into the weights first (engines/cpu/outlier_channels.py); "
-        "0: off. Ignored with SmoothQuant, which scales every channel.",
+        "0: off. Static INT8 and SmoothQuant (which scales every channel) never read it; a value other than 0 or "
+        "the default is refused there.",
     )
     fallback: Literal["off", "auto"] = Field(
         "off",

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from engines.onnx_io import replace_nodes
+from engines.onnx_io import consumer_counts, replace_nodes
 
 BITS = 4
 LEVELS = (1 << BITS) - 1
@@ -179,10 +179,7 @@ def replace_matmuls(model: onnx.ModelProto, node_names: set[str], block_size: in
     [x, x @ P], in place; returns the names replaced (the others are left for another quantizer).
     `counts`, if given, gets the number of blocks and of blocks kept on their source grid added to it."""
     constants = {tensor.name: tensor for tensor in model.graph.initializer}
-    consumers: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers[name] = consumers.get(name, 0) + 1
+    consumers = consumer_counts(model)
     widened: dict[tuple[str, int], str] = {}  # (activation, K) -> [x, x @ P], shared by q/k/v and gate/up
     sum_matrices: dict[int, str] = {}
     new_nodes: list[onnx.NodeProto] = []

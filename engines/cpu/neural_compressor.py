@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import tempfile
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Protocol, Sequence
 
@@ -218,6 +219,34 @@ def smoothed(fp32_path: Path, out: Path, alpha: float, calibration: Optional[Seq
     return out
 
 
+@dataclass(frozen=True)
+class DynamicInput:
+    """The FP32 graph dynamic INT8 quantizes, and the record of how it was rewritten (outlier channels moved)."""
+
+    path: Path
+    outlier_channels: Optional[dict[str, object]] = None
+
+
+def dynamic_input(fp32_path: Path, scratch: Path, settings: Int8Settings,
+                  calibration: Optional[Sequence[dict[str, np.ndarray]]],
+                  on_batch: Optional[Callable[[int, int], None]] = None) -> DynamicInput:
+    """SmoothQuant's graph, the graph with its outlier channels moved, or `fp32_path` itself: computed once per
+    build and shared by every quantizer run of the fallback search (each rewrite runs the FP32 graph over the
+    calibration samples). The rewritten graph computes what the FP32 graph does, so the search ranks nodes
+    against it (a node quantized from it carries its scaled weights)."""
+    if settings.smoothquant:
+        return DynamicInput(smoothed(fp32_path, scratch / "smoothed.onnx", settings.smoothquant_alpha, calibration,
+                                     on_batch))
+    if settings.outlier_threshold > 0:
+        if not calibration:
+            raise InputError("moving outlier channels needs calibration samples, and none were given "
+                             "(or pass --outlier-threshold 0)")
+        path, record = outlier_channels.migrated(fp32_path, scratch / "outliers.onnx", calibration,
+                                                 settings.outlier_threshold, on_batch)
+        return DynamicInput(path, record)
+    return DynamicInput(fp32_path)
+
+
 def quantize(
     fp32_path: Path,
     output_path: Path,
@@ -226,12 +255,14 @@ def quantize(
     calibration: Optional[Sequence[dict[str, np.ndarray]]] = None,
     extra_exclusions: Sequence[str] = (),
     on_batch: Optional[Callable[[int, int], None]] = None,
+    prepared: Optional[DynamicInput] = None,
 ) -> dict[str, object]:
     """Quantize an FP32 graph to INT8 as the settings say.
 
     Static INT8 reads cached activation ranges; static INT8 with SmoothQuant reads calibration
     batches instead (it calibrates the graph it rewrote); dynamic INT8 reads them for SmoothQuant or to move
-    outlier channels (settings.outlier_threshold > 0), else neither.
+    outlier channels (settings.outlier_threshold > 0), else neither. `prepared` (dynamic INT8): the rewritten
+    graph of `dynamic_input`, quantized instead of `fp32_path` without rewriting again.
     """
     from onnx_neural_compressor.quantization import config as inc_config
     from onnx_neural_compressor.quantization import quantize as inc_quantize
@@ -241,7 +272,7 @@ def quantize(
 
     _quiet_library_logger()
 
-    model = onnx.load(str(fp32_path))
+    model = onnx.load(str(prepared.path if prepared is not None and settings.mode == "dynamic" else fp32_path))
     name_all_nodes(model)
     excluded = resolve_exclusions(model, [*settings.exclude, *extra_exclusions])
     excluded = sorted(set(excluded) | set(unquantizable_nodes(model)))
@@ -262,15 +293,10 @@ def quantize(
         named_input = Path(scratch) / "input.onnx"
         save_model(model, named_input)
         if settings.mode == "dynamic":
-            if settings.smoothquant:
-                named_input = smoothed(named_input, Path(scratch) / "smoothed.onnx", settings.smoothquant_alpha,
-                                       calibration, on_batch)
-            elif settings.outlier_threshold > 0:
-                if not calibration:
-                    raise InputError("moving outlier channels needs calibration samples, and none were given "
-                                     "(or pass --outlier-threshold 0)")
-                named_input, outliers = outlier_channels.migrated(
-                    named_input, Path(scratch) / "outliers.onnx", calibration, settings.outlier_threshold, on_batch)
+            if prepared is None:
+                prepared = dynamic_input(named_input, Path(scratch), settings, calibration, on_batch)
+                named_input = prepared.path
+            outliers = prepared.outlier_channels
             quant_config = inc_config.DynamicQuantConfig(
                 per_channel=settings.per_channel, nodes_to_exclude=excluded, weight_type=weight_type,
                 extra_options=extra_options,

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from engines.onnx_io import save_model
+from engines.onnx_io import consumer_counts, save_model
 from engines.ort_session import create_session
 
 Batch = dict[str, np.ndarray]
@@ -101,16 +101,13 @@ def migrate(model: onnx.ModelProto, batches: Sequence[Batch], threshold: float,
     readers: dict[str, list[Gemm]] = {}
     for gemm in gemms:
         readers.setdefault(gemm.node.input[0], []).append(gemm)
-    consumers: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers[name] = consumers.get(name, 0) + 1
+    consumers = consumer_counts(model)
     weight_uses = {gemm.weight: consumers.get(gemm.weight, 0) for gemm in gemms}
     maxima = channel_maxima(model, sorted(readers), batches, on_batch)
     producers = {output: node for node in model.graph.node for output in node.output}
     constants = {tensor.name: tensor for tensor in model.graph.initializer}
-    summary: dict[str, object] = {"threshold": threshold, "inputs": 0, "channels": 0, "largest_scale": 1.0,
-                                  "muls": 0, "folded": 0}
+    inputs = channels = folded = 0
+    largest = 1.0
     muls: dict[str, onnx.NodeProto] = {}
     for activation, users in readers.items():
         scales = outlier_scales(maxima[activation], threshold)
@@ -122,19 +119,18 @@ def migrate(model: onnx.ModelProto, batches: Sequence[Batch], threshold: float,
             tensor = constants[user.weight]
             tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * scales[:, None], tensor.name))
         producer = producers.get(activation)
-        if not _fold_into_attention(producer, activation, scales, consumers, constants, len(users)):
+        if _fold_into_attention(producer, activation, scales, consumers, constants, len(users)):
+            folded += 1
+        else:
             inverse = numpy_helper.from_array((1.0 / scales).astype(np.float32), f"{activation}_outlier_scale")
             model.graph.initializer.append(inverse)
             muls[activation] = helper.make_node("Mul", [activation, inverse.name], [f"{activation}_outliers_moved"],
                                                 name=f"{activation}_OutliersMoved")
             for user in users:
                 user.node.input[0] = muls[activation].output[0]
-            summary["muls"] = int(summary["muls"]) + 1
-        else:
-            summary["folded"] = int(summary["folded"]) + 1
-        summary["inputs"] = int(summary["inputs"]) + 1
-        summary["channels"] = int(summary["channels"]) + int(moved.sum())
-        summary["largest_scale"] = round(max(float(summary["largest_scale"]), float(scales.max())), 3)
+        inputs += 1
+        channels += int(moved.sum())
+        largest = max(largest, float(scales.max()))
     if muls:  # each Mul goes right after the node that makes its input (graph inputs: first)
         ordered: list[onnx.NodeProto] = [mul for name, mul in muls.items() if name not in producers]
         for node in model.graph.node:
@@ -142,7 +138,8 @@ def migrate(model: onnx.ModelProto, batches: Sequence[Batch], threshold: float,
             ordered.extend(muls[output] for output in node.output if output in muls)
         del model.graph.node[:]
         model.graph.node.extend(ordered)
-    return summary
+    return {"threshold": threshold, "inputs": inputs, "channels": channels, "largest_scale": round(largest, 3),
+            "muls": len(muls), "folded": folded}
 
 
 def _fold_into_attention(producer: Optional[onnx.NodeProto], activation: str, scales: np.ndarray,

@@ -78,12 +78,14 @@ class QuantizeStage(Stage):
             context.progress.info(f"static INT8 from {len(ranges)} cached {cache.method} ranges")
         context.progress.info(f"{settings.mode} INT8, per-channel weights: {settings.per_channel}")
         summaries: dict[Path, dict[str, object]] = {}
+        prepared: Optional[neural_compressor.DynamicInput] = None
+
+        def on_batch(done: int, total: int) -> None:
+            context.progress.batches("calibration", done, total)
 
         def quantize(extra_exclusions: list[str], target: Path) -> None:
             summaries[target] = neural_compressor.quantize(
-                fp32_path, target, settings, ranges, calibration, extra_exclusions,
-                on_batch=lambda done, total: context.progress.batches("calibration", done, total),
-            )
+                fp32_path, target, settings, ranges, calibration, extra_exclusions, on_batch, prepared)
 
         fallback = None
         if settings.fallback == "auto" and calibration:
@@ -91,8 +93,12 @@ class QuantizeStage(Stage):
             evaluate = tuning_metric(context.model.task, fp32_path, calibration[: max(1, len(calibration) // 2)])
             trials = out / "fallback-trials"
             trials.mkdir()
+            reference = fp32_path
+            if settings.mode == "dynamic":  # rewrite once for every trial, and rank nodes against the rewrite
+                prepared = neural_compressor.dynamic_input(fp32_path, trials, settings, calibration, on_batch)
+                reference = prepared.path
             chosen, fallback = cpu_fallback.search(
-                fp32_path, quantize, evaluate, settings.tolerable_loss,
+                reference, quantize, evaluate, settings.tolerable_loss,
                 settings.max_fallback_nodes, trials, context.progress.info,
             )
             os.replace(chosen, out / "model.onnx")

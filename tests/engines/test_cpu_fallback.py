@@ -212,20 +212,22 @@ def test_sensitivity_ranking_finds_the_post_gelu_matmuls(default_build, static_i
     assert ranking[0][1] > 10 * ranking[-1][1]
 
 
-@pytest.mark.slow  # a static build with the whole search on the real model (~1 min on an AVX2 EPYC)
-def test_fallback_build_records_its_choice(default_build, tmp_path) -> None:
+def _build_copy(default_build, build_dir: Path, quantization: dict[str, object], samples: int):
+    """A build of the default model in a copy of the default build's folder (its stage cache reused)."""
     import shutil
 
-    build_dir = tmp_path / "build"
     shutil.copytree(default_build.build_dir, build_dir)
-    config = load_config(None, {
-        "output_dir": str(build_dir),
-        "quantization": {"mode": "static", "fallback": "auto", "max_fallback_nodes": 2, "tolerable_loss": 0.001},
-        # 32 calibration samples: the search tunes on half of them (16) and ranks every quantizable node with them
-        "calibration": {"samples": 32},
-        "verify": {"min_cosine": 0.9},
-    })
-    result = run_build(config, Progress(quiet=True))
+    config = load_config(None, {"output_dir": str(build_dir), "quantization": quantization,
+                                "calibration": {"samples": samples}, "verify": {"min_cosine": 0.9}})
+    return run_build(config, Progress(quiet=True))
+
+
+@pytest.mark.slow  # a static build with the whole search on the real model (~1 min on an AVX2 EPYC)
+def test_fallback_build_records_its_choice(default_build, tmp_path) -> None:
+    build_dir = tmp_path / "build"
+    # 32 calibration samples: the search tunes on half of them (16) and ranks every quantizable node with them
+    result = _build_copy(default_build, build_dir, {"mode": "static", "fallback": "auto", "max_fallback_nodes": 2,
+                                                    "tolerable_loss": 0.001}, samples=32)
     fallback = result.outputs["quantize"].metrics["fallback"]
     assert len(fallback["excluded_nodes"]) == 2 and not fallback["met"]
     metrics = [trial["metric"] for trial in fallback["trials"]]
@@ -239,6 +241,29 @@ def test_fallback_build_records_its_choice(default_build, tmp_path) -> None:
     manifest = json.loads((build_dir / "manifest.json").read_text())
     stage = next(s for s in manifest["stages"] if s["stage"] == "quantize")
     assert stage["metrics"]["fallback"]["excluded_nodes"] == fallback["excluded_nodes"]
+
+
+@pytest.mark.slow  # a dynamic build with the whole search on the real model (~1 min on an AVX2 EPYC)
+def test_dynamic_fallback_moves_outlier_channels_once(default_build, tmp_path, monkeypatch) -> None:
+    """The default dynamic build with --fallback auto: the outlier channels are moved once, before the search (each
+    move runs the FP32 graph over the calibration samples), not once per quantizer run of the search."""
+    from engines.cpu import outlier_channels
+
+    moves = []
+    real_migrated = outlier_channels.migrated
+
+    def counted(*args, **kwargs):
+        moves.append(args[0])
+        return real_migrated(*args, **kwargs)
+
+    monkeypatch.setattr(outlier_channels, "migrated", counted)
+    # target 1.0: the search ranks every node and tries one
+    result = _build_copy(default_build, tmp_path / "build", {"mode": "dynamic", "fallback": "auto",
+                                                             "max_fallback_nodes": 1, "tolerable_loss": 0.0}, samples=16)
+    metrics = result.outputs["quantize"].metrics
+    assert len(moves) == 1, moves
+    assert metrics["outlier_channels"]["muls"] > 0 and len(metrics["fallback"]["trials"]) == 2
+    assert len(metrics["fallback"]["ranking"]) >= 18
 
 
 def test_smoothquant_works_on_our_bert_export(default_build, tmp_path) -> None:
