@@ -92,8 +92,10 @@ def create_session(
     external_initializers: Optional[tuple[Sequence[str], Sequence[ort.OrtValue]]] = None,
     simulate_tensorrt: bool = False,
     settings: Optional[SessionSettings] = None,
+    profile_prefix: Optional[str] = None,
 ) -> ort.InferenceSession:
     """A CPU session (from a file, or a serialized model); threads=0 lets ONNX Runtime use every core.
+    profile_prefix: ONNX Runtime's profiler on, its trace written to `<prefix>_<date>.json` (end_profiling()).
 
     simulate_tensorrt: run a graph meant for TensorRT (Q/DQ kept as float ops, see
     TENSORRT_SIMULATION_CONFIG). CPU INT8 builds leave it off: ONNX Runtime's integer kernels are their
@@ -109,6 +111,9 @@ def create_session(
             options.add_session_config_entry(key, value)
     if settings is not None:
         settings.apply(options)
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     if optimized_model_path is not None:
         options.optimized_model_filepath = str(optimized_model_path)
     if external_initializers is not None and external_initializers[0]:

@@ -177,8 +177,11 @@ def machine() -> dict[str, Any]:
 
     import onnxruntime
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
+    from pipeline.core.host import host_facts
+
+    facts = host_facts()
+    return {"cpu": facts["cpu_model"] or platform.machine(), "isa": facts["isa"], "isa_flags": facts["isa_flags"],
+            "cores": os.cpu_count(), "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
 
 
 def write_results(out: Path, results: Sequence[Measurement], speedups: dict[str, Any], baseline: str,

@@ -186,8 +186,10 @@ def build_summary(result: Any) -> dict[str, Any]:
               help="Tokenizer folder. [default: the build's tokenizer/, else the default model's]")
 @click.option("--output", "-o", default="bench", show_default=True, help="Where bench.json, bench.md, bench.png go.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the table.")
+@click.option("--profile", is_flag=True, help="Also profile each artifact (ONNX Runtime's profiler, --runs passes "
+              "at every grid point): kernel time by operator type, in profile.md and profile.json.")
 def bench(artifacts: tuple[str, ...], batches: str, sequences: str, threads: int, runs: int, warmup: int,
-          tokenizer: Optional[str], output: str, quiet: bool) -> None:
+          tokenizer: Optional[str], output: str, quiet: bool, profile: bool) -> None:
     """Latency (p50/p90/p99) and throughput of artifacts side by side, with their speed ratio.
 
     ARTIFACTS are .onnx files or build directories (a build directory stands for its
@@ -197,6 +199,7 @@ def bench(artifacts: tuple[str, ...], batches: str, sequences: str, threads: int
     Example:
       pipeline bench build/all-MiniLM-L6-v2-cpu --batch 1,8,32 --seq 128 --threads 2
       pipeline bench a.onnx b.onnx --batch 8
+      pipeline bench build/all-MiniLM-L6-v2-cpu peer.onnx --batch 8 --profile   # where the time goes
     """
     from pipeline.bench import latency
 
@@ -220,6 +223,11 @@ def bench(artifacts: tuple[str, ...], batches: str, sequences: str, threads: int
     for point, values in speedups.items():
         click.echo(f"{point}: " + ", ".join(f"{name} is {ratio:.2f}x as fast as {baseline}"
                                            for name, ratio in values.items()))
+    if profile:
+        from pipeline.bench.op_profile import profile_artifacts
+
+        click.echo(profile_artifacts(resolved, tokenizer_from(folder), int_list(batches), int_list(sequences),
+                                     threads, runs, warmup, Path(output), progress), nl=False)
 
 
 cli.add_command(verify)

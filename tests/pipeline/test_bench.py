@@ -10,7 +10,7 @@ from tests.helpers import run_cli
 def test_bench_compares_fp32_and_int8_in_one_run(default_build, tmp_path: Path) -> None:
     out = tmp_path / "bench"
     result = run_cli("bench", str(default_build.build_dir), "--batch", "1,4", "--seq", "32",
-                     "--runs", "3", "--warmup", "1", "-o", str(out), "--quiet")
+                     "--runs", "3", "--warmup", "1", "-o", str(out), "--quiet", "--profile")
     assert result.returncode == 0, result.stderr
     name = default_build.build_dir.name
     assert f"{name}:int8 is" in result.stdout and f"as fast as {name}:fp32" in result.stdout
@@ -22,6 +22,30 @@ def test_bench_compares_fp32_and_int8_in_one_run(default_build, tmp_path: Path) 
                        and r["batch"] == 4) for kind in ("fp32", "int8"))
     assert abs(ratio - fp32 / int8) < 0.01
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert payload["machine"]["isa"] in ("avx2", "avx512-vnni", "amx", "arm64")
+    # --profile: ONNX Runtime's own trace, by operator type: the INT8 graph's time is in its integer GEMMs, the
+    # FP32 graph's in MatMul, and neither holds the other's kernels.
+    profiles = {(p["artifact"], p["batch"]): p for p in json.loads((out / "profile.json").read_text())["profiles"]}
+    assert len(profiles) == 4 and all(p["passes"] == 3 for p in profiles.values())
+    fp32, int8 = profiles[(f"{name}:fp32", 4)]["kernel_ms"], profiles[(f"{name}:int8", 4)]["kernel_ms"]
+    assert "MatMul" in fp32 and "DynamicQuantizeMatMul" not in fp32 and "DynamicQuantizeMatMul" in int8
+    assert int8["DynamicQuantizeMatMul"] > 0 and list(int8.values()) == sorted(int8.values(), reverse=True)
+    assert "| DynamicQuantizeMatMul |" in (out / "profile.md").read_text() and "Kernel time per forward pass" in result.stdout
+
+
+def test_profile_counts_the_runs_after_the_warmup() -> None:
+    from pipeline.bench.op_profile import kernel_ms_by_op
+
+    def node(ts: int, op: str, dur: int) -> dict:
+        return {"cat": "Node", "name": f"n{ts}_kernel_time", "ts": ts, "dur": dur, "args": {"op_name": op}}
+
+    events = [{"cat": "Session", "name": "model_run", "ts": 0, "dur": 90}, node(1, "MatMul", 50_000),
+              {"cat": "Session", "name": "model_run", "ts": 100, "dur": 90}, node(101, "MatMul", 2_000),
+              node(102, "Add", 1_000), node(103, "MatMul", 0),
+              {"cat": "Node", "name": "n104_fence_before", "ts": 104, "dur": 7_000, "args": {"op_name": "Add"}},
+              {"cat": "Session", "name": "model_run", "ts": 200, "dur": 90}, node(201, "MatMul", 4_000)]
+    assert kernel_ms_by_op(events, skip_runs=1) == ({"MatMul": 3.0, "Add": 0.5}, 2)
+    assert kernel_ms_by_op(events, skip_runs=3) == ({}, 0)
 
 
 def test_bench_refuses_a_missing_artifact(tmp_path: Path) -> None:
