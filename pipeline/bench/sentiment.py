@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import click
 import numpy as np
@@ -80,11 +80,19 @@ def run(cache: Path, output: Path, overrides: dict[str, Any], progress: Progress
 @click.option("--quant", type=click.Choice(["dynamic", "static"]), default="dynamic", show_default=True)
 @click.option("--fallback", type=click.Choice(["off", "auto"]), default="off", show_default=True)
 @click.option("--tolerable-loss", type=float, default=0.005, show_default=True)
+@click.option("--outlier-threshold", type=float, help="As pipeline build's (dynamic INT8). [default: the build's]")
+@click.option("--cpu-isa", type=click.Choice(["auto", "avx2", "avx512-vnni", "amx", "arm64"]), default="auto",
+              show_default=True, help="As pipeline build's.")
 @click.option("--output", "-o", default="build/sentiment-minilm-cpu", show_default=True)
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_CACHE, show_default=True)
-def main(quant: str, fallback: str, tolerable_loss: float, output: str, cache: Path) -> None:
+def main(quant: str, fallback: str, tolerable_loss: float, outlier_threshold: Optional[float], cpu_isa: str,
+         output: str, cache: Path) -> None:
     """Fine-tune (cached), build and compare FP32 and INT8 accuracy of a sentiment classifier."""
-    overrides = {"quantization": {"mode": quant, "fallback": fallback, "tolerable_loss": tolerable_loss}}
+    quantization: dict[str, Any] = {"mode": quant, "fallback": fallback, "tolerable_loss": tolerable_loss,
+                                    "cpu_isa": cpu_isa}
+    if outlier_threshold is not None:
+        quantization["outlier_threshold"] = outlier_threshold
+    overrides = {"quantization": quantization}
     try:
         result = run(cache, Path(output), overrides, Progress())
     except QuantpipeError as exc:
