@@ -24,6 +24,7 @@ from pipeline.build.manifest import write_text_atomic
 from pipeline.build.runner import run_build
 from pipeline.config import load_config
 from pipeline.core.errors import QuantpipeError
+from pipeline.core.host import CPU_ISAS
 from pipeline.core.progress import Progress
 
 HELDOUT = 1000
@@ -81,7 +82,7 @@ def run(cache: Path, output: Path, overrides: dict[str, Any], progress: Progress
 @click.option("--fallback", type=click.Choice(["off", "auto"]), default="off", show_default=True)
 @click.option("--tolerable-loss", type=float, default=0.005, show_default=True)
 @click.option("--outlier-threshold", type=float, help="As pipeline build's (dynamic INT8). [default: the build's]")
-@click.option("--cpu-isa", type=click.Choice(["auto", "avx2", "avx512-vnni", "amx", "arm64"]), default="auto",
+@click.option("--cpu-isa", type=click.Choice(["auto", *CPU_ISAS]), default="auto",
               show_default=True, help="As pipeline build's.")
 @click.option("--output", "-o", default="build/sentiment-minilm-cpu", show_default=True)
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_CACHE, show_default=True)

@@ -21,6 +21,7 @@ from pipeline.cli.report import report, verify
 from pipeline.api.options import FLAG_KEYS, SHAPE_OPTIONS
 from pipeline.config import STAGE_NAMES
 from pipeline.core.errors import ExitCode, QuantpipeError
+from pipeline.core.host import CPU_ISAS
 from pipeline.cli.groups import GroupedCommand, int_list
 from pipeline.core.logs import configure_logging, quiet_libraries
 from pipeline.core.progress import Progress
@@ -61,7 +62,7 @@ def cli() -> None:
 @click.option("--max-perplexity-increase", type=float, help="LLM parity gate: relative perplexity increase. [default: 0.08]")
 @click.option("--min-token-agreement", type=float, help="LLM parity gate: greedy token agreement. [default: not gated]")
 @click.option("--per-channel/--per-tensor", default=None, help="Weight scales per output channel. [default: per-channel]")
-@click.option("--cpu-isa", type=click.Choice(["auto", "avx2", "avx512-vnni", "amx", "arm64"]),
+@click.option("--cpu-isa", type=click.Choice(["auto", *CPU_ISAS]),
               help="The deployment CPU: decides the INT8 weight storage (avx2: uint8, exact u8u8 kernels). auto: this host's.")
 @click.option("--exclude", multiple=True, help="Op type or node name to keep in FP32 (repeatable).")
 @click.option("--format", "quant_format", type=click.Choice(["qdq", "qoperator"]),
@@ -214,7 +215,8 @@ def bench(artifacts: tuple[str, ...], batches: str, sequences: str, threads: int
         default_model_path(),
     )
     progress = Progress(quiet=quiet)
-    results = latency.benchmark(resolved, tokenizer_from(folder), int_list(batches),
+    text_tokenizer = tokenizer_from(folder)
+    results = latency.benchmark(resolved, text_tokenizer, int_list(batches),
                                 int_list(sequences), threads, runs, warmup, progress)
     baseline = resolved[0].label
     speedups = latency.ratios(results, baseline)
@@ -226,7 +228,7 @@ def bench(artifacts: tuple[str, ...], batches: str, sequences: str, threads: int
     if profile:
         from pipeline.bench.op_profile import profile_artifacts
 
-        click.echo(profile_artifacts(resolved, tokenizer_from(folder), int_list(batches), int_list(sequences),
+        click.echo(profile_artifacts(resolved, text_tokenizer, int_list(batches), int_list(sequences),
                                      threads, runs, warmup, Path(output), progress), nl=False)
 
 
