@@ -13,13 +13,16 @@ z = round(-min / scale) (centred weights, the fast int8 path), and the rest of t
 r = min + z * scale (at most half a step, one per block and column: R [K/block, N]), rides in the same
 MatMulNBits as extra rows of K, fed by the block sums of x:
 
-    x @ W = MatMulNBits([x, x @ P]; [q; R'], ...)      P [K, levels * KB] sums x over each block
+    x @ W = MatMulNBits([x, s, s]; [q; R'], ...)      s: the sums of x over each block, zero-padded to KB
 
 R' is R in 4-bit min-max blocks, twice (RESIDUAL_LEVELS): the second copy of the block sums multiplies the
 first level's rounding error, so R comes back to within 2/225 of the column's largest step (measured 0.18%
-on SmolLM2). KB is K/block rounded up to whole blocks. The first form, a separate `(x @ P) @ R` MatMul and
-Add after each MatMulNBits, cost 3 small nodes per linear layer, most of a decode step's per-node overhead:
-folded, SmolLM2's fused graph decodes 1.24x as fast at the same perplexity (docs/float-offsets.md).
+on SmolLM2). KB is K/block rounded up to whole blocks. The first form, the block sums times R in a MatMul of
+their own and an Add after each MatMulNBits, cost 3 small nodes per linear layer, most of a decode step's
+per-node overhead: folded, SmolLM2's fused graph decodes 1.24x as fast at the same perplexity
+(docs/float-offsets.md). The block sums are a Reshape and a ReduceSum, not a product with a 0/1 matrix, which
+read that matrix (786 KB for K = 1536) on every call: 4 us against 17 us per input of K = 1536 on an AVX2 EPYC,
+1.00-1.07x decode over the whole graph.
 """
 
 from __future__ import annotations
@@ -163,25 +166,53 @@ def quantize_offset_blocks(weight: np.ndarray, block_size: int) -> OffsetBlocks:
                         block_size, k, int(np.count_nonzero(~np.isnan(grid))))
 
 
-def block_sum_matrix(k: int, block_size: int) -> np.ndarray:
-    """[K, RESIDUAL_LEVELS * KB] of 0/1: x @ P is the sum of x over each block, once per residual level (the
-    columns past K/block of each level are zero)."""
-    extra = residual_rows(k, block_size)
-    matrix = np.zeros((k, RESIDUAL_LEVELS * extra), np.float32)
-    for level in range(RESIDUAL_LEVELS):
-        matrix[np.arange(k), level * extra + np.arange(k) // block_size] = 1
-    return matrix
+def block_sum_nodes(activation: str, k: int, block_size: int, rank: int,
+                    prefix: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
+    """Nodes that widen an activation [..., K] of the given rank to [x, s, s] (one s per residual level), s the
+    sums of x over each block of `block_size` [..., K/block] zero-padded to KB (residual_rows); the constants
+    they read (named by rank and K: widenings of one shape share them); and the widened tensor's name. Pad
+    reads its axes from an input: opset 18 or later."""
+    blocks, extra = k // block_size, residual_rows(k, block_size)
+    shape = numpy_helper.from_array(np.array([0] * (rank - 1) + [blocks, block_size], np.int64),
+                                    f"block_sum_shape_{rank}d_{k}")
+    last = numpy_helper.from_array(np.array([-1], np.int64), "block_sum_axis")
+    constants = [shape, last]
+    sums = f"{prefix}_block_sums"
+    nodes = [helper.make_node("Reshape", [activation, shape.name], [f"{prefix}_blocks"], name=f"{prefix}_Blocks"),
+             helper.make_node("ReduceSum", [f"{prefix}_blocks", last.name], [sums], name=f"{prefix}_BlockSum",
+                              keepdims=0)]
+    if extra > blocks:
+        pads = numpy_helper.from_array(np.array([0, extra - blocks], np.int64), f"block_sum_pads_{k}")
+        constants.append(pads)
+        nodes.append(helper.make_node("Pad", [sums, pads.name, "", last.name], [f"{sums}_padded"],
+                                      name=f"{prefix}_PadBlockSums"))
+        sums = f"{sums}_padded"
+    widened = f"{prefix}_with_block_sums"
+    nodes.append(helper.make_node("Concat", [activation] + [sums] * RESIDUAL_LEVELS, [widened],
+                                  name=f"{prefix}_WithBlockSums", axis=-1))
+    return nodes, constants, widened
+
+
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """The rank of every tensor whose shape the graph declares."""
+    infos = [*model.graph.input, *model.graph.value_info, *model.graph.output]
+    return {info.name: len(info.type.tensor_type.shape.dim) for info in infos if info.type.tensor_type.HasField("shape")}
 
 
 def replace_matmuls(model: onnx.ModelProto, node_names: set[str], block_size: int, accuracy_level: int,
                     counts: Optional[dict[str, int]] = None) -> list[str]:
     """Replace each named MatMul (constant 2-D [K, N] weight, K a multiple of the block) by one MatMulNBits over
-    [x, x @ P], in place; returns the names replaced (the others are left for another quantizer).
-    `counts`, if given, gets the number of blocks and of blocks kept on their source grid added to it."""
+    [x, s, s] (block_sum_nodes), in place; returns the names replaced (the others are left for another quantizer).
+    An activation whose rank the graph does not declare is taken as [batch, sequence, hidden], as in every decoder
+    graph here (a wrong rank fails when the session is created, not silently). `counts`, if given, gets the number
+    of blocks and of blocks kept on their source grid added to it."""
+    opset = next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 0)
+    if opset < 18:
+        raise ValueError(f"float-offset blocks need opset 18 or later (Pad with axes); the graph is opset {opset}")
+    ranks = _ranks(model)
     constants = {tensor.name: tensor for tensor in model.graph.initializer}
     consumers = consumer_counts(model)
-    widened: dict[tuple[str, int], str] = {}  # (activation, K) -> [x, x @ P], shared by q/k/v and gate/up
-    sum_matrices: dict[int, str] = {}
+    widened: dict[tuple[str, int], str] = {}  # (activation, K) -> [x, s, s], shared by q/k/v and gate/up
     new_nodes: list[onnx.NodeProto] = []
     replaced: list[str] = []
     folded_k: dict[str, int] = {}
@@ -204,19 +235,14 @@ def replace_matmuls(model: onnx.ModelProto, node_names: set[str], block_size: in
                 numpy_helper.from_array(blocks.scales, f"{base}_scales"),
                 numpy_helper.from_array(blocks.zero_points, f"{base}_zero_points"),
             ])
-        if k not in sum_matrices:
-            sum_matrices[k] = f"block_sum_{k}x{RESIDUAL_LEVELS * residual_rows(k, block_size)}"
-            model.graph.initializer.append(numpy_helper.from_array(block_sum_matrix(k, block_size), sum_matrices[k]))
         activation = node.input[0]
         key = (activation, k)
         if key not in widened:
-            widened[key] = f"{node.name}_with_block_sums"
-            new_nodes += [
-                helper.make_node("MatMul", [activation, sum_matrices[k]], [f"{node.name}_block_sums"],
-                                 name=f"{node.name}_BlockSum"),
-                helper.make_node("Concat", [activation, f"{node.name}_block_sums"], [widened[key]],
-                                 name=f"{node.name}_WithBlockSums", axis=-1),
-            ]
+            nodes, sum_constants, widened[key] = block_sum_nodes(activation, k, block_size, ranks.get(activation, 3),
+                                                                 node.name)
+            new_nodes += nodes
+            model.graph.initializer.extend(c for c in sum_constants if c.name not in constants)
+            constants.update((c.name, c) for c in sum_constants)
         new_nodes.append(helper.make_node(
             "MatMulNBits", [widened[key], f"{base}_Q4", f"{base}_scales", f"{base}_zero_points"], [node.output[0]],
             name=f"{node.name}_Q4", domain="com.microsoft", K=folded_k[base], N=n, bits=BITS, block_size=block_size,

@@ -17,7 +17,7 @@ from pipeline.stages.facts import ExportFacts, WeightOnlyFacts
 class LlmQuantizeStage(Stage):
     name = "quantize"
     facts = WeightOnlyFacts
-    version = 10  # 10: sibling MatMulNBits stacked; 9: 8-bit embedding sharing the lm_head's codes, vocab blocks of 64; 8: residual offsets folded into the MatMulNBits; 7: --llm-graph genai; 6: source grids kept
+    version = 11  # 11: block sums by ReduceSum, not a 0/1 MatMul; 10: sibling MatMulNBits stacked; 9: 8-bit embedding sharing the lm_head's codes, vocab blocks of 64; 8: residual offsets folded into the MatMulNBits; 7: --llm-graph genai; 6: source grids kept
     outputs = ("model.onnx",)
 
     def depends_on(self, config: BuildConfig) -> tuple[str, ...]:

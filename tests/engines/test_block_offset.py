@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from engines.cpu.block_offset import RESIDUAL_LEVELS, block_sum_matrix, quantize_offset_blocks, replace_matmuls
+from engines.cpu.block_offset import RESIDUAL_LEVELS, block_sum_nodes, quantize_offset_blocks, replace_matmuls
 
 BLOCK = 32
 
@@ -80,10 +80,27 @@ def test_off_grid_weights_are_rounded_within_half_a_step() -> None:
     assert 0 < error.max() and np.all(error <= 0.5 * step + FOLD_BOUND * step.max(axis=0))
 
 
-def test_block_sum_matrix_sums_each_block_once_per_level() -> None:
-    x = np.arange(64, dtype=np.float32)
-    level = [x[:32].sum(), x[32:].sum()] + [0] * 30  # 2 block sums padded to a block of 32
-    np.testing.assert_array_equal(x @ block_sum_matrix(64, BLOCK), level * RESIDUAL_LEVELS)
+@pytest.mark.parametrize("shape", [(1, 64), (2, 5, 64), (3, 1024)])
+def test_block_sums_are_each_blocks_sum_padded_to_whole_blocks_once_per_level(shape: tuple[int, ...]) -> None:
+    k, rank = shape[-1], len(shape)
+    nodes, constants, widened = block_sum_nodes("x", k, BLOCK, rank, "t")
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None] * rank)],
+                              [helper.make_tensor_value_info(widened, TensorProto.FLOAT, [None] * rank)], constants)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    onnx.checker.check_model(model, full_check=True)
+    x = np.random.default_rng(8).standard_normal(shape).astype(np.float32)
+    sums = x.reshape(*shape[:-1], k // BLOCK, BLOCK).sum(axis=-1)
+    padded = np.concatenate([sums, np.zeros(shape[:-1] + (-(-(k // BLOCK) // BLOCK) * BLOCK - k // BLOCK,))], axis=-1)
+    np.testing.assert_allclose(run(model, x)[0], np.concatenate([x] + [padded] * RESIDUAL_LEVELS, axis=-1), atol=1e-5)
+    # K = 1024: 32 blocks, a whole block of sums, no Pad
+    assert [node.op_type for node in nodes] == ["Reshape", "ReduceSum"] + ["Pad"] * (k < 1024) + ["Concat"]
+
+
+def test_graphs_older_than_opset_18_are_refused() -> None:
+    model = matmul_graph({"w": q4_1_weight(64, 8)}, 64)
+    model.opset_import[0].version = 17
+    with pytest.raises(ValueError, match="opset 18"):
+        replace_matmuls(model, {"mm_w"}, BLOCK, 4)
 
 
 def int8_activation_bound(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -100,13 +117,13 @@ def test_graph_computes_x_times_w_in_onnx_runtime(accuracy_level: int) -> None:
     model = matmul_graph(weights, 96)
     assert sorted(replace_matmuls(model, {"mm_wq", "mm_wk"}, BLOCK, accuracy_level)) == ["mm_wk", "mm_wq"]
     ops = [node.op_type for node in model.graph.node]
-    # one block sum and one Concat shared by both weights, the offsets inside the MatMulNBits: no Add
-    assert ops.count("MatMulNBits") == 2 and ops.count("MatMul") == 1 and ops.count("Concat") == 1
-    assert "Add" not in ops
+    # one block sum and one Concat shared by both weights, the offsets inside the MatMulNBits: no Add, no MatMul
+    assert ops.count("MatMulNBits") == 2 and ops.count("ReduceSum") == 1 and ops.count("Concat") == 1
+    assert "Add" not in ops and "MatMul" not in ops
     assert not {"wq", "wk"} & {tensor.name for tensor in model.graph.initializer}  # FP32 weights gone
     for shape in [(1, 1, 96), (2, 7, 96)]:  # decode (one row) and prefill kernels
         x = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
-        # the MatMulNBits input: x and its block sums once per level (computed here, not by our P)
+        # the MatMulNBits input: x and its block sums once per level (computed here, not by the graph)
         sums = x.reshape(*shape[:-1], 3, BLOCK).sum(axis=-1)
         widened = np.concatenate([x] + [sums] * RESIDUAL_LEVELS, axis=-1)
         for actual, name in zip(run(model, x), weights):
@@ -135,8 +152,8 @@ def test_a_weight_shared_by_two_matmuls_is_packed_once() -> None:
         [numpy_helper.from_array(weight, "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     assert len(replace_matmuls(model, {"mm_a", "mm_b"}, BLOCK, 0)) == 2
-    assert sorted(tensor.name for tensor in model.graph.initializer) == [
-        "block_sum_64x64", "w_Q4", "w_scales", "w_zero_points"]
+    assert sorted(tensor.name for tensor in model.graph.initializer) == [  # the block sums' constants, once
+        "block_sum_axis", "block_sum_pads_64", "block_sum_shape_2d_64", "w_Q4", "w_scales", "w_zero_points"]
     onnx.checker.check_model(model)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     a, b = (np.random.default_rng(seed).standard_normal((1, 64)).astype(np.float32) for seed in (6, 7))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 
 from tests.helpers import assert_one_line_error, run_cli
@@ -148,9 +149,11 @@ def test_rtn_4bit_file_is_at_most_a_fifth_of_fp32(llm_stages) -> None:
     assert quantize["llm_graph"]["graph"] == "genai"
     # Every linear layer and the lm_head; gate and up read the same input and run as one stacked node.
     assert quantize["quantized_ops"]["MatMulNBits"] == 30 * 4 + 1 and quantize["sibling_nodes_fused"] == 30
-    # Per layer 4 block sums (q/k/v and gate/up share theirs; the offsets ride inside the MatMulNBits); attention
-    # is GroupQueryAttention, with no MatMul of its own.
-    assert quantize["quantized_ops"]["MatMul"] == 30 * 4
+    # Per layer 4 block sums (q/k/v and gate/up share theirs; the offsets ride inside the MatMulNBits), each a
+    # ReduceSum over the blocks; attention is GroupQueryAttention: no MatMul is left.
+    assert quantize["quantized_ops"]["MatMul"] == 0
+    graph = onnx.load(str(llm_stages["quantize"].path("model.onnx")), load_external_data=False).graph
+    assert sum(node.op_type == "ReduceSum" and node.name.endswith("_BlockSum") for node in graph.node) == 30 * 4
 
 
 def test_llm_parity_perplexity_and_greedy_agreement_on_held_out_text(llm_stages, hf_smollm2) -> None:
