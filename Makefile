@@ -23,7 +23,7 @@ demo: install
 	$(BIN)/pipeline build --target cpu
 
 test: install
-	$(BIN)/python -m pytest -n 2 --dist loadgroup -m "not slow"
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -m "not slow" --durations=30
 
 test-slow: install
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -m slow
