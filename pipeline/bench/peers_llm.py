@@ -230,7 +230,8 @@ def _open_peers(build: Path, extra_builds: Sequence[Path], gguf: Path, peers: Se
         try:
             opened.append(opener())
         except ImportError as exc:
-            missing.append(PeerRow(name, unavailable=f"not installed ({exc.name or exc})"))
+            missing.append(PeerRow(name, unavailable=f"not installed ({exc.name or exc}): pip install 'quantpipe[peers]', "
+                                                     "README 'pipeline bench-peers' for a faster llama.cpp build"))
         except (RuntimeError, OSError, ValueError) as exc:
             missing.append(PeerRow(name, unavailable=str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
     return opened, missing
