@@ -31,6 +31,11 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
         onnx.save_model(model, str(path))
 
 
+def default_opset(model: onnx.ModelProto) -> int:
+    """The graph's opset of the default (ai.onnx) domain; 0 when it declares none."""
+    return next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 0)
+
+
 def consumer_counts(model: onnx.ModelProto) -> Counter[str]:
     """How many node inputs read each tensor name (a node reading a tensor twice counts twice)."""
     return Counter(name for node in model.graph.node for name in node.input)

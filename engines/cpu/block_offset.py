@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from engines.onnx_io import consumer_counts, replace_nodes
+from engines.onnx_io import consumer_counts, default_opset, replace_nodes
 
 BITS = 4
 LEVELS = (1 << BITS) - 1
@@ -206,7 +206,7 @@ def replace_matmuls(model: onnx.ModelProto, node_names: set[str], block_size: in
     An activation whose rank the graph does not declare is taken as [batch, sequence, hidden], as in every decoder
     graph here (a wrong rank fails when the session is created, not silently). `counts`, if given, gets the number
     of blocks and of blocks kept on their source grid added to it."""
-    opset = next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 0)
+    opset = default_opset(model)
     if opset < 18:
         raise ValueError(f"float-offset blocks need opset 18 or later (Pad with axes); the graph is opset {opset}")
     ranks = _ranks(model)

@@ -13,7 +13,7 @@ from typing import Any
 
 import onnx
 
-from engines.onnx_io import graph_input_names, save_model
+from engines.onnx_io import default_opset, graph_input_names, save_model
 from engines.qdq_graph import strip_qdq, summarize
 from pipeline.config import BuildConfig
 from pipeline.core.errors import InputError
@@ -49,7 +49,7 @@ class QdqInputStage(Stage):
         model = onnx.load(str(out / "model.onnx"))
         save_model(strip_qdq(model), out / FLOAT_GRAPH)
         load_tokenizer(context.model).save_pretrained(str(out / "tokenizer"))
-        opset = next((op.version for op in model.opset_import if op.domain in ("", "ai.onnx")), 0)
+        opset = default_opset(model)
         parameters = sum(int(_size(tensor)) for tensor in model.graph.initializer)
         return {
             "opset": opset,
